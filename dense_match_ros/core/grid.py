@@ -1,0 +1,128 @@
+"""Flow, sampling grids and pixel maps, and warping, under ONE pixel convention.
+
+Convention (used everywhere in this package, numpy and torch alike):
+
+* Pixel (x, y) is the *centre* of column x, row y; x in [0, W-1], y in [0, H-1].
+* Normalised coordinates follow ``align_corners=False`` (the default of
+  ``torch.nn.functional.grid_sample`` / ``interpolate`` and the behaviour of ``cv2.resize``):
+  -1 and +1 are the outer *edges* of the image, so ``x_n = (2 x + 1) / W - 1`` and
+  ``x = ((x_n + 1) W - 1) / 2``.
+* Resizing an image from W to W' therefore maps pixel x to ``(x + 0.5) W' / W - 0.5``.
+
+Representations of one correspondence field on a source grid of size HxW into a target of
+size Ht x Wt:
+
+* ``flow``  float32 HxWx2, pixels: source (x, y) <-> target (x + u, y + v);
+* ``map``   float32 HxWx2, absolute target pixel coordinates (x + u, y + v), the form
+  ``cv2.remap`` takes;
+* ``grid``  float32 HxWx2, absolute target coordinates normalised to [-1, 1] with the
+  target's own size, the form ``grid_sample`` takes (channel 0 = x).
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def pixel_coords(height: int, width: int) -> np.ndarray:
+    """HxWx2 float32 array of (x, y) pixel coordinates."""
+    xs, ys = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+    return np.stack([xs, ys], axis=-1)
+
+
+def pixels_to_normalized(points: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(..., 2) pixel coordinates -> normalised [-1, 1] (align_corners=False)."""
+    points = np.asarray(points, dtype=np.float32)
+    size = np.array([width, height], dtype=np.float32)
+    return (2.0 * points + 1.0) / size - 1.0
+
+
+def normalized_to_pixels(points: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(..., 2) normalised [-1, 1] coordinates -> pixels (align_corners=False)."""
+    points = np.asarray(points, dtype=np.float32)
+    size = np.array([width, height], dtype=np.float32)
+    return ((points + 1.0) * size - 1.0) / 2.0
+
+
+def rescale_points(points: np.ndarray, from_size: tuple[int, int],
+                   to_size: tuple[int, int]) -> np.ndarray:
+    """Map pixel coordinates between two resolutions of the same image.
+
+    Sizes are (width, height). Pixel centres, not corners, scale: x' = (x + .5) W'/W - .5.
+    """
+    points = np.asarray(points, dtype=np.float32)
+    scale = np.array([to_size[0] / from_size[0], to_size[1] / from_size[1]], dtype=np.float32)
+    return (points + 0.5) * scale - 0.5
+
+
+def flow_to_map(flow: np.ndarray) -> np.ndarray:
+    """Flow (pixels) -> absolute target pixel coordinates."""
+    h, w = flow.shape[:2]
+    return (pixel_coords(h, w) + flow).astype(np.float32)
+
+
+def map_to_flow(pixel_map: np.ndarray) -> np.ndarray:
+    """Absolute target pixel coordinates -> flow (pixels)."""
+    h, w = pixel_map.shape[:2]
+    return (np.asarray(pixel_map, dtype=np.float32) - pixel_coords(h, w)).astype(np.float32)
+
+
+def flow_to_grid(flow: np.ndarray, target_size: tuple[int, int]) -> np.ndarray:
+    """Flow -> normalised sampling grid in the target's [-1, 1] frame. target_size=(W, H)."""
+    return pixels_to_normalized(flow_to_map(flow), *target_size)
+
+
+def grid_to_flow(grid: np.ndarray, target_size: tuple[int, int]) -> np.ndarray:
+    """Normalised sampling grid (target frame, target_size=(W, H)) -> flow in pixels."""
+    return map_to_flow(normalized_to_pixels(grid, *target_size))
+
+
+def resize_flow(flow: np.ndarray, size: tuple[int, int],
+                target_scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """Resample a flow field to a new source grid size (W, H), rescaling its vectors.
+
+    ``target_scale`` is how much the target resolution changes by (new/old per axis);
+    by default the target is assumed to be resized like the source. Bilinear
+    interpolation of the absolute target coordinates keeps the half-pixel convention.
+    """
+    h, w = flow.shape[:2]
+    new_w, new_h = size
+    target_map = flow_to_map(flow)
+    resized = cv2.resize(target_map, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    sx, sy = new_w / w, new_h / h
+    tsx, tsy = sx * target_scale[0], sy * target_scale[1]
+    resized = (resized + 0.5) * np.array([tsx, tsy], dtype=np.float32) - 0.5
+    return map_to_flow(resized)
+
+
+def warp(target: np.ndarray, flow: np.ndarray, interpolation: int = cv2.INTER_LINEAR,
+         border_value: float = 0.0) -> np.ndarray:
+    """Sample ``target`` at source (x, y) + flow: the target warped onto the source grid.
+
+    Where the flow is right, ``warp(target, flow) ~= source``. Out-of-image samples get
+    ``border_value``.
+    """
+    pixel_map = flow_to_map(flow)
+    return cv2.remap(target, pixel_map[..., 0], pixel_map[..., 1], interpolation,
+                     borderMode=cv2.BORDER_CONSTANT, borderValue=border_value)
+
+
+def in_bounds(flow: np.ndarray, target_size: tuple[int, int]) -> np.ndarray:
+    """Boolean HxW: the flow lands inside the target image (size (W, H))."""
+    pixel_map = flow_to_map(flow)
+    w, h = target_size
+    return ((pixel_map[..., 0] >= -0.5) & (pixel_map[..., 0] <= w - 0.5)
+            & (pixel_map[..., 1] >= -0.5) & (pixel_map[..., 1] <= h - 0.5))
+
+
+def forward_backward_error(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
+    """|f(x) + b(x + f(x))| per source pixel, infinity where x + f(x) leaves the target.
+
+    ``forward`` is source->target on the source grid, ``backward`` target->source on the
+    target grid. A consistent pair of flows gives ~0; occlusions and mismatches do not.
+    """
+    th, tw = backward.shape[:2]
+    back_at_target = warp(backward, forward, border_value=np.nan)
+    err = np.linalg.norm(forward + back_at_target, axis=-1)
+    err[~in_bounds(forward, (tw, th)) | ~np.isfinite(err)] = np.inf
+    return err.astype(np.float32)

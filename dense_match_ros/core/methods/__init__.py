@@ -1,0 +1,1 @@
+"""Matching method implementations, each registered by name in core.registry."""

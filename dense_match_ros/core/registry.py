@@ -1,0 +1,143 @@
+"""The one interface every matching method implements, and the name -> method registry.
+
+A method is registered under a name with :func:`register`; :func:`load_matcher` builds it.
+The node, the evaluation CLI, the benchmarks and the tests only ever go through
+:func:`load_matcher`, so a new method becomes available everywhere by registering it.
+
+Flow convention (the same everywhere in this package): ``flow`` is float32 HxWx2 on the
+*source* image grid, in pixels; source pixel (x, y) corresponds to target pixel
+(x + flow[y, x, 0], y + flow[y, x, 1]). Matchability is float32 HxW in [0, 1].
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+from typing import Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class MatchResult:
+    """Dense correspondence from a source image to a target image."""
+
+    flow: np.ndarray
+    """float32 (H, W, 2), source grid, pixels: source (x, y) <-> target (x+u, y+v)."""
+    matchability: np.ndarray
+    """float32 (H, W) in [0, 1]: confidence that the source pixel has a correct match."""
+
+    def __iter__(self):
+        # Lets callers write ``flow, matchability = matcher.match(a, b)``.
+        yield self.flow
+        yield self.matchability
+
+
+class Matcher(abc.ABC):
+    """A dense matching method.
+
+    Subclasses implement :meth:`_match` on validated inputs; :meth:`match` does the
+    input checks and output contract once for all methods.
+    """
+
+    name: str = ''
+    device: str = 'cpu'
+
+    def match(self, source: np.ndarray, target: np.ndarray) -> MatchResult:
+        """Match two RGB uint8 images (any sizes, they may differ).
+
+        Returns flow on the source grid pointing into the target image, and matchability.
+        """
+        source = _as_rgb_uint8(source, 'source')
+        target = _as_rgb_uint8(target, 'target')
+        flow, matchability = self._match(source, target)
+        h, w = source.shape[:2]
+        flow = np.ascontiguousarray(flow, dtype=np.float32)
+        matchability = np.clip(np.ascontiguousarray(matchability, dtype=np.float32), 0.0, 1.0)
+        if flow.shape != (h, w, 2) or matchability.shape != (h, w):
+            raise RuntimeError(f'{self.name}: returned flow {flow.shape} / matchability '
+                               f'{matchability.shape} for a {h}x{w} source')
+        return MatchResult(flow, matchability)
+
+    @abc.abstractmethod
+    def _match(self, source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return (flow HxWx2, matchability HxW) for RGB uint8 inputs."""
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(name={self.name!r}, device={self.device!r})'
+
+
+def _as_rgb_uint8(image: np.ndarray, what: str) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise TypeError(f'{what} image must be uint8, got {image.dtype}')
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f'{what} image must be HxWx3 RGB, got shape {image.shape}')
+    if image.shape[0] < 2 or image.shape[1] < 2:
+        raise ValueError(f'{what} image is too small: {image.shape[1]}x{image.shape[0]}')
+    return np.ascontiguousarray(image)
+
+
+Factory = Callable[..., Matcher]
+_REGISTRY: dict[str, Factory | str] = {}
+
+# Built-in methods, imported lazily so that listing methods (e.g. for a ROS parameter
+# descriptor) never pays for torch or model construction.
+_BUILTIN = {
+    'dis': 'dense_match_ros.core.methods.dis:DisMatcher',
+}
+
+
+def register(name: str, factory: Factory | str) -> None:
+    """Register a method under ``name``: a callable or a ``'module:attr'`` path."""
+    if not name or not name.replace('_', '').replace('-', '').isalnum():
+        raise ValueError(f'invalid method name {name!r}')
+    _REGISTRY[name] = factory
+
+
+for _name, _path in _BUILTIN.items():
+    register(_name, _path)
+
+
+def available_methods() -> list[str]:
+    """Names accepted by :func:`load_matcher`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def resolve_device(device: str = 'auto') -> str:
+    """Map 'auto' to 'cuda' where a GPU is usable, else 'cpu'; validate others."""
+    if device not in ('auto', 'cpu', 'cuda') and not device.startswith('cuda:'):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device == 'cpu':
+        return 'cpu'
+    try:
+        import torch
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if device == 'auto':
+        return 'cuda' if has_cuda else 'cpu'
+    if not has_cuda:
+        raise ValueError(f'device {device!r} requested but CUDA is not available')
+    return device
+
+
+def load_matcher(name: str, device: str = 'auto', weights: str | None = None,
+                 **options) -> Matcher:
+    """Build the matcher registered as ``name``.
+
+    ``weights`` is a checkpoint path for learned methods (None: the checkpoint shipped in
+    the package); methods without weights reject a non-empty value so that a typo in a
+    launch file is not silently ignored. Extra keyword options go to the method.
+    """
+    if name not in _REGISTRY:
+        raise KeyError(f'unknown method {name!r}; available: {", ".join(available_methods())}')
+    factory = _REGISTRY[name]
+    if isinstance(factory, str):
+        module, _, attr = factory.partition(':')
+        factory = getattr(importlib.import_module(module), attr)
+    matcher = factory(device=resolve_device(device), weights=weights or None, **options)
+    matcher.name = name
+    return matcher

@@ -1,0 +1,59 @@
+"""The classical baseline through the public interface."""
+import cv2
+import numpy as np
+import pytest
+
+from dense_match_ros.core import available_methods, load_matcher
+from dense_match_ros.core import grid
+
+
+def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = cv2.GaussianBlur(rng.random((h, w, 3)).astype(np.float32), (0, 0), 2.0)
+    return ((n - n.min()) / (n.max() - n.min()) * 255).astype(np.uint8)
+
+
+def _translated(img: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    m = np.float32([[1, 0, dx], [0, 1, dy]])
+    return cv2.warpAffine(img, m, img.shape[1::-1], flags=cv2.INTER_CUBIC,
+                          borderMode=cv2.BORDER_REFLECT)
+
+
+def test_registry_lists_dis_and_rejects_unknown():
+    assert 'dis' in available_methods()
+    with pytest.raises(KeyError, match='unknown method'):
+        load_matcher('no-such-method')
+    with pytest.raises(ValueError, match='no weights'):
+        load_matcher('dis', device='cpu', weights='/tmp/x.pt')
+
+
+@pytest.mark.parametrize('dx,dy', [(3.3, -2.1), (-1.7, 0.6), (0.25, 4.4)])
+def test_dis_recovers_translation_within_0p1px(dx, dy):
+    src = _texture(240, 320)
+    tgt = _translated(src, dx, dy)
+    flow, matchability = load_matcher('dis', device='cpu').match(src, tgt)
+    assert flow.dtype == np.float32 and flow.shape == (240, 320, 2)
+    assert matchability.dtype == np.float32 and matchability.shape == (240, 320)
+    inner = flow[24:-24, 24:-24].reshape(-1, 2)
+    assert np.allclose(np.median(inner, axis=0), [dx, dy], atol=0.1)
+    assert matchability.min() >= 0 and matchability.max() <= 1
+    assert np.median(matchability[24:-24, 24:-24]) > 0.5
+
+
+def test_dis_handles_different_sizes_in_target_pixels():
+    src = _texture(120, 160, seed=1)
+    tgt_small = _translated(src, 2.0, 1.0)
+    tgt = cv2.resize(tgt_small, (320, 240), interpolation=cv2.INTER_CUBIC)
+    flow, _ = load_matcher('dis', device='cpu').match(src, tgt)
+    assert flow.shape == (120, 160, 2)
+    expected = grid.rescale_points(grid.pixel_coords(120, 160) + [2.0, 1.0], (160, 120), (320, 240))
+    err = np.linalg.norm(grid.flow_to_map(flow) - expected, axis=-1)[16:-16, 16:-16]
+    assert np.median(err) < 0.3
+
+
+def test_dis_matchability_low_where_target_is_unrelated():
+    src = _texture(120, 160, seed=2)
+    unrelated = _texture(120, 160, seed=3)
+    _, same = load_matcher('dis', device='cpu').match(src, _translated(src, 1, 1))
+    _, diff = load_matcher('dis', device='cpu').match(src, unrelated)
+    assert diff.mean() < same.mean() - 0.3
