@@ -1,0 +1,1 @@
+"""Data sets: synthetic training pairs, shared real evaluation data, pair lists."""

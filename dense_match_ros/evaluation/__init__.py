@@ -1,0 +1,1 @@
+"""Offline evaluation: the dense-match-eval CLI, its figures, and pose benchmarks."""

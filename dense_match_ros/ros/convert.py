@@ -1,0 +1,283 @@
+"""sensor_msgs <-> numpy without cv_bridge (which has no pip wheel).
+
+Every function here reads messages by field name only (``height``, ``width``, ``encoding``,
+``step``, ``data``, ``k``, ``p`` ...), so the same code decodes rclpy messages in the node and
+``rosbags`` messages in the offline replay. Decoding failures raise :class:`ConversionError`
+whose ``reason`` is a short stable code (used to throttle warnings per cause) and whose text
+says exactly what was wrong with the message, because a robot operator reading the log has
+no other way to find out which camera driver setting is off.
+
+Only :func:`make_image_msg` and :func:`stamp_msg` need the ROS message classes; they import
+them lazily so that this module stays importable without rclpy.
+"""
+from __future__ import annotations
+
+import array
+import dataclasses
+import sys
+
+import cv2
+import numpy as np
+
+from dense_match_ros.core import grid
+
+# encoding -> (channels, dtype). Input colour encodings and the float outputs we publish.
+ENCODINGS: dict[str, tuple[int, np.dtype]] = {
+    'rgb8': (3, np.dtype(np.uint8)),
+    'bgr8': (3, np.dtype(np.uint8)),
+    'rgba8': (4, np.dtype(np.uint8)),
+    'bgra8': (4, np.dtype(np.uint8)),
+    'mono8': (1, np.dtype(np.uint8)),
+    'mono16': (1, np.dtype(np.uint16)),
+    '32FC1': (1, np.dtype(np.float32)),
+    '32FC2': (2, np.dtype(np.float32)),
+}
+# Encodings a camera image may arrive in (the float ones are outputs, not pictures).
+COLOUR_ENCODINGS = ('rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8', 'mono16')
+_NATIVE_BIG_ENDIAN = sys.byteorder == 'big'
+
+
+class ConversionError(ValueError):
+    """A message that cannot be turned into an array; ``reason`` is a stable short code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class CameraIntrinsics:
+    """Pinhole intrinsics of one image stream, in pixels of ``size``."""
+
+    K: np.ndarray
+    """3x3 float64 camera matrix."""
+    D: np.ndarray
+    """Distortion coefficients (float64, possibly empty); all-zero means undistorted."""
+    size: tuple[int, int] | None
+    """(width, height) the calibration refers to; None when the message left it at 0."""
+    distortion_model: str = ''
+
+    @property
+    def has_distortion(self) -> bool:
+        return self.D.size > 0 and bool(np.any(self.D != 0.0))
+
+    def scaled(self, from_size: tuple[int, int], to_size: tuple[int, int]) -> 'CameraIntrinsics':
+        """The same camera seen through an image resized from ``from_size`` to ``to_size``.
+
+        Focal lengths scale with the image; the principal point moves like a pixel centre
+        (:func:`grid.rescale_points`), which a plain ``K * s`` would get wrong by half a pixel.
+        """
+        if tuple(from_size) == tuple(to_size):
+            return self
+        sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
+        K = self.K.copy()
+        K[0, 0] *= sx
+        K[0, 1] *= sx
+        K[1, 1] *= sy
+        K[:2, 2] = grid.rescale_points(self.K[:2, 2], from_size, to_size)
+        return CameraIntrinsics(K, self.D.copy(), (int(to_size[0]), int(to_size[1])),
+                                self.distortion_model)
+
+
+def stamp_to_ns(stamp) -> int:
+    """builtin_interfaces/Time (rclpy or rosbags) -> integer nanoseconds."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def _buffer(data) -> np.ndarray:
+    if isinstance(data, np.ndarray):
+        return data.reshape(-1).view(np.uint8)
+    if isinstance(data, (bytes, bytearray, memoryview, array.array)):
+        return np.frombuffer(data, dtype=np.uint8)
+    return np.asarray(data, dtype=np.uint8).reshape(-1)
+
+
+def image_to_array(msg, max_pixels: int = 0) -> np.ndarray:
+    """sensor_msgs/Image -> array (H, W) or (H, W, C) in the message's own dtype and channels.
+
+    Rows padded to ``step`` are cut, big-endian multi-byte data is swapped to native. With
+    ``max_pixels`` > 0 an image larger than that is refused *before* its data is touched,
+    so a runaway driver cannot make the node allocate gigabytes.
+    """
+    encoding = str(msg.encoding)
+    if encoding not in ENCODINGS:
+        raise ConversionError('unknown_encoding',
+                              f'unknown image encoding {encoding!r}; supported: '
+                              f'{", ".join(ENCODINGS)}')
+    channels, dtype = ENCODINGS[encoding]
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if height <= 0 or width <= 0:
+        raise ConversionError('empty_image', f'image has no pixels: {width}x{height}')
+    if max_pixels > 0 and height * width > max_pixels:
+        raise ConversionError('image_too_large',
+                              f'image {width}x{height} ({height * width} pixels) exceeds '
+                              f'max_image_pixels={max_pixels}')
+    row_bytes = width * channels * dtype.itemsize
+    if step < row_bytes:
+        raise ConversionError('bad_step', f'step {step} is smaller than width*channels*bytes '
+                                          f'= {width}*{channels}*{dtype.itemsize} = {row_bytes} '
+                                          f'for {encoding}')
+    buf = _buffer(msg.data)
+    if buf.size != step * height:
+        raise ConversionError('bad_data_size', f'step*height != len(data): {step}*{height} = '
+                                               f'{step * height} but data has {buf.size} bytes')
+    rows = buf.reshape(height, step)[:, :row_bytes]
+    big = bool(msg.is_bigendian)
+    pixels = np.ascontiguousarray(rows).view(dtype.newbyteorder('>' if big else '<'))
+    pixels = pixels.astype(dtype, copy=False)  # native byte order
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    return pixels.reshape(shape).copy()
+
+
+def to_rgb8(pixels: np.ndarray, encoding: str, mono16_max: float = 65535.0) -> np.ndarray:
+    """An array in one of :data:`COLOUR_ENCODINGS` -> RGB uint8 (H, W, 3).
+
+    mono16 is mapped linearly with ``mono16_max`` -> 255 (not per-frame min/max: a
+    brightness normalisation that changes from frame to frame would show up as flow).
+    """
+    if encoding == 'rgb8':
+        return pixels
+    if encoding == 'bgr8':
+        return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+    if encoding == 'rgba8':
+        return cv2.cvtColor(pixels, cv2.COLOR_RGBA2RGB)
+    if encoding == 'bgra8':
+        return cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGB)
+    if encoding in ('mono8', 'mono16'):
+        if encoding == 'mono16':
+            scale = 255.0 / max(float(mono16_max), 1.0)
+            pixels = np.clip(pixels.astype(np.float32) * scale + 0.5, 0, 255).astype(np.uint8)
+        return cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
+    raise ConversionError('unsupported_encoding',
+                          f'encoding {encoding!r} is not a camera image; expected one of '
+                          f'{", ".join(COLOUR_ENCODINGS)}')
+
+
+def image_to_rgb(msg, max_pixels: int = 0, mono16_max: float = 65535.0) -> np.ndarray:
+    """sensor_msgs/Image in any colour encoding -> RGB uint8 (H, W, 3)."""
+    pixels = image_to_array(msg, max_pixels=max_pixels)
+    return to_rgb8(pixels, str(msg.encoding), mono16_max)
+
+
+def compressed_to_rgb(msg, max_pixels: int = 0, mono16_max: float = 65535.0) -> np.ndarray:
+    """sensor_msgs/CompressedImage (jpeg or png, as image_transport writes it) -> RGB uint8.
+
+    image_transport compresses colour images as BGR, so the decoded channel order is taken
+    as BGR whatever the ``format`` string says the raw image was.
+    """
+    fmt = str(msg.format).lower()
+    if 'jpeg' not in fmt and 'jpg' not in fmt and 'png' not in fmt:
+        raise ConversionError('unknown_format',
+                              f'unknown compressed format {msg.format!r}; supported: jpeg, png')
+    buf = _buffer(msg.data)
+    if buf.size == 0:
+        raise ConversionError('empty_image', 'compressed image has no data')
+    if max_pixels > 0:
+        # Peek at the header dimensions before decoding a possibly huge image.
+        size = _compressed_size(buf)
+        if size is not None and size[0] * size[1] > max_pixels:
+            raise ConversionError('image_too_large',
+                                  f'image {size[0]}x{size[1]} ({size[0] * size[1]} pixels) '
+                                  f'exceeds max_image_pixels={max_pixels}')
+    decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if decoded is None:
+        raise ConversionError('decode_failed', f'could not decode {msg.format!r} data '
+                                               f'({buf.size} bytes)')
+    if decoded.ndim == 2:
+        return to_rgb8(decoded, 'mono16' if decoded.dtype == np.uint16 else 'mono8', mono16_max)
+    if decoded.dtype == np.uint16:
+        decoded = (decoded >> 8).astype(np.uint8)
+    return to_rgb8(decoded, 'bgra8' if decoded.shape[2] == 4 else 'bgr8')
+
+
+def _compressed_size(buf: np.ndarray) -> tuple[int, int] | None:
+    """(width, height) from a PNG IHDR or a JPEG SOF marker; None when not found."""
+    data = buf.tobytes()[:65536]
+    if data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) >= 24:
+        return int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
+    if data[:2] == b'\xff\xd8':
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                i += 1
+                continue
+            marker = data[i + 1]
+            length = int.from_bytes(data[i + 2:i + 4], 'big')
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
+                          0xCE, 0xCF):
+                h = int.from_bytes(data[i + 5:i + 7], 'big')
+                w = int.from_bytes(data[i + 7:i + 9], 'big')
+                return w, h
+            i += 2 + length
+    return None
+
+
+def camera_info_to_intrinsics(msg, rectified: bool = False) -> CameraIntrinsics:
+    """sensor_msgs/CameraInfo -> :class:`CameraIntrinsics`.
+
+    ``rectified``: the images are already rectified (e.g. ``image_rect``), so the camera
+    matrix is the left 3x3 of P and there is no distortion. An all-zero or otherwise
+    unusable matrix (what an uncalibrated driver publishes) is refused: a pose from it would
+    be garbage with a valid-looking flag.
+    """
+    if rectified:
+        P = np.asarray(msg.p, dtype=np.float64).reshape(-1)
+        if P.size != 12:
+            raise ConversionError('invalid_camera_info', f'P has {P.size} values, expected 12')
+        K = P.reshape(3, 4)[:, :3].copy()
+        D = np.zeros(0)
+        source = 'P'
+    else:
+        K = np.asarray(msg.k, dtype=np.float64).reshape(-1)
+        if K.size != 9:
+            raise ConversionError('invalid_camera_info', f'K has {K.size} values, expected 9')
+        K = K.reshape(3, 3)
+        D = np.asarray(msg.d, dtype=np.float64).reshape(-1)
+        source = 'K'
+    if not np.all(np.isfinite(K)) or not np.all(np.isfinite(D)):
+        raise ConversionError('invalid_camera_info', f'camera_info {source} or D is not finite')
+    if not np.any(K):
+        raise ConversionError('zero_camera_info', f'camera_info {source} is all zeros '
+                                                  f'(uncalibrated camera?)')
+    if K[0, 0] <= 0 or K[1, 1] <= 0 or abs(K[2, 2] - 1.0) > 1e-6 or np.any(K[2, :2] != 0):
+        raise ConversionError('invalid_camera_info',
+                              f'camera_info {source} is not a pinhole matrix: fx={K[0, 0]}, '
+                              f'fy={K[1, 1]}, last row={K[2].tolist()}')
+    width, height = int(msg.width), int(msg.height)
+    size = (width, height) if width > 0 and height > 0 else None
+    return CameraIntrinsics(K, D, size, str(msg.distortion_model))
+
+
+def image_fields(pixels: np.ndarray, encoding: str) -> dict:
+    """The sensor_msgs/Image fields (without header) for an array, little-endian, unpadded.
+
+    Returned as a dict so that either rclpy's or rosbags' Image class can be built from it.
+    """
+    channels, dtype = ENCODINGS[encoding]
+    pixels = np.ascontiguousarray(pixels, dtype=dtype.newbyteorder('<'))
+    height, width = pixels.shape[:2]
+    got = 1 if pixels.ndim == 2 else pixels.shape[2]
+    if got != channels:
+        raise ValueError(f'{encoding} needs {channels} channels, array has {got}')
+    return {'height': int(height), 'width': int(width), 'encoding': encoding,
+            'is_bigendian': 0, 'step': int(width * channels * dtype.itemsize),
+            'data': pixels.reshape(-1).view(np.uint8)}
+
+
+def stamp_msg(stamp_ns: int):
+    """Integer nanoseconds -> builtin_interfaces/Time (rclpy class)."""
+    from builtin_interfaces.msg import Time
+    return Time(sec=int(stamp_ns // 1_000_000_000), nanosec=int(stamp_ns % 1_000_000_000))
+
+
+def make_image_msg(pixels: np.ndarray, encoding: str, stamp_ns: int, frame_id: str):
+    """numpy array -> rclpy sensor_msgs/Image with header."""
+    from sensor_msgs.msg import Image
+    fields = image_fields(pixels, encoding)
+    data = array.array('B')
+    data.frombytes(fields.pop('data').tobytes())
+    msg = Image(**fields)
+    msg.data = data  # array.array('B') skips rclpy's per-element check
+    msg.header.stamp = stamp_msg(stamp_ns)
+    msg.header.frame_id = frame_id
+    return msg
