@@ -11,9 +11,9 @@ from dense_match_ros.core import grid, gt_flow
 def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:
     """Smooth random RGB texture: enough structure for photometric checks, no aliasing."""
     rng = np.random.default_rng(seed)
-    noise = rng.random((h // 4 + 2, w // 4 + 2, 3)).astype(np.float32)
+    noise = rng.random((h // 8 + 2, w // 8 + 2, 3)).astype(np.float32)
     img = cv2.resize(noise, (w, h), interpolation=cv2.INTER_CUBIC)
-    img = cv2.GaussianBlur(img, (0, 0), 1.0)
+    img = cv2.GaussianBlur(img, (0, 0), 1.5)
     img = (img - img.min()) / (img.max() - img.min())
     return (img * 255).astype(np.uint8)
 
@@ -33,13 +33,13 @@ def test_homography_flow_warps_target_onto_source():
     assert flow.dtype == np.float32 and flow.shape == (h, w, 2) and valid.dtype == bool
     # Keep well inside both images so border handling does not enter the comparison.
     inner = cv2.erode(valid.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
-    inner &= cv2.erode(np.pad(np.ones((h - 6, w - 6), np.uint8), 3), np.ones((3, 3))).astype(bool)
+    inner[:3], inner[-3:], inner[:, :3], inner[:, -3:] = False, False, False, False
     assert inner.mean() > 0.4
     warped = grid.warp(target, flow).astype(np.float32)
     err = np.abs(warped - source.astype(np.float32)).mean(axis=-1)[inner].mean()
     identity = np.abs(grid.warp(target, np.zeros_like(flow)).astype(np.float32)
                       - source.astype(np.float32)).mean(axis=-1)[inner].mean()
-    assert err < 2.0
+    assert err < 3.0
     assert err < identity / 5
 
 
@@ -158,3 +158,27 @@ def test_depth_flow_marks_occluded_and_unverifiable_pixels():
     assert np.array_equal(tol_ok, no_check)
     with pytest.raises(ValueError):
         gt_flow.flow_from_depth(depth, K_CAM, T, K_CAM, (w, h), depth_target=np.ones((3, 3)))
+
+
+def test_hpatches_homography_at_240_aligns_the_real_pair(shared_data):
+    """Real data: the scaled HPatches homography warps image 2 onto image 1 at 240x240."""
+    folder = shared_data / 'hpatches_v_machines'
+    img1 = cv2.cvtColor(cv2.imread(str(folder / '1.ppm')), cv2.COLOR_BGR2GRAY)
+    img2 = cv2.cvtColor(cv2.imread(str(folder / '2.ppm')), cv2.COLOR_BGR2GRAY)
+    H = np.loadtxt(folder / 'H_1_2.txt')
+    size1, size2 = img1.shape[1::-1], img2.shape[1::-1]
+    small = (240, 240)
+    a = cv2.resize(img1, small, interpolation=cv2.INTER_AREA).astype(np.float32)
+    b = cv2.resize(img2, small, interpolation=cv2.INTER_AREA).astype(np.float32)
+    H240 = gt_flow.scale_homography(H, (size1, small), (size2, small))
+    flow, valid = gt_flow.flow_from_homography(H240, small, small)
+    inner = cv2.erode(valid.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    assert 0.3 < inner.mean() < 1.0
+    err = np.abs(grid.warp(b, flow) - a)[inner].mean()
+    identity = np.abs(b - a)[inner].mean()
+    assert err < 0.4 * identity, (err, identity)
+    # The scaled matrix is the full-resolution one seen through the two resizes.
+    p = np.array([[10.0, 20.0], [200.0, 100.0]])
+    q_full, _ = gt_flow.apply_homography(H, grid.rescale_points(p, small, size1).astype(np.float64))
+    q_small, _ = gt_flow.apply_homography(H240, p)
+    np.testing.assert_allclose(q_small, grid.rescale_points(q_full, size2, small), atol=1e-3)

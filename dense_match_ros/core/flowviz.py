@@ -42,7 +42,7 @@ def color_wheel() -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
-_WHEEL = color_wheel()
+_WHEEL_UNIT = (color_wheel() / 255.0).astype(np.float32)
 
 
 def flow_to_color(flow: np.ndarray, max_flow: float | None = None,
@@ -54,34 +54,36 @@ def flow_to_color(flow: np.ndarray, max_flow: float | None = None,
     value to compare two fields, e.g. estimate vs ground truth). Pixels outside
     ``valid`` or with non-finite flow are black.
     """
-    flow = np.asarray(flow, dtype=np.float64)
+    flow = np.asarray(flow)
     if flow.ndim != 3 or flow.shape[2] != 2:
         raise ValueError(f'flow must be HxWx2, got {flow.shape}')
-    u, v = flow[..., 0], flow[..., 1]
+    # float32 throughout: this runs on every frame the ROS node publishes.
+    u = flow[..., 0].astype(np.float32)
+    v = flow[..., 1].astype(np.float32)
     ok = np.isfinite(u) & np.isfinite(v)
     if valid is not None:
         ok &= np.asarray(valid, bool)
-    u = np.where(ok, u, 0.0)
-    v = np.where(ok, v, 0.0)
+    u[~ok] = 0.0
+    v[~ok] = 0.0
     mag = np.hypot(u, v)
     if max_flow is None:
         max_flow = float(mag[ok].max()) if ok.any() else 0.0
-    max_flow = max(float(max_flow), 1e-9)
-    rad = mag / max_flow
+    rad = mag / np.float32(max(float(max_flow), 1e-9))
 
     # Direction angle atan2(-v, -u) in [-pi, pi] mapped onto wheel positions [0, n - 1]:
     # rightwards (+x) is red, downwards (+y) orange, leftwards cyan, upwards blue-violet.
-    n = _WHEEL.shape[0]
-    pos = (np.arctan2(-v, -u) / np.pi + 1.0) / 2.0 * (n - 1)
-    k0 = np.floor(pos).astype(np.int64)
-    k1 = (k0 + 1) % n
+    n = _WHEEL_UNIT.shape[0]
+    pos = (np.arctan2(-v, -u) * np.float32(1.0 / np.pi) + 1.0) * np.float32((n - 1) / 2.0)
+    k0 = np.minimum(pos.astype(np.int32), n - 1)      # pos >= 0, so truncation = floor
+    k1 = k0 + 1
+    k1[k1 == n] = 0
     frac = (pos - k0)[..., None]
-    col = ((1.0 - frac) * _WHEEL[k0] + frac * _WHEEL[k1]) / 255.0
+    col = np.take(_WHEEL_UNIT, k0, axis=0) * (1.0 - frac) + np.take(_WHEEL_UNIT, k1, axis=0) * frac
 
-    inside = (rad <= 1.0)[..., None]
     # Inside the disc: blend towards white as the magnitude falls; outside: darken.
-    col = np.where(inside, 1.0 - rad[..., None] * (1.0 - col), col * 0.75)
-    img = np.floor(255.0 * np.clip(col, 0.0, 1.0)).astype(np.uint8)
+    inside = (rad <= 1.0)[..., None]
+    col = np.where(inside, 1.0 - rad[..., None] * (1.0 - col), col * np.float32(0.75))
+    img = (np.clip(col, 0.0, 1.0) * 255.0).astype(np.uint8)    # truncation = floor (>= 0)
     img[~ok] = 0
     return img
 

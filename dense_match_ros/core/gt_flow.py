@@ -18,7 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from dense_match_ros.core import grid
+from dense_match_ros.core import grid, transforms
+from dense_match_ros.core.transforms import apply_homography  # noqa: F401  (re-exported)
 
 Size = tuple[int, int]
 PointTransform = Callable[[np.ndarray], np.ndarray]
@@ -106,22 +107,6 @@ def flow_from_point_transform(fn: PointTransform, source_size: Size,
     return _finish(mapped, np.ones(len(src), dtype=bool), source_size, target_size)
 
 
-def apply_homography(H: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Map (N, 2) points through H; returns (mapped points, homogeneous w).
-
-    w <= 0 means the point is at or behind the plane at infinity of the target (for a
-    homography induced by a camera: behind the target camera), where the division is
-    meaningless; callers must treat those as having no correspondence.
-    """
-    H = np.asarray(H, dtype=np.float64)
-    points = np.asarray(points, dtype=np.float64)
-    hom = points @ H[:, :2].T + H[:, 2]
-    w = hom[:, 2]
-    with np.errstate(divide='ignore', invalid='ignore'):
-        mapped = hom[:, :2] / w[:, None]
-    return mapped, w
-
-
 def flow_from_homography(H: np.ndarray, source_size: Size,
                          target_size: Size) -> tuple[np.ndarray, np.ndarray]:
     """Flow of a pixel homography x_t ~ H x_s (pixel centres as in core/grid.py).
@@ -201,3 +186,41 @@ def flow_from_depth(depth_source: np.ndarray, K_source: np.ndarray,
         flat_valid[idx[~visible]] = False
         valid = flat_valid.reshape(h, w)
     return flow, valid
+
+
+# --------------------------------------------------------------------------------------
+# Flow of the normalised-coordinate transforms of core/transforms.py
+# --------------------------------------------------------------------------------------
+
+def flow_from_normalized_transform(fn: PointTransform, source_size: Size,
+                                   target_size: Size) -> tuple[np.ndarray, np.ndarray]:
+    """Flow of a map between *normalised* coordinates (each image normalised by its own size).
+
+    ``fn`` takes (N, 2) normalised source points to (N, 2) normalised target points, in
+    the rendered -> sampled direction of :mod:`core.transforms`.
+    """
+    def in_pixels(points: np.ndarray) -> np.ndarray:
+        mapped = fn(transforms.to_normalized(points, source_size))
+        return transforms.to_pixels(mapped, target_size)
+    return flow_from_point_transform(in_pixels, source_size, target_size)
+
+
+def flow_from_affine(theta: np.ndarray, source_size: Size,
+                     target_size: Size) -> tuple[np.ndarray, np.ndarray]:
+    """Flow of CNNGeo affine parameters (6, normalised coords, source -> target points)."""
+    return flow_from_normalized_transform(lambda p: transforms.apply_affine(theta, p),
+                                          source_size, target_size)
+
+
+def flow_from_tps(theta: np.ndarray, source_size: Size, target_size: Size,
+                  grid_size: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Flow of CNNGeo TPS parameters (displaced 3x3 control points, source -> target points)."""
+    return flow_from_normalized_transform(
+        lambda p: transforms.apply_tps(theta, p, grid_size), source_size, target_size)
+
+
+def flow_from_normalized_homography(H_norm: np.ndarray, source_size: Size,
+                                    target_size: Size) -> tuple[np.ndarray, np.ndarray]:
+    """Flow of a homography given in normalised coordinates (as the synthetic generator uses)."""
+    return flow_from_homography(transforms.homography_to_pixels(H_norm, source_size, target_size),
+                                source_size, target_size)

@@ -1,0 +1,417 @@
+"""``dense-match-eval``: one registered method on the shared real data and the held-out
+synthetic set, as a table, a JSON record and (optionally) PNG figures.
+
+Every method goes through :func:`load_matcher`, so the numbers of a learned network and
+of the ``dis`` baseline come from exactly the same code path. Flow sets give AEPE,
+PCK, Acc@10, KITTI Fl and the matchability Jaccard index (on all valid pixels and, where
+occlusion is known, on non-occluded ones); pose sets give rotation / translation errors
+and AUC@5/10/20. Sets whose data (or whose code, while it is being written) is missing
+are skipped with a message, never failed, so the command is useful on any checkout.
+
+Example::
+
+    dense-match-eval --method dis --sets sintel,hpatches240 --json /tmp/dis.json --report /tmp/dis
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from dense_match_ros.core import grid, metrics
+from dense_match_ros.core.registry import available_methods, load_matcher
+from dense_match_ros.data import shared_sets
+
+FLOW_SET_NAMES = ('sintel', 'hpatches240', 'hpatches', 'synthetic')
+POSE_SET_NAMES = ('tum', 'middlebury')
+ALL_SETS = FLOW_SET_NAMES + POSE_SET_NAMES
+SYNTHETIC_SIZE = (240, 240)
+SYNTHETIC_SEED = 2026
+PCK_CURVE_THRESHOLDS = tuple(float(t) for t in np.linspace(0.0, 20.0, 41))
+POSE_AUC_THRESHOLDS = (5, 10, 20)
+
+# Columns of the printed table: (key in a row, header, width, format spec).
+_FLOW_COLUMNS = (('aepe', 'AEPE', 8, '.3f'), ('pck@1', 'PCK@1', 6, '.3f'),
+                 ('pck@3', 'PCK@3', 6, '.3f'), ('pck@5', 'PCK@5', 6, '.3f'),
+                 ('pck@10', 'PCK@10', 6, '.3f'), ('fl', 'Fl', 6, '.3f'),
+                 ('noc_aepe', 'nocAEPE', 8, '.3f'), ('jaccard', 'Jacc', 6, '.3f'),
+                 ('match_time_s', 'time_s', 7, '.3f'))
+_POSE_COLUMNS = (('rotation_error_deg', 'R_err', 7, '.2f'),
+                 ('translation_error_deg', 't_err', 7, '.2f'),
+                 ('num_correspondences', 'corresp', 8, '.0f'),
+                 ('num_inliers', 'inliers', 8, '.0f'), ('status', 'status', 20, ''),
+                 ('match_time_s', 'time_s', 7, '.3f'))
+
+
+class SetUnavailable(Exception):
+    """A set cannot be evaluated here (no data, or its loader/evaluator is not installed)."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _flow_pairs(name: str, root: Path, synthetic_n: int) -> list[Any]:
+    if name == 'synthetic':
+        try:
+            synthetic = importlib.import_module('dense_match_ros.data.synthetic')
+        except ImportError as exc:
+            raise SetUnavailable(f'dense_match_ros.data.synthetic not importable ({exc})')
+        return list(synthetic.heldout_pairs(synthetic_n, size=SYNTHETIC_SIZE,
+                                            seed=SYNTHETIC_SEED))
+    try:
+        return shared_sets.load_flow_set(name, root)
+    except FileNotFoundError as exc:
+        raise SetUnavailable(f'data absent: {exc}')
+
+
+def _pose_pairs(name: str, root: Path) -> list[Any]:
+    try:
+        return shared_sets.load_pose_set(name, root)
+    except FileNotFoundError as exc:
+        raise SetUnavailable(f'data absent: {exc}')
+
+
+def _pose_evaluator() -> Callable[[Any, Any], dict]:
+    try:
+        module = importlib.import_module('dense_match_ros.evaluation.pose_eval')
+    except ImportError as exc:
+        raise SetUnavailable(f'dense_match_ros.evaluation.pose_eval not importable ({exc})')
+    return module.evaluate_pose_pair
+
+
+def _pair_name(pair: Any, index: int, set_name: str) -> str:
+    """The pair's own name, else set/index (plus the kind of warp for synthetic pairs)."""
+    name = getattr(pair, 'name', None)
+    if name:
+        return str(name)
+    kind = getattr(pair, 'kind', None)
+    return f'{set_name}/{index:03d}' + (f'-{kind}' if kind else '')
+
+
+# --------------------------------------------------------------------------- evaluating
+
+
+def _json_value(v: Any) -> Any:
+    """Recursively make ``v`` JSON-safe: numpy -> Python, NaN/inf -> None (JSON has neither)."""
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    return str(v)
+
+
+def evaluate_flow_pair(matcher, pair: Any) -> tuple[dict, Any]:
+    """Metrics of one flow pair; also returns the MatchResult (for figures)."""
+    t0 = time.perf_counter()
+    result = matcher.match(pair.source, pair.target)
+    dt = time.perf_counter() - t0
+    gt = np.asarray(pair.flow, dtype=np.float32)
+    valid = np.asarray(pair.valid, bool)
+    occluded = getattr(pair, 'occluded', None)
+    visible = valid if occluded is None else valid & ~np.asarray(occluded, bool)
+    # A pixel is truly matchable only if its match is visible AND inside the target:
+    # Sintel's occlusion masks do not mark motion out of the frame.
+    th, tw = pair.target.shape[:2]
+    matchable = visible & grid.in_bounds(gt, (tw, th))
+    row: dict[str, Any] = metrics.flow_metrics(result.flow, gt, valid, result.matchability,
+                                               matchable=matchable)
+    if occluded is not None:
+        noc = metrics.flow_metrics(result.flow, gt, visible)
+        row.update({f'noc_{k}': v for k, v in noc.items()})
+    row['pck_curve'] = metrics.pck_curve(result.flow, gt, valid, PCK_CURVE_THRESHOLDS).tolist()
+    row['mean_matchability'] = float(np.mean(result.matchability))
+    row['match_time_s'] = dt
+    return row, result
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    vals = [float(v) for v in values
+            if isinstance(v, (int, float, np.generic)) and not isinstance(v, bool)
+            and math.isfinite(float(v))]
+    return float(np.mean(vals)) if vals else None
+
+
+def summarise_flow(rows: Sequence[dict]) -> dict:
+    """Per-set means of every numeric metric (pairs weigh equally) and the mean PCK curve."""
+    keys = [k for k in rows[0] if k not in ('set', 'pair', 'pck_curve')] if rows else []
+    out: dict[str, Any] = {'num_pairs': len(rows)}
+    for k in keys:
+        out[k] = _mean(r.get(k) for r in rows)
+    curves = np.array([[np.nan if x is None else x for x in r['pck_curve']] for r in rows],
+                      dtype=np.float64)
+    if len(rows):
+        out['pck_curve'] = {'thresholds_px': list(PCK_CURVE_THRESHOLDS),
+                            'values': np.nanmean(curves, axis=0).tolist()}
+    return out
+
+
+def summarise_pose(rows: Sequence[dict]) -> dict:
+    """AUC@5/10/20 of max(R, t) error (failures infinite), medians, and time."""
+    errors = _pose_errors(rows)
+    out: dict[str, Any] = {'num_pairs': len(rows),
+                           'num_valid': int(sum(math.isfinite(e) for e in errors))}
+    out.update(metrics.pose_auc(errors, POSE_AUC_THRESHOLDS))
+    valid_rows = [r for r in rows if r.get('valid', True)]
+    for k in ('rotation_error_deg', 'translation_error_deg'):
+        vals = [r.get(k) for r in valid_rows if r.get(k) is not None and math.isfinite(r.get(k))]
+        out[f'median_{k}'] = float(np.median(vals)) if vals else None
+    for k in ('num_correspondences', 'num_inliers', 'estimate_time_s', 'match_time_s'):
+        out[k] = _mean(r.get(k) for r in rows)
+    return out
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def _fmt(value: Any, width: int, spec: str) -> str:
+    """One right-aligned cell; '-' for a missing or non-finite number."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return '-'.rjust(width)
+    if isinstance(value, str):
+        value = value.split(':')[0]  # the reason after ':' does not fit a table cell
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and spec:
+        return format(value, spec).rjust(width)
+    return str(value)[:width].rjust(width)
+
+
+def format_table(rows: Sequence[dict], columns, summary: dict | None, name_width: int = 50,
+                 summary_label: str = 'mean', summary_keys: dict[str, str] | None = None
+                 ) -> str:
+    """Fixed-width text table: one line per pair, then the set summary.
+
+    ``summary_keys`` renames columns for the summary line (pose sets show median errors).
+    """
+    summary_keys = summary_keys or {}
+    head = 'pair'.ljust(name_width) + ' '.join(h.rjust(w) for _, h, w, _ in columns)
+    lines = [head, '-' * len(head)]
+    for r in rows:
+        lines.append(r['pair'][-name_width:].ljust(name_width)
+                     + ' '.join(_fmt(r.get(k), w, f) for k, _, w, f in columns))
+    if summary is not None:
+        lines.append('-' * len(head))
+        lines.append(summary_label.ljust(name_width) + ' '.join(
+            _fmt(summary.get(summary_keys.get(k, k)) if k != 'status' else '', w, f)
+            for k, _, w, f in columns))
+    return '\n'.join(lines)
+
+
+def format_overview(sets: dict[str, dict]) -> str:
+    """One line per evaluated set: the headline numbers side by side."""
+    lines = []
+    for name, summ in sets.items():
+        n = summ.get('num_pairs', 0)
+        if name in POSE_SET_NAMES:
+            body = '  '.join(f'{k.upper()} {_fmt(summ.get(k), 5, ".3f")}'
+                             for k in ('auc@5', 'auc@10', 'auc@20'))
+            body += (f'  median R {_fmt(summ.get("median_rotation_error_deg"), 6, ".2f")} deg'
+                     f'  t {_fmt(summ.get("median_translation_error_deg"), 6, ".2f")} deg')
+        else:
+            body = '  '.join(f'{label} {_fmt(summ.get(k), width, spec)}' for k, label, width, spec in
+                             (('aepe', 'AEPE', 7, '.3f'), ('pck@1', 'PCK@1', 5, '.3f'),
+                              ('pck@5', 'PCK@5', 5, '.3f'), ('fl', 'Fl', 5, '.3f'),
+                              ('jaccard', 'Jacc', 5, '.3f')))
+        body += f'  {_fmt(summ.get("match_time_s"), 6, ".3f")} s/pair'
+        lines.append(f'{name:<12} {n:4d} pairs  {body}')
+    return '\n'.join(lines)
+
+
+def _versions() -> dict[str, str]:
+    import cv2
+    from dense_match_ros import __version__
+    out = {'dense_match_ros': __version__, 'python': platform.python_version(),
+           'numpy': np.__version__, 'opencv': cv2.__version__, 'platform': platform.platform()}
+    torch = sys.modules.get('torch')
+    if torch is not None:
+        out['torch'] = torch.__version__
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_sets(text: str) -> list[str]:
+    """'all' or a comma list of known set names, in the order given, without repeats."""
+    names = list(ALL_SETS) if text.strip() == 'all' else [
+        s.strip() for s in text.split(',') if s.strip()]
+    unknown = [s for s in names if s not in ALL_SETS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f'unknown set(s) {", ".join(unknown)}; known: {", ".join(ALL_SETS)}, all')
+    return list(dict.fromkeys(names))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='dense-match-eval', description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--method', required=True,
+                   help=f'registered method ({", ".join(available_methods())})')
+    p.add_argument('--weights', default=None, help='checkpoint for learned methods')
+    p.add_argument('--device', default='auto', help="auto, cpu, cuda or cuda:N")
+    p.add_argument('--sets', type=parse_sets, default=parse_sets('sintel,hpatches240'),
+                   help=f'comma list of {",".join(ALL_SETS)}, or all (default: sintel,hpatches240)')
+    p.add_argument('--data-root', type=Path, default=None,
+                   help='shared data folder (default: $DENSE_MATCH_DATA or ../shared/data)')
+    p.add_argument('--synthetic-n', type=int, default=50, help='held-out synthetic pairs')
+    p.add_argument('--limit', type=int, default=0, help='at most N pairs per set (0: all)')
+    p.add_argument('--json', type=Path, default=None, help='write the full record here')
+    p.add_argument('--report', type=Path, default=None, help='write PNG figures here')
+    p.add_argument('--report-pairs', type=int, default=3,
+                   help='flow figures per set with --report (default 3)')
+    p.add_argument('--no-progress', action='store_true', help='no tqdm progress bar')
+    return p
+
+
+def _run_flow_set(matcher, set_name: str, pairs: Sequence[Any], progress, args,
+                  report_dir: Path | None, figures: list[str]) -> list[dict]:
+    """Per-pair rows of one flow set; figures for the first ``--report-pairs`` pairs."""
+    rows = []
+    for i, pair in enumerate(progress(pairs)):
+        name = _pair_name(pair, i, set_name)
+        row, result = evaluate_flow_pair(matcher, pair)
+        if report_dir is not None and i < args.report_pairs:
+            from dense_match_ros.evaluation import report
+            figures.append(str(report.save_flow_figure(
+                report_dir / f'{set_name}_{safe(name)}.png', f'{args.method}: {name}',
+                pair.source, pair.target, np.asarray(pair.flow),
+                np.asarray(pair.valid, bool), result.flow, result.matchability)))
+        rows.append({'set': set_name, 'pair': name, **_json_value(row)})
+    return rows
+
+
+def _run_pose_set(matcher, set_name: str, pairs: Sequence[Any], progress,
+                  evaluate_pose: Callable[[Any, Any], dict]) -> list[dict]:
+    """Per-pair rows of one pose set, from the pose engineer's evaluator."""
+    rows = []
+    for i, pair in enumerate(progress(pairs)):
+        t0 = time.perf_counter()
+        out = dict(evaluate_pose(matcher, pair))
+        total = time.perf_counter() - t0
+        out['total_time_s'] = total
+        # The evaluator matches, then estimates; matching is what differs between
+        # methods, so it is the time shown (derived here if the evaluator omits it).
+        out.setdefault('match_time_s', total - float(out.get('estimate_time_s') or 0.0))
+        rows.append({'set': set_name, 'pair': _pair_name(pair, i, set_name),
+                     **_json_value(out)})
+    return rows
+
+
+def _pose_errors(rows: Sequence[dict]) -> list[float]:
+    """max(R, t) error per pair; an invalid estimate is a failure (inf) whatever it says."""
+    return [metrics.pose_error_deg(r.get('rotation_error_deg'), r.get('translation_error_deg'))
+            if r.get('valid', True) else math.inf for r in rows]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv_list)
+    root = args.data_root if args.data_root is not None else shared_sets.data_root()
+    from tqdm import tqdm
+
+    try:
+        matcher = load_matcher(args.method, device=args.device, weights=args.weights)
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        # Unknown method, bad device, or weights that do not fit: a usage error, not a crash.
+        print(f'dense-match-eval: {exc}', file=sys.stderr)
+        return 2
+    print(f'method {args.method} on {matcher.device}; data root {root}')
+    report_dir = args.report
+    if report_dir is not None:
+        report_dir.mkdir(parents=True, exist_ok=True)
+
+    record: dict[str, Any] = {
+        'method': args.method, 'weights': args.weights, 'device': matcher.device,
+        'command': 'dense-match-eval ' + shlex.join(argv_list), 'data_root': str(root),
+        'versions': _versions(), 'sets': {}, 'skipped': {}, 'rows': [], 'figures': [],
+    }
+    pose_errors: dict[str, list[float]] = {}
+    tables: list[str] = []
+
+    for set_name in args.sets:
+        is_pose = set_name in POSE_SET_NAMES
+        try:
+            evaluate_pose = _pose_evaluator() if is_pose else None
+            pairs = (_pose_pairs(set_name, root) if is_pose
+                     else _flow_pairs(set_name, root, args.synthetic_n))
+        except SetUnavailable as exc:
+            print(f'[skip] {set_name}: {exc}')
+            record['skipped'][set_name] = str(exc)
+            continue
+        if args.limit > 0:
+            pairs = pairs[:args.limit]
+
+        def progress(items, desc=set_name):
+            return tqdm(items, desc=desc, unit='pair', leave=False, disable=args.no_progress,
+                        file=sys.stderr)
+
+        if is_pose:
+            rows = _run_pose_set(matcher, set_name, pairs, progress, evaluate_pose)
+            summary = summarise_pose(rows)
+            pose_errors[set_name] = _pose_errors(rows)
+            table = format_table(rows, _POSE_COLUMNS, summary,
+                                 summary_label='median errors (valid pairs), mean others',
+                                 summary_keys={k: f'median_{k}' for k in
+                                               ('rotation_error_deg', 'translation_error_deg')})
+            aucs = '  '.join(f'{k.upper()} {_fmt(summary.get(k), 5, ".3f")}'
+                             for k in summary if k.startswith('auc@'))
+        else:
+            rows = _run_flow_set(matcher, set_name, pairs, progress, args, report_dir,
+                                 record['figures'])
+            summary = summarise_flow(rows)
+            table = format_table(rows, _FLOW_COLUMNS, summary)
+            aucs = ''
+        record['sets'][set_name] = summary
+        record['rows'].extend(rows)
+        block = f'\n== {set_name} ({len(rows)} pairs) {aucs}\n{table}'
+        print(block)
+        tables.append(block)
+
+    overview = format_overview(record['sets'])
+    if overview:
+        print(f'\n== summary: {args.method} on {matcher.device}\n{overview}')
+        tables.append(f'\n== summary\n{overview}')
+
+    if report_dir is not None:
+        from dense_match_ros.evaluation import report
+        curves = {s: (v['pck_curve']['thresholds_px'], v['pck_curve']['values'])
+                  for s, v in record['sets'].items() if 'pck_curve' in v}
+        if curves:
+            record['figures'].append(str(report.save_pck_curves(
+                report_dir / 'pck_curves.png', curves, f'{args.method}: PCK per set')))
+        if pose_errors:
+            record['figures'].append(str(report.save_pose_error_curves(
+                report_dir / 'pose_errors.png', pose_errors, title=f'{args.method}: pose error')))
+        (report_dir / 'tables.txt').write_text('\n'.join(tables) + '\n')
+        print(f'figures in {report_dir}')
+
+    record = _json_value(record)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=1, allow_nan=False))
+        print(f'wrote {args.json}')
+    return 0
+
+
+def safe(name: str) -> str:
+    """Pair name as a file-name component (kept here so the CLI works without report)."""
+    return ''.join(c if c.isalnum() or c in '-_.@' else '_' for c in name)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
