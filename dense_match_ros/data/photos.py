@@ -24,9 +24,10 @@ from typing import Iterable, Sequence
 import cv2
 import numpy as np
 
+from dense_match_ros import paths
+
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp')
 SPLITS = ('all', 'train', 'heldout')
-REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV_VAR = 'DENSE_MATCH_TRAIN_IMAGES'
 OPENCV_SAMPLES = Path('/usr/share/doc/opencv-doc/examples/data')
 # scikit-image's bundled natural photos (the rest are drawings, charts, micrographs, or
@@ -44,7 +45,7 @@ _OPENCV_EXCLUDED_PREFIXES = ('aloe', 'rubberwhale', 'basketball', 'tsukuba', 'gr
 def default_folders() -> list[Path]:
     """Candidate photo folders in priority order (existing or not)."""
     first = Path(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else \
-        REPO_ROOT.parent / 'shared' / 'train_images'
+        paths.shared_root() / 'train_images'
     folders = [first, OPENCV_SAMPLES]
     try:
         import skimage
@@ -64,7 +65,7 @@ def _is_reserved(path: Path) -> bool:
     lowered = str(path).lower()
     if any(part in lowered for part in _RESERVED_PARTS):
         return True
-    shared_data = (REPO_ROOT.parent / 'shared' / 'data').resolve()
+    shared_data = paths.data_root().resolve()
     try:
         path.resolve().relative_to(shared_data)
         return True

@@ -23,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dense_match_ros import paths
 from dense_match_ros.core.gt_flow import flow_from_homography, scale_homography
 
 FLO_MAGIC = 202021.25
@@ -73,10 +74,7 @@ class PosePair:
 
 def data_root() -> Path:
     """``$DENSE_MATCH_DATA`` if set, else ``<repository>/../shared/data``."""
-    env = os.environ.get('DENSE_MATCH_DATA')
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / 'shared' / 'data'
+    return paths.data_root()
 
 
 def _root(root: str | os.PathLike | None) -> Path:
