@@ -78,8 +78,13 @@ log "installing dense_match_ros"
 # Not editable: the package must sit in site-packages beside its generated msg/ subpackage.
 # The source tree still imports (see dense_match_ros/__init__.py).
 "$VPY" -m pip install -q --no-deps --no-build-isolation "$REPO"
+# launch_ros runs <prefix>/lib/<package>/<executable>; point those at the console scripts
+# (whose shebang is this venv's python) under the ROS executable names.
 mkdir -p "$V/lib/dense_match_ros"
 for exe in "$REPO"/scripts/dense_match_*; do
-  ln -sf "$exe" "$V/lib/dense_match_ros/$(basename "$exe")"
+  name="$(basename "$exe")"
+  rm -f "$V/lib/dense_match_ros/$name"
+  printf '#!/bin/sh\nexec "%s" "$@"\n' "$V/bin/${name//_/-}" > "$V/lib/dense_match_ros/$name"
+  chmod +x "$V/lib/dense_match_ros/$name"
 done
 "$VPY" -c 'import dense_match_ros.msg as m, rclpy; print("[setup_venv] ok:", m.RelativePose.__name__, m.MatchResult.__name__)'

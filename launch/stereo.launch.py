@@ -1,0 +1,57 @@
+"""Two cameras -> dense_match_node in pair mode (left matched into the right image).
+
+    ros2 launch dense_match_ros stereo.launch.py \
+        left_image:=/stereo/left/image_raw left_camera_info:=/stereo/left/camera_info \
+        right_image:=/stereo/right/image_raw right_camera_info:=/stereo/right/camera_info
+
+Pairs are formed by approximate time (``sync_slop`` seconds, message_filters when
+installed). Empty method/device/weights/slop come from ``params_file`` (config/stereo.yaml).
+"""
+import os
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_DEFAULT_PARAMS = os.path.normpath(os.path.join(_HERE, '..', 'config', 'stereo.yaml'))
+
+ARGUMENTS = [
+    ('left_image', '/left/image_raw', 'left (source) image topic'),
+    ('left_camera_info', '/left/camera_info', 'left camera_info topic'),
+    ('right_image', '/right/image_raw', 'right (target) image topic'),
+    ('right_camera_info', '/right/camera_info', 'right camera_info topic'),
+    ('method', '', 'matching method (empty: from params_file)'),
+    ('device', '', 'auto, cpu, cuda or cuda:N (empty: from params_file)'),
+    ('weights', '', 'checkpoint of a learned method (empty: from params_file)'),
+    ('sync_slop', '', 'largest stamp difference of a pair in seconds (empty: params_file)'),
+    ('params_file', _DEFAULT_PARAMS, 'ROS 2 parameters file for dense_match_node'),
+    ('namespace', '', 'namespace of the node and its output topics'),
+    ('use_sim_time', 'false', 'use /clock (bag replay)'),
+    ('log_level', 'info', 'node log level'),
+]
+
+
+def _node(context):
+    get = lambda name: LaunchConfiguration(name).perform(context)  # noqa: E731
+    overrides = {k: get(k) for k in ('method', 'device', 'weights') if get(k)}
+    if get('sync_slop'):
+        overrides['sync_slop'] = float(get('sync_slop'))
+    overrides['mode'] = 'pair'
+    overrides['use_sim_time'] = get('use_sim_time').lower() in ('1', 'true', 'yes')
+    remappings = [('left/image', get('left_image')),
+                  ('left/camera_info', get('left_camera_info')),
+                  ('right/image', get('right_image')),
+                  ('right/camera_info', get('right_camera_info'))]
+    return [Node(package='dense_match_ros', executable='dense_match_node',
+                 name='dense_match_node', namespace=get('namespace'),
+                 parameters=[get('params_file'), overrides], remappings=remappings,
+                 arguments=['--ros-args', '--log-level', get('log_level')],
+                 output='screen', emulate_tty=True)]
+
+
+def generate_launch_description():
+    return LaunchDescription(
+        [DeclareLaunchArgument(name, default_value=default, description=text)
+         for name, default, text in ARGUMENTS] + [OpaqueFunction(function=_node)])

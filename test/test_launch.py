@@ -1,0 +1,228 @@
+"""The launch files start the node, pass arguments and the params file, and remap topics.
+
+Each test runs a launch file through ``launch.LaunchService`` (what ``ros2 launch`` does)
+in the main thread, while a client thread publishes into the remapped input topics and
+waits for the node's output; it then shuts the launch down. Skips cleanly without the
+ros_launch_kit (launch, launch_ros).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KIT = Path(os.environ.get('ROS_LAUNCH_KIT', REPO_ROOT.parent / 'shared' / 'ros_launch_kit'))
+if not KIT.is_dir():
+    pytest.skip(f'{KIT} absent', allow_module_level=True)
+pytest.importorskip('launch_ros', reason=f'run: bash {KIT}/install.sh VENV')
+
+from test_node import Client, camera_info, image_msg, render  # noqa: E402
+from dense_match_ros.ros import convert  # noqa: E402
+
+EXECUTABLES = ('dense_match_node',)
+
+
+@pytest.fixture
+def overlay(tmp_path, monkeypatch):
+    """An ament prefix in which launch_ros finds dense_match_ros as on a colcon install.
+
+    lib/dense_match_ros/<exe> runs the source tree's module with this venv's Python;
+    share/dense_match_ros is the source tree (launch/, config/, package.xml).
+    """
+    prefix = tmp_path / 'prefix'
+    marker = prefix / 'share' / 'ament_index' / 'resource_index' / 'packages'
+    marker.mkdir(parents=True)
+    (marker / 'dense_match_ros').touch()
+    (prefix / 'share' / 'dense_match_ros').symlink_to(REPO_ROOT)
+    lib = prefix / 'lib' / 'dense_match_ros'
+    lib.mkdir(parents=True)
+    for exe in EXECUTABLES:
+        module = 'dense_match_ros.ros.node'
+        script = lib / exe
+        script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m {module} "$@"\n')
+        script.chmod(0o755)
+    monkeypatch.setenv('AMENT_PREFIX_PATH', f'{prefix}{os.pathsep}{sys.prefix}')
+    monkeypatch.setenv('PYTHONPATH', str(REPO_ROOT))
+    monkeypatch.setenv('RCUTILS_COLORIZED_OUTPUT', '0')
+    return prefix
+
+
+def _run_launch(path: Path, arguments: dict, check, timeout: float = 60.0):
+    """Run ``path`` with ``arguments``; ``check()`` runs in a thread and its result returns."""
+    from launch import LaunchDescription, LaunchService
+    from launch.actions import (IncludeLaunchDescription, RegisterEventHandler, Shutdown,
+                                TimerAction)
+    from launch.event_handlers import OnProcessExit
+    from launch.launch_description_sources import AnyLaunchDescriptionSource
+
+    died = []
+    ls = LaunchService(argv=[], noninteractive=True)
+    ls.include_launch_description(LaunchDescription([
+        RegisterEventHandler(OnProcessExit(
+            on_exit=lambda ev, ctx: None if ctx.is_shutdown
+            else died.append((ev.process_name, ev.returncode)))),
+        IncludeLaunchDescription(AnyLaunchDescriptionSource(str(path)),
+                                 launch_arguments=list(arguments.items())),
+        TimerAction(period=timeout, actions=[Shutdown(reason='test timeout')]),
+    ]))
+    result: dict = {}
+
+    def worker():
+        try:
+            result['value'] = check()
+        except BaseException as exc:  # reported in the main thread
+            result['error'] = exc
+        finally:
+            ls.shutdown()
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    rc = ls.run()
+    thread.join(timeout=15)
+    assert rc == 0, f'launch failed with {rc}'
+    assert died == [], f'processes died: {died}'
+    if 'error' in result:
+        raise result['error']
+    return result['value']
+
+
+def _params(client: Client, node: str, names: list[str]) -> dict:
+    from rclpy.parameter_client import AsyncParameterClient
+    from rclpy.parameter import parameter_value_to_python
+    pc = AsyncParameterClient(client.node, node)
+    assert pc.wait_for_services(timeout_sec=20.0), f'{node} has no parameter services'
+    future = pc.get_parameters(names)
+    end = time.monotonic() + 10
+    while not future.done() and time.monotonic() < end:
+        time.sleep(0.02)
+    return {n: parameter_value_to_python(v) for n, v in zip(names, future.result().values)}
+
+
+class _RemappedClient(Client):
+    """A Client whose inputs are the remapped topics, outputs in the node's namespace."""
+
+    def __init__(self, namespace: str, inputs: dict[str, tuple[str, str]]) -> None:
+        self._inputs = inputs
+        super().__init__(namespace, cameras=tuple(inputs))
+        for cam, (image_topic, info_topic) in inputs.items():
+            from rclpy.qos import qos_profile_sensor_data
+            from sensor_msgs.msg import CameraInfo, Image
+            self.node.destroy_publisher(self.image_pubs[cam])
+            self.node.destroy_publisher(self.info_pubs[cam])
+            self.image_pubs[cam] = self.node.create_publisher(Image, image_topic,
+                                                              qos_profile_sensor_data)
+            self.info_pubs[cam] = self.node.create_publisher(CameraInfo, info_topic,
+                                                             qos_profile_sensor_data)
+
+
+def _drive_mono(client: Client, w: int = 160, h: int = 120, frames: int = 4) -> list[int]:
+    """Send frames (sensor-data QoS, as from a camera) until flow comes back; its stamps."""
+    stamp = 7_000_000_000
+    client.publish_info(camera_info(w, h, stamp, 'cam'))
+    time.sleep(0.3)
+    got = []
+    for i in range(frames):
+        stamp += 100_000_000
+        client.publish_info(camera_info(w, h, stamp, 'cam'))
+        client.publish(image_msg(render(w, h, 0.03 * i), stamp, 'cam'))
+        if i and client.wait_stamp('flow', stamp, timeout=10.0):
+            got.append(stamp)
+        else:
+            time.sleep(0.4)
+    return got
+
+
+def test_mono_launch_py(overlay, tmp_path):
+    params = tmp_path / 'params.yaml'
+    params.write_text((REPO_ROOT / 'config' / 'mono.yaml').read_text()
+                      .replace('matchability_threshold: 0.5', 'matchability_threshold: 0.37'))
+    ns = '/lt_mono'
+
+    def check():
+        client = _RemappedClient(ns, {'': ('/lt_cam/image_raw', '/lt_cam/camera_info')})
+        try:
+            client.wait_connected(timeout=30)
+            values = _params(client, f'{ns}/dense_match_node',
+                             ['method', 'mode', 'matchability_threshold', 'device'])
+            got = _drive_mono(client)
+            return values, got
+        finally:
+            client.close()
+
+    values, got = _run_launch(REPO_ROOT / 'launch' / 'mono.launch.py',
+                              {'image': '/lt_cam/image_raw',
+                               'camera_info': '/lt_cam/camera_info', 'namespace': ns,
+                               'method': 'dis', 'device': 'cpu', 'params_file': str(params)},
+                              check)
+    assert values == {'method': 'dis', 'mode': 'mono', 'matchability_threshold': 0.37,
+                      'device': 'cpu'}
+    assert len(got) >= 2, got  # best-effort input may lose a frame; the stream goes on
+
+
+def test_stereo_launch_py(overlay):
+    ns = '/lt_stereo'
+    inputs = {'left': ('/lt_st/left/image_raw', '/lt_st/left/camera_info'),
+              'right': ('/lt_st/right/image_raw', '/lt_st/right/camera_info')}
+
+    def check():
+        client = _RemappedClient(ns, inputs)
+        try:
+            client.wait_connected(timeout=30)
+            values = _params(client, f'{ns}/dense_match_node', ['mode', 'sync_slop'])
+            w, h, t = 160, 120, 9_000_000_000
+            for cam in inputs:
+                client.publish_info(camera_info(w, h, t, f'{cam}_optical'), cam)
+            time.sleep(0.3)
+            got = []
+            for i in range(4):
+                t += 200_000_000
+                client.publish(image_msg(render(w, h, 0.0, seed=i), t, 'left_optical'), 'left')
+                client.publish(image_msg(render(w, h, 0.1, seed=i), t + 4_000_000,
+                                         'right_optical'), 'right')
+                if client.wait_stamp('flow', t + 4_000_000, timeout=10.0):
+                    got.append(t)
+            rel = list(client.received['relative_pose'])
+            return values, got, rel
+        finally:
+            client.close()
+
+    values, got, rel = _run_launch(REPO_ROOT / 'launch' / 'stereo.launch.py',
+                                   {**{f'{cam}_{kind}': topic for cam, (img, info) in
+                                       inputs.items() for kind, topic in
+                                       (('image', img), ('camera_info', info))},
+                                    'namespace': ns, 'sync_slop': '0.01'}, check)
+    assert values == {'mode': 'pair', 'sync_slop': 0.01}
+    assert len(got) >= 2, got
+    assert all(m.source_frame_id == 'left_optical' and m.header.frame_id == 'right_optical'
+               for m in rel)
+    for m in rel:  # each output pairs a left frame with the right one 4 ms later
+        source = convert.stamp_to_ns(m.source_stamp)
+        assert (source - 9_000_000_000) % 200_000_000 == 0
+        assert convert.stamp_to_ns(m.header.stamp) == source + 4_000_000
+
+
+def test_mono_launch_xml_uses_package_share(overlay):
+    """The XML variant resolves $(find-pkg-share) and the default params file."""
+    ns = '/lt_xml'
+
+    def check():
+        client = _RemappedClient(ns, {'': ('/lt_xml_cam/image', '/lt_xml_cam/camera_info')})
+        try:
+            client.wait_connected(timeout=30)
+            return _params(client, f'{ns}/dense_match_node',
+                           ['method', 'pose.estimator', 'input_qos'])
+        finally:
+            client.close()
+
+    values = _run_launch(REPO_ROOT / 'launch' / 'mono.launch.xml',
+                         {'image': '/lt_xml_cam/image', 'camera_info': '/lt_xml_cam/camera_info',
+                          'namespace': ns, 'device': 'cpu'}, check)
+    assert values['method'] == 'dis' and values['input_qos'] == 'sensor_data'
+    # The default params file came from $(find-pkg-share): a missing file would have made
+    # the node exit at start (recorded in `died`).
+    assert values['pose.estimator'] == 'poselib'

@@ -1,0 +1,575 @@
+"""The matcher node over real DDS: outputs, encodings, stamps, pair mode, parameters, latency.
+
+The node runs as a subprocess (``python -m dense_match_ros.ros.node``) so that its log can be
+read from stderr; the test side is an rclpy node in its own Context. Frames are paced -- the
+next one is sent once the previous output arrived -- and inputs are reliable, so no frame is
+dropped by design and every count is exact. The harness here is also used by
+test_node_robustness.py.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# An isolated ROS graph for this test session; set before any rclpy.init in this process.
+os.environ.setdefault('ROS_DOMAIN_ID', str(random.Random(os.getpid()).randint(1, 100)))
+os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+os.environ.setdefault('ROS_LOG_DIR', tempfile.mkdtemp(prefix='dense_match_roslog_'))
+
+rclpy = pytest.importorskip('rclpy')
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image  # noqa: E402
+from geometry_msgs.msg import PoseWithCovarianceStamped  # noqa: E402
+
+dm_msg = pytest.importorskip('dense_match_ros.msg')
+from dense_match_ros.ros import convert  # noqa: E402
+
+F, CX, CY = 500.0, 319.5, 239.5
+RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE,
+                      history=HistoryPolicy.KEEP_LAST)
+
+
+# ---------------------------------------------------------------------------- scene
+def _texture(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Multi-scale random texture: DIS needs structure at every pyramid level."""
+    import cv2
+    rng = np.random.default_rng(seed)
+    acc = np.zeros((height, width), np.float32)
+    for cell, weight in ((64, 1.0), (16, 0.7), (4, 0.5)):
+        small = rng.random((height // cell + 2, width // cell + 2)).astype(np.float32)
+        acc += weight * cv2.resize(small, (width + 2 * cell, height + 2 * cell),
+                                   interpolation=cv2.INTER_CUBIC)[cell:cell + height,
+                                                                  cell:cell + width]
+    acc = (acc - acc.min()) / (acc.max() - acc.min())
+    rgb = np.stack([acc, np.roll(acc, 7, axis=1), np.roll(acc, 5, axis=0)], axis=-1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def render(width: int, height: int, camera_x: float, seed: int = 0) -> np.ndarray:
+    """The view of a textured surface at depths 1.2-2.8 m from a camera moved by camera_x m.
+
+    A camera at (x, 0, 0) sees the point seen at pixel u by camera 0 at u - f x / Z: depth
+    varies over the image, so the motion has parallax and an essential matrix is defined.
+    Flow from camera x0 to x1 is about -f (x1 - x0) / Z, pose t ~ (-1, 0, 0).
+    """
+    import cv2
+    margin = 80
+    tex = _texture(width + 2 * margin, height + 2 * margin, seed)
+    s = width / 640.0
+    f = F * s
+    xs, ys = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+    depth = 2.0 + 0.8 * np.sin(xs / width * 3.0 + 0.5) * np.cos(ys / height * 2.0)
+    map_x = xs + margin + f * camera_x / depth
+    map_y = ys + margin
+    return cv2.remap(tex, map_x.astype(np.float32), map_y.astype(np.float32), cv2.INTER_LINEAR)
+
+
+def camera_info(width: int, height: int, stamp_ns: int, frame_id: str, zero: bool = False):
+    msg = CameraInfo()
+    msg.header.stamp = convert.stamp_msg(stamp_ns)
+    msg.header.frame_id = frame_id
+    msg.width, msg.height = width, height
+    s = width / 640.0
+    msg.k = [0.0] * 9 if zero else [F * s, 0.0, (CX + 0.5) * s - 0.5, 0.0, F * s,
+                                    (CY + 0.5) * s - 0.5, 0.0, 0.0, 1.0]
+    msg.d = [0.0] * 5
+    msg.distortion_model = 'plumb_bob'
+    msg.p = [msg.k[0], 0.0, msg.k[2], 0.0, 0.0, msg.k[4], msg.k[5], 0.0, 0.0, 0.0, 1.0, 0.0]
+    return msg
+
+
+def image_msg(rgb: np.ndarray, stamp_ns: int, frame_id: str, encoding: str = 'rgb8'):
+    import cv2
+    pixels = {'rgb8': rgb, 'bgr8': rgb[..., ::-1],
+              'mono8': cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)}[encoding]
+    return convert.make_image_msg(pixels, encoding, stamp_ns, frame_id)
+
+
+def compressed_msg(rgb: np.ndarray, stamp_ns: int, frame_id: str, fmt: str = 'jpeg'):
+    import cv2
+    ok, buf = cv2.imencode('.jpg' if fmt == 'jpeg' else '.png', rgb[..., ::-1].copy())
+    assert ok
+    msg = CompressedImage(format=f'bgr8; {fmt} compressed bgr8')
+    msg.header.stamp = convert.stamp_msg(stamp_ns)
+    msg.header.frame_id = frame_id
+    msg.data = buf.tobytes()
+    return msg
+
+
+# ---------------------------------------------------------------------------- node process
+class NodeProcess:
+    """The node under test as a subprocess, its log collected line by line."""
+
+    def __init__(self, namespace: str, params: dict | None = None,
+                 extra_args: list[str] | None = None) -> None:
+        args = [sys.executable, '-m', 'dense_match_ros.ros.node', '--ros-args',
+                '-r', f'__ns:={namespace}', '-p', 'input_qos:=reliable',
+                '-p', 'output_queue_depth:=50', '-p', 'input_queue_depth:=20']
+        for key, value in (params or {}).items():
+            args += ['-p', f'{key}:={value}']
+        args += extra_args or []
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED='1',
+                   RCUTILS_LOGGING_BUFFERED_STREAM='0', RCUTILS_COLORIZED_OUTPUT='0')
+        self.proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip('\n'))
+
+    @property
+    def log(self) -> str:
+        return '\n'.join(self.lines)
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in self.lines)
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.count(text):
+                return True
+            if self.proc.poll() is not None:
+                return bool(self.count(text))
+            time.sleep(0.05)
+        return False
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=2)
+        return self.proc.returncode
+
+
+# ---------------------------------------------------------------------------- test client
+OUTPUTS = {'flow': Image, 'matchability': Image, 'pose': PoseWithCovarianceStamped,
+           'relative_pose': dm_msg.RelativePose, 'match_result': dm_msg.MatchResult}
+
+
+class Client:
+    """Publishes camera input into ``namespace`` and records every output of the node."""
+
+    def __init__(self, namespace: str, cameras: tuple[str, ...] = ('',),
+                 compressed: bool = False) -> None:
+        self.context = rclpy.Context()
+        rclpy.init(args=[], context=self.context)
+        self.node = rclpy.create_node(f'test_client_{namespace.strip("/")}',
+                                      context=self.context)
+        self.ns = namespace
+        self.image_pubs, self.info_pubs = {}, {}
+        for cam in cameras:
+            prefix = f'{namespace}/{cam + "/" if cam else ""}'
+            self.image_pubs[cam] = (
+                self.node.create_publisher(CompressedImage, prefix + 'image/compressed', RELIABLE)
+                if compressed else self.node.create_publisher(Image, prefix + 'image', RELIABLE))
+            self.info_pubs[cam] = self.node.create_publisher(CameraInfo, prefix + 'camera_info',
+                                                             RELIABLE)
+        self._cond = threading.Condition()
+        self.received: dict[str, list] = {name: [] for name in OUTPUTS}
+        self.receipt: dict[str, list[float]] = {name: [] for name in OUTPUTS}
+        self._subs = [self.node.create_subscription(
+            cls, f'{namespace}/{name}', lambda m, n=name: self._store(n, m), RELIABLE)
+            for name, cls in OUTPUTS.items()]
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._spin = threading.Thread(target=self.executor.spin, daemon=True)
+        self._spin.start()
+
+    def _store(self, name: str, msg) -> None:
+        with self._cond:
+            self.received[name].append(msg)
+            self.receipt[name].append(time.monotonic())
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            for name in OUTPUTS:
+                self.received[name].clear()
+                self.receipt[name].clear()
+
+    def wait_connected(self, timeout: float = 20.0) -> None:
+        """Until the node subscribes to our inputs and we to its outputs (DDS discovery)."""
+        end = time.monotonic() + timeout
+        pubs = [*self.image_pubs.values(), *self.info_pubs.values()]
+        while time.monotonic() < end:
+            if all(p.get_subscription_count() > 0 for p in pubs) and all(
+                    s.get_publisher_count() > 0 for s in self._subs):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f'node in {self.ns} not connected after {timeout} s')
+
+    def stamps(self, name: str) -> list[int]:
+        with self._cond:
+            return [convert.stamp_to_ns(m.header.stamp) for m in self.received[name]]
+
+    def wait_stamp(self, name: str, stamp_ns: int, timeout: float = 10.0) -> bool:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if any(convert.stamp_to_ns(m.header.stamp) == stamp_ns
+                       for m in self.received[name]):
+                    return True
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+
+    def publish(self, msg, cam: str = '') -> None:
+        self.image_pubs[cam].publish(msg)
+
+    def publish_info(self, msg, cam: str = '') -> None:
+        self.info_pubs[cam].publish(msg)
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=1.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+def start(namespace: str, params: dict | None = None, cameras: tuple[str, ...] = ('',)):
+    """A node process and a connected client for it."""
+    node = NodeProcess(namespace, params)
+    client = Client(namespace, cameras,
+                    compressed=str((params or {}).get('compressed', '')).lower() == 'true')
+    try:
+        client.wait_connected()
+    except TimeoutError:
+        client.close()
+        node.stop()
+        raise AssertionError(f'node did not come up; log:\n{node.log}')
+    return node, client
+
+
+class Stamps:
+    """Strictly increasing stamps shared by the tests of one node (no accidental resets)."""
+
+    def __init__(self, start_s: int = 1000) -> None:
+        self.ns = start_s * 1_000_000_000
+
+    def next(self, dt_s: float = 1 / 30) -> int:
+        self.ns += int(round(dt_s * 1e9))
+        return self.ns
+
+
+# ---------------------------------------------------------------------------- tests
+@pytest.fixture(scope='module')
+def mono():
+    node, client = start('/dm_mono')
+    yield node, client, Stamps()
+    client.close()
+    rc = node.stop()
+    assert rc in (0, -signal.SIGINT, 130), f'node exited with {rc}; log:\n{node.log}'
+
+
+def _send_sequence(client: Client, stamps: Stamps, frames: list[np.ndarray], frame_id: str,
+                   with_info: bool = True, wait: bool = True) -> tuple[list[int], list[float]]:
+    """Publish frames paced by the node's outputs; returns stamps and publish->flow latency."""
+    h, w = frames[0].shape[:2]
+    sent, latency = [], []
+    if with_info:
+        client.publish_info(camera_info(w, h, stamps.ns, frame_id))
+        time.sleep(0.3)
+    for i, rgb in enumerate(frames):
+        stamp = stamps.next()
+        msg = image_msg(rgb, stamp, frame_id)
+        if with_info:
+            client.publish_info(camera_info(w, h, stamp, frame_id))
+        t0 = time.monotonic()
+        client.publish(msg)
+        sent.append(stamp)
+        if i == 0:
+            time.sleep(0.4)  # the first frame only becomes the reference
+            continue
+        if wait:
+            assert client.wait_stamp('flow', stamp, timeout=15.0), f'no flow for frame {i}'
+            with client._cond:
+                idx = [convert.stamp_to_ns(m.header.stamp) for m in
+                       client.received['flow']].index(stamp)
+                latency.append(client.receipt['flow'][idx] - t0)
+    return sent, latency
+
+
+def test_mono_ten_frames_640x480(mono):
+    """10 frames in -> 9 flow, matchability, pose messages with the right fields."""
+    node, client, stamps = mono
+    frames = [render(640, 480, 0.03 * i) for i in range(10)]
+    client.clear()
+    sent, _ = _send_sequence(client, stamps, frames, 'cam_optical')
+    targets = sent[1:]
+    for name in ('pose', 'relative_pose', 'match_result', 'matchability'):
+        for s in targets:
+            assert client.wait_stamp(name, s, timeout=5.0), f'{name} missing for {s}'
+    time.sleep(0.3)
+    flows = [m for m in client.received['flow'] if convert.stamp_to_ns(m.header.stamp) in sent]
+    assert [convert.stamp_to_ns(m.header.stamp) for m in flows] == targets
+    for m in flows:
+        assert (m.encoding, m.width, m.height, m.step) == ('32FC2', 640, 480, 640 * 8)
+        assert m.header.frame_id == 'cam_optical'
+        flow = convert.image_to_array(m)
+        # Camera moves +3 cm along x: the scene moves left by f*b/Z = 5.4 .. 12.5 px.
+        med = float(np.median(flow[40:-40, 40:-40, 0]))
+        assert -12.5 < med < -5.0, med
+        assert abs(float(np.median(flow[40:-40, 40:-40, 1]))) < 0.5
+    mats = [m for m in client.received['matchability']
+            if convert.stamp_to_ns(m.header.stamp) in sent]
+    assert len(mats) == 9
+    for m in mats:
+        assert (m.encoding, m.width, m.height, m.step) == ('32FC1', 640, 480, 640 * 4)
+        values = convert.image_to_array(m)
+        assert values.min() >= 0.0 and values.max() <= 1.0 and values.mean() > 0.5
+    poses = [m for m in client.received['pose'] if convert.stamp_to_ns(m.header.stamp) in sent]
+    assert [convert.stamp_to_ns(m.header.stamp) for m in poses] == targets
+    for m in poses:
+        assert m.header.frame_id == 'cam_optical'
+        p = m.pose.pose.position
+        assert p.x < -0.9 and abs(p.y) < 0.3 and abs(p.z) < 0.4, (p.x, p.y, p.z)
+        q = m.pose.pose.orientation
+        assert abs(q.w) > 0.999  # no rotation
+    rels = [m for m in client.received['relative_pose']
+            if convert.stamp_to_ns(m.header.stamp) in sent]
+    assert [convert.stamp_to_ns(m.source_stamp) for m in rels] == sent[:-1]
+    assert all(m.valid and m.status == 'ok' and m.num_inliers > 30 for m in rels)
+    results = [m for m in client.received['match_result']
+               if convert.stamp_to_ns(m.header.stamp) in sent]
+    assert [convert.stamp_to_ns(m.source_stamp) for m in results] == sent[:-1]
+    assert all(r.flow.encoding == '32FC2' and r.method == 'dis' for r in results)
+    assert node.alive()
+
+
+def test_diagnostics(mono):
+    """/diagnostics reports rates, latency, counters and the device of this node."""
+    from diagnostic_msgs.msg import DiagnosticArray
+    node, client, _ = mono
+    got = []
+    sub = client.node.create_subscription(DiagnosticArray, '/diagnostics', got.append, 10)
+    try:
+        end = time.monotonic() + 10
+        while time.monotonic() < end and not any(
+                s.name.startswith('/dm_mono/dense_match_node') for m in got for s in m.status):
+            time.sleep(0.1)
+        status = [s for m in got for s in m.status
+                  if s.name.startswith('/dm_mono/dense_match_node')][-1]
+    finally:
+        client.node.destroy_subscription(sub)
+    values = {kv.key: kv.value for kv in status.values}
+    assert values['method'] == 'dis' and values['device'] == 'cpu' and values['mode'] == 'mono'
+    assert int(values['outputs']) >= 9 and int(values['pose_valid']) >= 9
+    assert float(values['latency_median_ms']) > 0
+    assert 0.5 < float(values['inlier_ratio_mean']) <= 1.0
+    for key in ('input_rate_hz', 'output_rate_hz', 'dropped_stale', 'dropped_rate', 'rejected'):
+        assert key in values
+
+
+def test_burst_newest_frame_wins(mono):
+    """Frames faster than the matcher: stale ones are dropped, the newest is processed."""
+    node, client, stamps = mono
+    frames = [render(640, 480, 0.03 * (i % 2)) for i in range(8)]
+    client.clear()
+    burst = []
+    for rgb in frames:
+        burst.append(stamps.next())
+        client.publish(image_msg(rgb, burst[-1], 'cam_optical'))
+    assert client.wait_stamp('flow', burst[-1], timeout=20.0)
+    time.sleep(0.5)
+    got = [s for s in client.stamps('flow') if s in burst]
+    assert got[-1] == burst[-1] and len(got) < len(burst)
+    assert got == sorted(got)  # never out of order
+    assert node.alive()
+
+
+def test_latency_640x480_dis(mono):
+    """Median publish->receipt latency of the flow topic at 640x480 with dis (printed)."""
+    node, client, stamps = mono
+    frames = [render(640, 480, 0.03 * (i % 4)) for i in range(11)]
+    client.clear()
+    _, latency = _send_sequence(client, stamps, frames, 'cam_optical')
+    lat_ms = np.array(latency) * 1e3
+    print(f'\nend-to-end latency 640x480 dis+pose, {lat_ms.size} frames: median '
+          f'{np.median(lat_ms):.1f} ms, p90 {np.percentile(lat_ms, 90):.1f} ms, '
+          f'min {lat_ms.min():.1f} ms, max {lat_ms.max():.1f} ms')
+    assert lat_ms.size == 10
+    assert np.median(lat_ms) < 3000.0
+    # The same without pose estimation: what matching and transport alone cost.
+    assert _set_param(client, '/dm_mono/dense_match_node', 'estimate_pose', False).successful
+    try:
+        client.clear()
+        _, latency = _send_sequence(client, stamps, frames, 'cam_optical')
+    finally:
+        assert _set_param(client, '/dm_mono/dense_match_node', 'estimate_pose', True).successful
+    flow_ms = np.array(latency) * 1e3
+    print(f'end-to-end latency 640x480 dis, no pose, {flow_ms.size} frames: median '
+          f'{np.median(flow_ms):.1f} ms, p90 {np.percentile(flow_ms, 90):.1f} ms')
+    assert client.received['relative_pose'] == []  # pose off: nothing on relative_pose
+
+
+def _set_param(client: Client, node_name: str, name: str, value):
+    from rclpy.parameter import Parameter
+    from rclpy.parameter_client import AsyncParameterClient
+    pc = AsyncParameterClient(client.node, node_name)
+    assert pc.wait_for_services(timeout_sec=10.0)
+    future = pc.set_parameters([Parameter(name, value=value)])
+    end = time.monotonic() + 10
+    while not future.done() and time.monotonic() < end:
+        time.sleep(0.02)
+    assert future.done()
+    return future.result().results[0]
+
+
+def test_runtime_method_change_rejected_keeps_old(mono):
+    """An unknown method or missing weights file is refused with a reason; output goes on."""
+    node, client, stamps = mono
+    res = _set_param(client, '/dm_mono/dense_match_node', 'method', 'no_such_method')
+    assert not res.successful and 'no_such_method' in res.reason and 'dis' in res.reason
+    res = _set_param(client, '/dm_mono/dense_match_node', 'weights', '/nonexistent/w.pt')
+    assert not res.successful and 'does not exist' in res.reason
+    res = _set_param(client, '/dm_mono/dense_match_node', 'device', 'tpu')
+    assert not res.successful and 'device' in res.reason
+    # A valid swap (dis again, rebuilt) succeeds and matching continues.
+    res = _set_param(client, '/dm_mono/dense_match_node', 'method', 'dis')
+    assert res.successful, res.reason
+    assert node.wait_for_log('model swapped: method=dis')
+    frames = [render(320, 240, 0.02 * i) for i in range(3)]
+    client.clear()
+    sent, _ = _send_sequence(client, stamps, frames, 'cam_optical', with_info=False)
+    assert client.stamps('flow')[-2:] == sent[1:]
+
+
+# ---------------------------------------------------------------------------- pair mode
+@pytest.mark.parametrize('synchronizer', ['auto', 'builtin'])
+def test_pair_mode_jittered_stamps(synchronizer):
+    """Two cameras with jittered stamps: each pair within the slop gives one output."""
+    ns = f'/dm_pair_{synchronizer}'
+    node, client = start(ns, {'mode': 'pair', 'synchronizer': synchronizer,
+                              'sync_slop': 0.02, 'pose.max_correspondences': 500},
+                         cameras=('left', 'right'))
+    try:
+        try:
+            import message_filters  # noqa: F401
+            expected_impl = 'message_filters' if synchronizer == 'auto' else 'builtin'
+        except ImportError:
+            expected_impl = 'builtin'
+        assert node.wait_for_log(f'pair mode: {expected_impl} synchronizer')
+        w, h = 320, 240
+        t = 5_000_000_000
+        for cam in ('left', 'right'):
+            client.publish_info(camera_info(w, h, t, f'{cam}_optical'), cam)
+        time.sleep(0.3)
+        jitter_ms = [0, 12, -9, 15]
+        pairs = []
+        for i, jit in enumerate(jitter_ms):
+            t += 100_000_000
+            tl, tr = t, t + jit * 1_000_000
+            # A right frame far from any left frame first: it must not be paired.
+            client.publish(image_msg(render(w, h, 0.06, seed=i), t - 50_000_000,
+                                     'right_optical'), 'right')
+            client.publish(image_msg(render(w, h, 0.0, seed=i), tl, 'left_optical'), 'left')
+            time.sleep(0.02)
+            client.publish(image_msg(render(w, h, 0.06, seed=i), tr, 'right_optical'), 'right')
+            pairs.append((tl, tr))
+            assert client.wait_stamp('flow', tr, timeout=15.0), \
+                f'no output for pair {i} (jitter {jit} ms); log:\n{node.log}'
+        for name in ('relative_pose', 'pose'):
+            for _, tr in pairs:
+                assert client.wait_stamp(name, tr, timeout=5.0), name
+        time.sleep(0.3)
+        assert client.stamps('flow') == [tr for _, tr in pairs]
+        for m in client.received['flow']:
+            assert m.header.frame_id == 'left_optical'  # the source (left) grid
+            assert (m.encoding, m.width, m.height) == ('32FC2', w, h)
+        rels = client.received['relative_pose']
+        assert [(convert.stamp_to_ns(m.source_stamp), convert.stamp_to_ns(m.header.stamp))
+                for m in rels] == pairs
+        assert all(m.header.frame_id == 'right_optical' and m.source_frame_id == 'left_optical'
+                   for m in rels)
+        assert all(m.valid for m in rels), [m.status for m in rels]
+        # Right camera 6 cm to the right of the left one: X_right = X_left - b x.
+        for m in client.received['pose']:
+            assert m.pose.pose.position.x < -0.9
+        assert node.alive()
+    finally:
+        client.close()
+        node.stop()
+
+
+# ---------------------------------------------------------------------------- no DDS traffic
+@pytest.mark.parametrize('config_file', ['mono.yaml', 'stereo.yaml'])
+def test_config_files_only_set_declared_parameters(config_file):
+    """A typo in a params file would be silently ignored by ROS; catch it here."""
+    import yaml
+    from dense_match_ros.ros.node import DenseMatchNode, pipeline_config_from_params
+    doc = yaml.safe_load((REPO_ROOT / 'config' / config_file).read_text())
+    (key, body), = doc.items()
+    assert key.endswith('dense_match_node')
+    params = body['ros__parameters']
+    context = rclpy.Context()
+    rclpy.init(args=[], context=context)
+    try:
+        node = DenseMatchNode(context=context)
+        try:
+            declared = set(node._parameters)
+            for name, value in params.items():
+                assert name in declared, f'{config_file}: {name} is not a node parameter'
+                default = node.get_parameter(name).value
+                assert type(value) is type(default), (name, value, default)
+        finally:
+            node.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=context)
+    config = pipeline_config_from_params(params)
+    assert config.mode == params['mode'] and config.method == params['method']
+    assert config.pose_options['ransac_threshold_px'] == params['pose.ransac_threshold_px']
+
+
+def test_output_messages_follow_the_documented_conventions():
+    """What the node (and the replay tool) publish for one result, field by field."""
+    from dense_match_ros.ros.node import output_messages, pipeline_config_from_params
+    from dense_match_ros.ros.pipeline import Frame, MatchPipeline
+    config = pipeline_config_from_params({'pose.max_correspondences': 400,
+                                          'publish_flow': False})  # node-only: ignored
+    config.color_output = True
+    pipe = MatchPipeline(config)
+    K = convert.camera_info_to_intrinsics(camera_info(320, 240, 0, 'c'))
+    pipe.process(Frame(render(320, 240, 0.0), 10 * 10**9, 'cam', K))
+    out = pipe.process(Frame(render(320, 240, 0.06), 11 * 10**9, 'cam', K))
+    msgs = output_messages(out)
+    assert set(msgs) >= {'flow', 'matchability', 'match_result', 'relative_pose', 'pose'}
+    assert msgs['flow'].encoding == '32FC2' and msgs['matchability'].encoding == '32FC1'
+    assert convert.stamp_to_ns(msgs['flow'].header.stamp) == 11 * 10**9
+    rel, pose = msgs['relative_pose'], msgs['pose']
+    assert rel.valid and convert.stamp_to_ns(rel.source_stamp) == 10 * 10**9
+    np.testing.assert_allclose([rel.translation.x, rel.translation.y, rel.translation.z],
+                               np.ravel(out.pose.t))
+    assert pose.pose.pose.position.x == rel.translation.x
+    assert pose.pose.pose.orientation.w == rel.rotation.w
+    E = np.asarray(rel.essential_matrix).reshape(3, 3)
+    np.testing.assert_allclose(E, out.pose.E)
+    if 'flow_color' in msgs:
+        assert msgs['flow_color'].encoding == 'bgr8'
+    out.pose, out.pose_status = None, 'no_camera_info'
+    msgs = output_messages(out)
+    assert 'pose' not in msgs and not msgs['relative_pose'].valid
+    assert msgs['relative_pose'].status == 'no_camera_info'
