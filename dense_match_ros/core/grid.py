@@ -82,17 +82,24 @@ def resize_flow(flow: np.ndarray, size: tuple[int, int],
     """Resample a flow field to a new source grid size (W, H), rescaling its vectors.
 
     ``target_scale`` is how much the target resolution changes by (new/old per axis);
-    by default the target is assumed to be resized like the source. Bilinear
-    interpolation of the absolute target coordinates keeps the half-pixel convention.
+    by default the target is assumed to be resized like the source. The displacement,
+    not the absolute target coordinate, is interpolated: near the border, where bilinear
+    resizing replicates the outermost sample, a replicated displacement stays right for
+    smooth motions while a replicated absolute coordinate would pin the outer half-pixel
+    band of the new grid to one target point.
     """
     h, w = flow.shape[:2]
     new_w, new_h = size
-    target_map = flow_to_map(flow)
-    resized = cv2.resize(target_map, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     sx, sy = new_w / w, new_h / h
+    displacement = cv2.resize(np.ascontiguousarray(flow, dtype=np.float32), (new_w, new_h),
+                              interpolation=cv2.INTER_LINEAR)
+    new_coords = pixel_coords(new_h, new_w)
+    # Each new-grid pixel's position on the old grid, exactly (not interpolated).
+    old_coords = (new_coords + 0.5) / np.array([sx, sy], dtype=np.float32) - 0.5
+    target_old = old_coords + displacement
     tsx, tsy = sx * target_scale[0], sy * target_scale[1]
-    resized = (resized + 0.5) * np.array([tsx, tsy], dtype=np.float32) - 0.5
-    return map_to_flow(resized)
+    target_new = (target_old + 0.5) * np.array([tsx, tsy], dtype=np.float32) - 0.5
+    return (target_new - new_coords).astype(np.float32)
 
 
 def warp(target: np.ndarray, flow: np.ndarray, interpolation: int = cv2.INTER_LINEAR,
