@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import types
 
 import numpy as np
@@ -66,7 +65,7 @@ def fake_synthetic(monkeypatch):
         return _shift_pairs(n, (24, 16), seed)
 
     module.heldout_pairs = heldout_pairs
-    monkeypatch.setitem(sys.modules, 'dense_match_ros.data.synthetic', module)
+    monkeypatch.setattr(cli, 'synthetic', module)
     registry.register('test_shift', _ShiftMatcher)
     yield calls
     registry._REGISTRY.pop('test_shift', None)

@@ -5,7 +5,6 @@ import cv2
 import numpy as np
 import pytest
 
-from dense_match_ros.ros import pipeline as pl
 from dense_match_ros.ros.convert import CameraIntrinsics
 from dense_match_ros.ros.pipeline import Frame, FrameRejected, MatchPipeline, PipelineConfig
 
@@ -146,7 +145,6 @@ def test_pair_with_different_sizes_maps_into_the_target_frame():
     assert (out.source_frame_id, out.target_frame_id) == ('left', 'right')
 
 
-@pytest.mark.skipif(not pl.pose_available(), reason='core.pose absent')
 def test_pose_from_parallax_and_without_intrinsics():
     p, _ = _pipe(estimate_pose=True)
     p.process(frame(view(0.0), 0))
@@ -160,7 +158,6 @@ def test_pose_from_parallax_and_without_intrinsics():
     assert out.flow.shape == (H, W, 2)
 
 
-@pytest.mark.skipif(not pl.pose_available(), reason='core.pose absent')
 def test_pose_with_downscaled_processing_uses_scaled_intrinsics():
     p, _ = _pipe(estimate_pose=True, process_width=W // 2)
     p.process(frame(view(0.0), 0))
@@ -178,13 +175,12 @@ def test_model_swap_and_invalid_options_keep_the_old_state():
     assert p.matcher is old and p.config.method == 'dis' and p.config.weights == ''
     new = p.set_matcher(method='dis', options={'preset': 'fast'})
     assert p.matcher is new and new.preset == 'fast'
-    if pl.pose_available():
-        with pytest.raises(ValueError, match='unknown pose options'):
-            p.set_pose_options({'ransac_threshold_pix': 2.0})
-        with pytest.raises(ValueError):
-            p.update(pose_options={'confidence': 2.0})
-        p.update(pose_options={'ransac_threshold_px': 2.0})
-        assert p.config.pose_options == {'ransac_threshold_px': 2.0}
+    with pytest.raises(ValueError, match='unknown pose options'):
+        p.set_pose_options({'ransac_threshold_pix': 2.0})
+    with pytest.raises(ValueError):
+        p.update(pose_options={'confidence': 2.0})
+    p.update(pose_options={'ransac_threshold_px': 2.0})
+    assert p.config.pose_options == {'ransac_threshold_px': 2.0}
     with pytest.raises(ValueError):
         p.update(method='dis')
     with pytest.raises(ValueError):
@@ -195,7 +191,4 @@ def test_colour_output():
     p, _ = _pipe(color_output=True)
     p.process(frame(shifted(0), 0))
     out = p.process(frame(shifted(3), 1))
-    if pl._flow_to_color is None:
-        assert out.flow_color is None
-    else:
-        assert out.flow_color.shape == (H, W, 3) and out.flow_color.dtype == np.uint8
+    assert out.flow_color.shape == (H, W, 3) and out.flow_color.dtype == np.uint8

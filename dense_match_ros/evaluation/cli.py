@@ -5,7 +5,7 @@ Every method goes through :func:`load_matcher`, so the numbers of a learned netw
 of the ``dis`` baseline come from exactly the same code path. Flow sets give AEPE,
 PCK, Acc@10, KITTI Fl and the matchability Jaccard index (on all valid pixels and, where
 occlusion is known, on non-occluded ones); pose sets give rotation / translation errors
-and AUC@5/10/20. Sets whose data (or whose code, while it is being written) is missing
+and AUC@5/10/20. Sets whose data is missing
 are skipped with a message, never failed, so the command is useful on any checkout.
 
 Example::
@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import platform
@@ -29,7 +28,8 @@ import numpy as np
 
 from dense_match_ros.core import grid, metrics
 from dense_match_ros.core.registry import available_methods, load_matcher
-from dense_match_ros.data import shared_sets
+from dense_match_ros.data import shared_sets, synthetic
+from dense_match_ros.evaluation import pose_eval
 
 FLOW_SET_NAMES = ('sintel', 'hpatches240', 'hpatches', 'synthetic')
 POSE_SET_NAMES = ('tum', 'middlebury')
@@ -53,7 +53,7 @@ _POSE_COLUMNS = (('rotation_error_deg', 'R_err', 7, '.2f'),
 
 
 class SetUnavailable(Exception):
-    """A set cannot be evaluated here (no data, or its loader/evaluator is not installed)."""
+    """A set cannot be evaluated here (its data is absent)."""
 
 
 # --------------------------------------------------------------------------- loading
@@ -61,10 +61,6 @@ class SetUnavailable(Exception):
 
 def _flow_pairs(name: str, root: Path, synthetic_n: int) -> list[Any]:
     if name == 'synthetic':
-        try:
-            synthetic = importlib.import_module('dense_match_ros.data.synthetic')
-        except ImportError as exc:
-            raise SetUnavailable(f'dense_match_ros.data.synthetic not importable ({exc})')
         return list(synthetic.heldout_pairs(synthetic_n, size=SYNTHETIC_SIZE,
                                             seed=SYNTHETIC_SEED))
     try:
@@ -78,14 +74,6 @@ def _pose_pairs(name: str, root: Path) -> list[Any]:
         return shared_sets.load_pose_set(name, root)
     except FileNotFoundError as exc:
         raise SetUnavailable(f'data absent: {exc}')
-
-
-def _pose_evaluator() -> Callable[[Any, Any], dict]:
-    try:
-        module = importlib.import_module('dense_match_ros.evaluation.pose_eval')
-    except ImportError as exc:
-        raise SetUnavailable(f'dense_match_ros.evaluation.pose_eval not importable ({exc})')
-    return module.evaluate_pose_pair
 
 
 def _pair_name(pair: Any, index: int, set_name: str) -> str:
@@ -297,7 +285,7 @@ def _run_flow_set(matcher, set_name: str, pairs: Sequence[Any], progress, args,
 
 def _run_pose_set(matcher, set_name: str, pairs: Sequence[Any], progress,
                   evaluate_pose: Callable[[Any, Any], dict]) -> list[dict]:
-    """Per-pair rows of one pose set, from the pose engineer's evaluator."""
+    """Per-pair rows of one pose set, from evaluation.pose_eval."""
     rows = []
     for i, pair in enumerate(progress(pairs)):
         t0 = time.perf_counter()
@@ -346,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for set_name in args.sets:
         is_pose = set_name in POSE_SET_NAMES
         try:
-            evaluate_pose = _pose_evaluator() if is_pose else None
+            evaluate_pose = pose_eval.evaluate_pose_pair if is_pose else None
             pairs = (_pose_pairs(set_name, root) if is_pose
                      else _flow_pairs(set_name, root, args.synthetic_n))
         except SetUnavailable as exc:

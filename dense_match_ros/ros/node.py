@@ -50,7 +50,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from dense_match_ros.core.registry import available_methods, resolve_device
 from dense_match_ros.ros import convert
 from dense_match_ros.ros.pipeline import (Frame, FrameRejected, MatchPipeline, PipelineConfig,
-                                          PipelineOutput, pose_available, pose_config_fields)
+                                          PipelineOutput, pose_config_fields)
 from dense_match_ros.ros.sync import ApproximateTimeSynchronizer
 
 try:
@@ -283,7 +283,7 @@ class DenseMatchNode(Node):
         self.pipeline = MatchPipeline(config, warn=self._throttle.warn)
         self.get_logger().info(
             f'mode={self.mode} method={config.method} device={self.pipeline.matcher.device} '
-            f'pose={"on" if pose_available() and config.estimate_pose else "off"}')
+            f'pose={"on" if config.estimate_pose else "off"}')
 
         self._mailbox = _Mailbox()
         self._in_rate, self._out_rate = _RateMeter(), _RateMeter()

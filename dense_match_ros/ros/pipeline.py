@@ -23,18 +23,11 @@ import cv2
 import numpy as np
 
 from dense_match_ros.core import grid
+from dense_match_ros.core import pose as _pose
+from dense_match_ros.core.flowviz import flow_to_color as _flow_to_color
 from dense_match_ros.core.registry import Matcher, available_methods, load_matcher
 from dense_match_ros.ros.convert import CameraIntrinsics
 
-try:  # Written in parallel by the pose engineer; without it only flow is produced.
-    from dense_match_ros.core import pose as _pose
-except ImportError:  # pragma: no cover - depends on the checkout
-    _pose = None
-
-try:
-    from dense_match_ros.core.flowviz import flow_to_color as _flow_to_color
-except ImportError:  # pragma: no cover
-    _flow_to_color = None
 
 _log = logging.getLogger(__name__)
 
@@ -156,15 +149,8 @@ class PipelineOutput:
         return float(self.pose.num_inliers) / float(self.pose.num_correspondences)
 
 
-def pose_available() -> bool:
-    """Whether core.pose is importable (pose outputs are skipped otherwise)."""
-    return _pose is not None
-
-
 def pose_config_fields() -> dict[str, Any]:
-    """Name -> default of every core.pose.PoseConfig field ({} without core.pose)."""
-    if _pose is None or not hasattr(_pose, 'PoseConfig'):
-        return {}
+    """Name -> default of every core.pose.PoseConfig field (the node's pose.* parameters)."""
     out = {}
     for field in dataclasses.fields(_pose.PoseConfig):
         if field.default is not dataclasses.MISSING:
@@ -176,8 +162,6 @@ def pose_config_fields() -> dict[str, Any]:
 
 def make_pose_config(options: dict):
     """core.pose.PoseConfig from a dict; unknown keys raise ValueError (typos in YAML)."""
-    if _pose is None:
-        return None
     known = pose_config_fields()
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -418,8 +402,6 @@ class MatchPipeline:
         t0 = time.perf_counter()
         if not self.config.estimate_pose:
             status = STATUS_DISABLED
-        elif _pose is None:
-            status = STATUS_UNAVAILABLE + ': core.pose is not installed'
         elif source.intrinsics is None or target.intrinsics is None:
             status = STATUS_NO_CAMERA_INFO
         else:
@@ -457,7 +439,7 @@ class MatchPipeline:
                 matchability = np.clip(cv2.resize(matchability, out_size,
                                                   interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
         color = None
-        if self.config.color_output and _flow_to_color is not None:
+        if self.config.color_output:
             max_flow = self.config.max_flow_color if self.config.max_flow_color > 0 else None
             color = _flow_to_color(flow, max_flow)
         timings['output'] = time.perf_counter() - t0
