@@ -28,6 +28,7 @@ setup(
         'console_scripts': [
             'dense-match-eval = dense_match_ros.evaluation.cli:main',
             'dense-match-make-pairs = dense_match_ros.data.make_pairs:main',
+            'dense-match-train = dense_match_ros.training.cli:main',
             'dense-match-bench-pose = dense_match_ros.evaluation.bench_pose:main',
             'dense-match-node = dense_match_ros.ros.node:main',
             'dense-match-replay = dense_match_ros.ros.replay:main',

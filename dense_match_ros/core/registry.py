@@ -87,6 +87,8 @@ _REGISTRY: dict[str, Factory | str] = {}
 # descriptor) never pays for torch or model construction.
 _BUILTIN = {
     'dis': 'dense_match_ros.core.methods.dis:DisMatcher',
+    'hilm': 'dense_match_ros.core.methods.hilm:HilmMatcher',
+    'dgc': 'dense_match_ros.core.methods.dgc:DgcMatcher',
 }
 
 

@@ -1,0 +1,89 @@
+"""Training batches of synthetic pairs, addressed by step number.
+
+Batch ``step`` of process ``rank`` is drawn from ``default_rng([seed, step, rank])`` and
+nothing else, so a run resumed at step k sees exactly the batches an uninterrupted run
+would have, whatever the number of loader workers, and DDP ranks never see the same pair.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from dense_match_ros.data.photos import PhotoSource
+from dense_match_ros.data.synthetic import SyntheticPair, SyntheticPairGenerator
+from dense_match_ros.training.config import DataConfig
+from dense_match_ros.training.tasks import TrainTask
+
+
+class CachedPhotos:
+    """A PhotoSource that decodes each photo once (per process) and keeps it.
+
+    Decoding a JPEG costs more than rendering a small warped pair, so without this the
+    CPU would spend most of a step in libjpeg.
+    """
+
+    def __init__(self, photos: PhotoSource) -> None:
+        self.photos = photos
+        self.keys = photos.keys
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.photos)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        image = self._cache.get(index)
+        if image is None:
+            image = self._cache[index] = self.photos[index]
+        return image
+
+
+def make_generator(data: DataConfig) -> SyntheticPairGenerator:
+    """The training pair generator: TRAIN split only (the held-out photos stay unseen)."""
+    photos = PhotoSource(folders=data.photos, split='train', short_side=data.photo_short_side)
+    return SyntheticPairGenerator(CachedPhotos(photos), size=tuple(data.image_size),
+                                  kinds=tuple(data.kinds), photometric=data.photometric,
+                                  crop_scale=tuple(data.crop_scale))
+
+
+def collate(pairs: Sequence[SyntheticPair]) -> dict[str, torch.Tensor]:
+    """Stack pairs: images stay uint8 (B, 3, H, W) until the device, flow (B, H, W, 2)."""
+    return {
+        'source': torch.from_numpy(np.stack([p.source for p in pairs])).permute(0, 3, 1, 2).contiguous(),
+        'target': torch.from_numpy(np.stack([p.target for p in pairs])).permute(0, 3, 1, 2).contiguous(),
+        'flow': torch.from_numpy(np.stack([p.flow for p in pairs])),
+        'valid': torch.from_numpy(np.stack([p.valid for p in pairs])),
+    }
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Map-style dataset whose index is the global step."""
+
+    def __init__(self, generator: SyntheticPairGenerator, task: TrainTask, loss_config: dict,
+                 batch_size: int, seed: int, rank: int = 0) -> None:
+        self.generator = generator
+        self.task = task
+        self.loss_config = loss_config
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rank = int(rank)
+
+    def __len__(self) -> int:  # addressed by step; the sampler decides which steps
+        return 2 ** 62
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, int(step), self.rank])
+        pairs = [self.generator.sample(rng) for _ in range(self.batch_size)]
+        batch = collate(pairs)
+        for key, value in self.task.extra_batch(pairs, rng, self.loss_config).items():
+            batch[key] = torch.as_tensor(value)
+        batch['step'] = torch.tensor(int(step))
+        return batch
+
+
+def worker_init(_worker_id: int) -> None:
+    # Each loader worker makes whole batches; nested thread pools would only fight.
+    import cv2
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)

@@ -1,0 +1,135 @@
+"""Resumable training state and the small shipped checkpoint, with its JSON record.
+
+Two formats:
+
+* the *training state* (``<run>/last.pt``): model, optimiser, schedule, step, torch RNG
+  states and the resolved config -- everything an exact resume needs (batches are addressed
+  by step, see :mod:`.batches`, so no data-loader state is needed);
+* the *shipped weights* (``<name>.pt`` + ``<name>.json``): model weights only (fp16 by
+  default), the model config, and beside it a JSON record whose ``sha256`` is checked on
+  every load.
+
+Both are written atomically (temp file + rename), so a run killed mid-save leaves the
+previous checkpoint intact, and both load with ``torch.load(weights_only=True)``: only
+tensors and plain containers, never pickled code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TRAIN_FORMAT = 'dense_match_ros.train_state/1'
+WEIGHTS_FORMAT = 'dense_match_ros.weights/1'
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, 'module') else model
+
+
+def save_training_state(path: str | Path, *, method: str, step: int, config: dict,
+                        model: torch.nn.Module, optimizer, scheduler, wall_time_s: float,
+                        extra: dict | None = None) -> None:
+    state = {
+        'format': TRAIN_FORMAT,
+        'method': method,
+        'step': int(step),
+        'config': config,
+        'model': unwrap(model).state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'scheduler': scheduler.state_dict(),
+        'torch_rng': torch.get_rng_state(),
+        'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        'wall_time_s': float(wall_time_s),
+        'extra': extra or {},
+    }
+    _atomic_save(state, Path(path))
+
+
+def load_training_state(path: str | Path, map_location: str | torch.device = 'cpu') -> dict:
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if state.get('format') != TRAIN_FORMAT:
+        raise ValueError(f'{path} is not a training state ({state.get("format")!r})')
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state['torch_rng'].cpu())
+    if state.get('cuda_rng') and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda_rng']])
+
+
+def export_weights(state: dict, out_path: str | Path, record: dict, half: bool = True) -> dict:
+    """Write shipped weights from a training state, and the JSON record beside them.
+
+    Floating tensors become fp16 when ``half`` (integer buffers such as BatchNorm's counter
+    stay as they are). Returns the record as written (with ``sha256`` and ``bytes``).
+    """
+    out_path = Path(out_path)
+    weights = {}
+    for key, tensor in state['model'].items():
+        tensor = tensor.detach().cpu()
+        weights[key] = tensor.half() if half and tensor.is_floating_point() else tensor
+    _atomic_save({'format': WEIGHTS_FORMAT, 'method': state['method'],
+                  'model_config': state['config']['model'], 'step': state['step'],
+                  'dtype': 'float16' if half else 'float32', 'state_dict': weights}, out_path)
+    record = dict(record)
+    record.update({'file': out_path.name, 'method': state['method'], 'steps': state['step'],
+                   'dtype': 'float16' if half else 'float32',
+                   'sha256': sha256_of(out_path), 'bytes': out_path.stat().st_size})
+    out_path.with_suffix('.json').write_text(json.dumps(record, indent=2) + '\n')
+    return record
+
+
+def load_weights(path: str | Path, method: str, verify: bool = True) -> tuple[dict, dict, dict]:
+    """(model_config, float32 state_dict, record) of a shipped checkpoint or training state.
+
+    A shipped checkpoint is checked against the sha256 in the JSON beside it (a mismatch
+    or a missing record raises, so a truncated download is never used silently); a
+    training state (``last.pt`` of a run) carries no record and is accepted as is.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'no checkpoint at {path}')
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+    fmt = obj.get('format') if isinstance(obj, dict) else None
+    if fmt == TRAIN_FORMAT:
+        state, model_config, record = obj['model'], obj['config']['model'], {'steps': obj['step']}
+        found = obj['method']
+    elif fmt == WEIGHTS_FORMAT:
+        record_path = path.with_suffix('.json')
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        if verify:
+            if 'sha256' not in record:
+                raise ValueError(f'{path}: no JSON record with a sha256 beside it ({record_path})')
+            actual = sha256_of(path)
+            if actual != record['sha256']:
+                raise ValueError(f'{path}: sha256 {actual} does not match its record '
+                                 f'{record["sha256"]}; the file is damaged or was replaced')
+        state, model_config, found = obj['state_dict'], obj['model_config'], obj['method']
+    else:
+        raise ValueError(f'{path} is not a dense_match_ros checkpoint (format {fmt!r})')
+    if found != method:
+        raise ValueError(f'{path} holds weights for {found!r}, not {method!r}')
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    return model_config, state, record

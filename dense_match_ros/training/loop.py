@@ -1,0 +1,215 @@
+"""The shared training loop: AdamW, warm-up + cosine, AMP on CUDA, clipping, exact resume,
+JSON-lines logs, a tqdm bar and DistributedDataParallel under ``torchrun``.
+
+Exactness of a resume rests on three things: batches are a pure function of
+(seed, step, rank) (:mod:`.batches`); the checkpoint holds model, optimiser, schedule and
+torch RNG states; and the log is cut back to the checkpoint's step on resume, so the
+curve on disk is the curve of one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dense_match_ros.training import checkpoint as ckpt
+from dense_match_ros.training.batches import StepBatches, make_generator, worker_init
+from dense_match_ros.training.config import TrainConfig
+from dense_match_ros.training.tasks import get_task
+
+LAST = 'last.pt'
+LOG = 'log.jsonl'
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment (1 process otherwise)."""
+    return (int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)),
+            int(os.environ.get('LOCAL_RANK', 0)))
+
+
+def _device(requested: str, local_rank: int) -> torch.device:
+    if requested == 'auto':
+        requested = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if requested == 'cuda':
+        return torch.device('cuda', local_rank)
+    return torch.device(requested)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # No decay on biases and norm scales: decaying them only fights the normalisation.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{'params': decay, 'weight_decay': weight_decay},
+            {'params': no_decay, 'weight_decay': 0.0}]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep only log records up to ``step`` (a killed run may have logged past its save)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get('step', -1) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    path.write_text(''.join(k + '\n' for k in kept))
+
+
+def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
+          stop_at: int | None = None, device: str = 'auto', progress: bool = True,
+          command: str | None = None) -> dict:
+    """Train ``config.method`` into ``out_dir`` (``last.pt``, ``log.jsonl``, ``config.json``).
+
+    ``stop_at`` ends the run early at that step with a checkpoint, as an interruption
+    would (the schedule still spans ``config.steps``). Returns a summary dict.
+    """
+    out_dir = Path(out_dir)
+    rank, world, local_rank = _dist_env()
+    dev = _device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    if dev.type == 'cuda':
+        torch.cuda.set_device(dev)
+    if config.threads > 0 and dev.type == 'cpu':
+        torch.set_num_threads(config.threads)
+    is_main = rank == 0
+
+    task = get_task(config.method)
+    config.model = task.model_config(config.model)
+    config.loss = task.loss_config(config.loss)
+    resolved = config.to_dict()
+
+    torch.manual_seed(config.seed * 1000 + rank)
+    model = task.build_model(config.model).to(dev)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.optim.weight_decay),
+                                  lr=config.optim.lr, betas=tuple(config.optim.betas))
+    total = int(config.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, config.optim.warmup_steps, config.optim.min_lr_ratio))
+
+    start_step, wall_before = 0, 0.0
+    last_path, log_path = out_dir / LAST, out_dir / LOG
+    if resume and last_path.is_file():
+        state = ckpt.load_training_state(last_path, map_location=dev)
+        if state['method'] != config.method:
+            raise ValueError(f'{last_path} is a {state["method"]} run, not {config.method}')
+        ckpt.unwrap(model).load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        ckpt.restore_rng(state)
+        start_step, wall_before = int(state['step']), float(state['wall_time_s'])
+        if is_main:
+            _truncate_log(log_path, start_step)
+    elif is_main and log_path.is_file():
+        log_path.unlink()
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / 'config.json').write_text(json.dumps(resolved, indent=2) + '\n')
+
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == 'cuda' else None)
+
+    use_amp = bool(config.amp) and dev.type == 'cuda'
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler('cuda', enabled=use_amp and amp_dtype == torch.float16)
+
+    end = total if stop_at is None else min(total, int(stop_at))
+    dataset = StepBatches(make_generator(config.data), task, config.loss, config.batch_size,
+                          config.seed, rank)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(start_step, end),
+        num_workers=config.data.workers, worker_init_fn=worker_init if config.data.workers else None,
+        pin_memory=dev.type == 'cuda', prefetch_factor=4 if config.data.workers else None,
+        persistent_workers=False)
+
+    bar = None
+    if progress and is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=end, initial=start_step, desc=config.method, dynamic_ncols=True)
+    log_file = open(log_path, 'a') if is_main else None
+    t_start = time.monotonic()
+    last_save = t_start
+    step = start_step
+    window_pairs, window_t = 0, time.monotonic()
+
+    def save(at_step: int) -> None:
+        if is_main:
+            ckpt.save_training_state(last_path, method=config.method, step=at_step,
+                                     config=resolved, model=model, optimizer=optimizer,
+                                     scheduler=scheduler,
+                                     wall_time_s=wall_before + time.monotonic() - t_start,
+                                     extra={'command': command, 'world_size': world,
+                                            'device': str(dev)})
+
+    try:
+        for batch in loader:
+            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+            assert int(batch['step']) == step, (int(batch['step']), step)
+            model.train()
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+                loss, metrics = task.loss(model, batch, config.loss)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            grad_norm = None
+            if config.optim.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                 config.optim.grad_clip))
+            scaler.step(optimizer)
+            scaler.update()
+            lr = optimizer.param_groups[0]['lr']
+            scheduler.step()
+            step += 1
+            window_pairs += config.batch_size * world
+            if is_main and (step % config.log_every == 0 or step == end):
+                now = time.monotonic()
+                record = {'step': step, 'loss': float(loss.detach()), 'lr': lr, 'grad_norm': grad_norm,
+                          **metrics, 'pairs_per_s': window_pairs / max(1e-9, now - window_t),
+                          'wall_time_s': wall_before + now - t_start}
+                log_file.write(json.dumps(record) + '\n')
+                log_file.flush()
+                window_pairs, window_t = 0, now
+                if bar is not None:
+                    bar.set_postfix(loss=f'{float(loss):.4f}')
+            if bar is not None:
+                bar.update(1)
+            due = (step % config.checkpoint_every == 0
+                   or time.monotonic() - last_save > 60.0 * config.checkpoint_minutes)
+            if due and step < end:
+                save(step)
+                last_save = time.monotonic()
+        save(step)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_file is not None:
+            log_file.close()
+    summary = {'method': config.method, 'step': step, 'steps': total, 'out_dir': str(out_dir),
+               'wall_time_s': wall_before + time.monotonic() - t_start, 'world_size': world,
+               'device': str(dev), 'python': sys.version.split()[0],
+               'torch': torch.__version__, 'host': platform.node()}
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
