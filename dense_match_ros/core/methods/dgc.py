@@ -1,0 +1,150 @@
+"""``dgc``: DGC+M-Net (Melekhov et al., WACV 2019) dense correspondence with matchability.
+
+Two ways to meet inputs of any size (``mode``):
+
+* ``'resize'`` (default): both images are resized to the size the network was trained at
+  (240x240 unless the checkpoint says otherwise), and the final grid is turned into a flow
+  and upsampled to the source's full grid (:func:`core.grid.resize_flow`). The network then
+  sees exactly the statistics it was trained on; precision is bounded by the working size.
+* ``'pyramid'``: the pyramid runs on each image at its own aspect ratio, longest side
+  ``max_side`` (multiples of 16): finer levels, finer flow, but levels see sizes they were
+  not trained on (the coarsest correlation is pooled to the trained size, see
+  :mod:`core.networks.dgc`).
+
+Matchability is the sigmoid of the DGC+M-Net head; a checkpoint trained without it gives
+matchability 1 where the flow lands inside the target and 0 elsewhere.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from dense_match_ros.core import grid
+from dense_match_ros.core.networks.dgc import DgcNet, config_from_dict
+from dense_match_ros.core.registry import Matcher
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / 'weights'
+VARIANTS = ('gpu', 'cpu')  # searched in this order when no variant is named
+TRAIN_HINT = ('on a GPU: scripts/gpu_train_dgc.sh (see docs/GPU_TRAINING.md); on a CPU: '
+              'dense-match-train dgc --config config/train_dgc_cpu.yaml --out runs/dgc_cpu; then '
+              'dense-match-train export RUN --out dense_match_ros/weights/dgc_gpu.pt (or dgc_cpu.pt)')
+MODES = ('resize', 'pyramid')
+
+
+def shipped_weights(variant: str | None = None) -> Path:
+    """Path of the shipped checkpoint for ``variant`` (or the best one present)."""
+    names = [variant] if variant else list(VARIANTS)
+    for name in names:
+        path = WEIGHTS_DIR / f'dgc_{name}.pt'
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f'no trained dgc checkpoint ({", ".join(f"dgc_{n}.pt" for n in names)}) in {WEIGHTS_DIR}; '
+        f'train and export one -- {TRAIN_HINT} -- or pass weights=PATH')
+
+
+def load_network(weights: str | Path, device: str = 'cpu') -> tuple[DgcNet, dict]:
+    """The DgcNet of a checkpoint (shipped, or a run's last.pt), in eval mode, and its record."""
+    from dense_match_ros.training.checkpoint import load_weights  # torch only, no ROS
+    model_config, state, record = load_weights(weights, 'dgc')
+    net = DgcNet(config_from_dict(model_config))
+    net.load_state_dict(state)
+    return net.to(device).eval(), record
+
+
+def _round16(x: float) -> int:
+    return max(32, int(round(x / 16.0)) * 16)
+
+
+class DgcMatcher(Matcher):
+    """DGC+M-Net: coarse-to-fine grids from a global correlation, upsampled to the input."""
+
+    def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
+                 mode: str = 'resize', max_side: int = 640, half: bool | None = None,
+                 net: DgcNet | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+        self.device = device
+        if net is None:
+            path = Path(weights) if weights else shipped_weights(variant)
+            net, self.record = load_network(path, device)
+            self.weights = str(path)
+        else:  # an in-memory network (tests, analysis scripts)
+            net, self.record, self.weights = net.to(device).eval(), {}, None
+        self.net = net
+        self.mode = mode
+        self.max_side = int(max_side)
+        # fp16 where it is fast (CUDA); the CPU runs fp32.
+        self.half = (str(device).startswith('cuda')) if half is None else bool(half)
+        if self.half:
+            self.net.half()
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) the network was trained at."""
+        return tuple(self.net.config.input_size)
+
+    def _working_size(self, image: np.ndarray) -> tuple[int, int]:
+        """(W, H) the network runs this image at."""
+        if self.mode == 'resize':
+            h, w = self.input_size
+            return w, h
+        h, w = image.shape[:2]
+        scale = self.max_side / max(h, w) if self.max_side > 0 else 1.0
+        return _round16(w * scale), _round16(h * scale)
+
+    def _tensor(self, image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+        h, w = image.shape[:2]
+        if (w, h) != size:
+            shrink = size[0] < w or size[1] < h
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        t = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None]
+        return t.to(torch.float16 if self.half else torch.float32) / 255.0
+
+    @torch.no_grad()
+    def working_flow(self, source: np.ndarray, target: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, tuple[int, int], tuple[int, int]]:
+        """Flow and matchability on the working source grid, with both working sizes (W, H)."""
+        s_size, t_size = self._working_size(source), self._working_size(target)
+        out = self.net(self._tensor(source, s_size), self._tensor(target, t_size))
+        g = out.grids[-1][0].float().permute(1, 2, 0).cpu().numpy()
+        flow = grid.grid_to_flow(g, t_size)
+        if out.matchability is not None:
+            matchability = torch.sigmoid(out.matchability[0, 0].float()).cpu().numpy()
+        else:
+            matchability = grid.in_bounds(flow, t_size).astype(np.float32)
+        return flow, matchability, s_size, t_size
+
+    @torch.no_grad()
+    def level_flows(self, source: np.ndarray, target: np.ndarray) -> list[np.ndarray]:
+        """The flow of every pyramid level (coarse to fine) on the source's full grid.
+
+        For the per-level AEPE of the evaluation (DGC-Net's supplementary Table 2): each
+        level's grid is upsampled to the working grid as the network itself upsamples it,
+        then brought to the full grid like the final flow.
+        """
+        h, w = source.shape[:2]
+        th, tw = target.shape[:2]
+        (ww, wh), (tww, twh) = self._working_size(source), self._working_size(target)
+        out = self.net(self._tensor(source, (ww, wh)), self._tensor(target, (tww, twh)))
+        flows = []
+        for g in out.grids:
+            g = torch.nn.functional.interpolate(g.float(), size=(wh, ww), mode='bilinear',
+                                                align_corners=False)
+            flow = grid.grid_to_flow(g[0].permute(1, 2, 0).cpu().numpy(), (tww, twh))
+            sx, sy = w / ww, h / wh
+            flows.append(grid.resize_flow(flow, (w, h), target_scale=((tw / tww) / sx, (th / twh) / sy)))
+        return flows
+
+    def _match(self, source: np.ndarray, target: np.ndarray):
+        h, w = source.shape[:2]
+        th, tw = target.shape[:2]
+        flow, matchability, (ww, wh), (tww, twh) = self.working_flow(source, target)
+        sx, sy = w / ww, h / wh
+        flow = grid.resize_flow(flow, (w, h), target_scale=((tw / tww) / sx, (th / twh) / sy))
+        if (ww, wh) != (w, h):
+            matchability = cv2.resize(matchability, (w, h), interpolation=cv2.INTER_LINEAR)
+        return flow, matchability

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Train dgc (DGC+M-Net) on the lent GPU machine; see docs/GPU_TRAINING.md for the whole procedure.
+#
+# HERE (before the first device call):
+#   scripts/gpu_train_dgc.sh prepare            # copy ../shared/train_pack to gpu_carry/ (git-ignored)
+# ON THE DEVICE (run tool, carry ["gpu_carry"]), from the repository root:
+#   scripts/gpu_train_dgc.sh run 8 [WAIT_S]     # start an 8-minute run detached, wait, snapshot to $OUT
+#   scripts/gpu_train_dgc.sh report [WAIT_S]    # later calls: wait up to WAIT_S s, snapshot to $OUT
+#   scripts/gpu_train_dgc.sh bench              # inference times (batch 1, median of 100) -> $OUT
+# HERE (after a call, with the files it brought back):
+#   scripts/gpu_train_dgc.sh assemble FILES_AT  # -> runs/dgc_gpu_fetched/dgc_gpu.pt + .json + log
+#
+# Every snapshot puts into $OUT: the fp16 weights with their JSON record (split into parts under
+# 16 MiB), log.jsonl, config.json and the trainer's output, so a lost machine loses nothing.
+# A fresh machine resumes from those weights:  INIT=gpu_carry/dgc_gpu.pt scripts/gpu_train_dgc.sh run M
+# Environment: PHOTOS (default gpu_carry/train_pack), RUN (runs/dgc_gpu), CONFIG
+# (config/train_dgc_gpu.yaml), PY (python3), INIT (weights to start from).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ -z "${PY:-}" ]; then [ -x .venv/bin/python ] && PY=.venv/bin/python || PY=python3; fi
+PHOTOS="${PHOTOS:-gpu_carry/train_pack}"
+RUN="${RUN:-runs/dgc_gpu}"
+CONFIG="${CONFIG:-config/train_dgc_gpu.yaml}"
+OUT="${OUT:-/tmp/dgc_out}"
+PART_BYTES=$((15 * 1024 * 1024))
+log() { printf '[gpu_train_dgc %4ss] %s\n' "$SECONDS" "$*"; }
+
+running() { [ -f "$RUN/train.pid" ] && kill -0 "$(cat "$RUN/train.pid")" 2>/dev/null; }
+
+snapshot() {
+  mkdir -p "$OUT"
+  for f in log.jsonl config.json; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"; done
+  [ -f "$RUN/train.out" ] && tail -c 20000 "$RUN/train.out" > "$OUT/train.out.tail"
+  if [ -f "$RUN/last.pt" ]; then
+    # fp16 model weights + JSON record (sha256) from the latest training state.
+    "$PY" - "$RUN/last.pt" "$OUT/dgc_gpu.pt" <<'EOF'
+import sys, time
+from dense_match_ros.training import checkpoint as ckpt
+state = ckpt.load_training_state(sys.argv[1])
+extra = state.get('extra') or {}
+rec = ckpt.export_weights(state, sys.argv[2], {
+    'command': extra.get('command'), 'config': state['config'], 'data': state['config'].get('data'),
+    'wall_time_s': state['wall_time_s'], 'device': extra.get('device'), 'world_size': 1,
+    'exported_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'evaluation': [],
+    'note': 'snapshot of a GPU run (scripts/gpu_train_dgc.sh); not evaluated yet'}, half=True)
+print('snapshot', rec['steps'], 'steps', rec['bytes'], 'bytes')
+EOF
+    (cd "$OUT" && split -b "$PART_BYTES" -d -a 1 dgc_gpu.pt dgc_gpu.pt.part && rm dgc_gpu.pt)
+  fi
+  if [ -f "$RUN/log.jsonl" ]; then
+    "$PY" - "$RUN/log.jsonl" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+for r in rows[-3:]:
+    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
+           if k in ('step', 'loss', 'epe_pool4', 'epe_conv3', 'epe_conv1', 'loss_bce', 'pairs_per_s', 'wall_time_s')})
+EOF
+  fi
+  ls -l "$OUT"
+}
+
+wait_for() {  # wait up to $1 seconds while the trainer runs
+  local limit="${1:-0}" t=0
+  while running && [ "$t" -lt "$limit" ]; do sleep 10; t=$((t + 10)); done
+  running && log "still training" || log "trainer not running"
+}
+
+case "${1:-}" in
+  prepare)
+    mkdir -p gpu_carry
+    grep -qx '/gpu_carry/' .git/info/exclude 2>/dev/null || echo '/gpu_carry/' >> .git/info/exclude
+    rm -rf gpu_carry/train_pack && cp -r ../shared/train_pack gpu_carry/train_pack
+    du -sh gpu_carry
+    ;;
+  run)
+    minutes="${2:-8}"; wait_s="${3:-$(( ${minutes%.*} * 60 + 45 ))}"
+    "$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA"; print(torch.__version__, torch.cuda.get_device_name())'
+    [ -d "$PHOTOS" ] || { echo "no photos at $PHOTOS (carry gpu_carry, see prepare)" >&2; exit 2; }
+    mkdir -p "$RUN"
+    extra=()
+    [ -n "${INIT:-}" ] && extra=(--init "$INIT")
+    setsid nohup "$PY" -m dense_match_ros.training.dgc_task --config "$CONFIG" --photos "$PHOTOS" \
+      --out "$RUN" --minutes "$minutes" ${extra[@]+"${extra[@]}"} > "$RUN/train.out" 2>&1 < /dev/null &
+    echo $! > "$RUN/train.pid"
+    log "started pid $(cat "$RUN/train.pid"), $minutes min; waiting up to $wait_s s"
+    wait_for "$wait_s"
+    snapshot
+    ;;
+  report)
+    wait_for "${2:-0}"
+    snapshot
+    ;;
+  bench)
+    mkdir -p "$OUT"
+    "$PY" - "$RUN/last.pt" <<'EOF' | tee "$OUT/bench.txt"
+import json, os, statistics, sys, time
+import torch
+from dense_match_ros.training.dgc_task import build_network
+from dense_match_ros.training import checkpoint as ckpt
+dev = os.environ.get('BENCH_DEVICE', 'cuda')
+n_iter = int(os.environ.get('BENCH_N', '100'))
+use_compile = os.environ.get('BENCH_COMPILE', '1') == '1'
+sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
+try:
+    cfg = ckpt.load_training_state(sys.argv[1])['config']['model']
+except Exception:  # timing does not depend on the weights
+    cfg = {'width': 1.0, 'input_size': [240, 240]}
+def timed(fn):
+    for _ in range(min(10, n_iter)): fn()
+    sync(); ts = []
+    for _ in range(n_iter):
+        t = time.perf_counter(); fn(); sync(); ts.append(1e3 * (time.perf_counter() - t))
+    return round(statistics.median(ts), 3)
+res = {'device': torch.cuda.get_device_name() if dev == 'cuda' else 'cpu', 'torch': torch.__version__,
+       'batch': 1, 'median_of': n_iter}
+for width in sorted({float(cfg.get('width', 1.0)), 0.25}):
+    net = build_network({**cfg, 'width': width, 'backbone_init': None, 'freeze_backbone': False}).to(dev).eval()
+    for h, w in ((240, 240), (480, 640)):
+        a, b = torch.rand(1, 3, h, w, device=dev), torch.rand(1, 3, h, w, device=dev)
+        key = f'width{width}_{h}x{w}'
+        with torch.no_grad():
+            res[key + '_fp32_ms'] = timed(lambda: net(a, b))
+            if dev == 'cuda':
+                with torch.autocast('cuda', dtype=torch.bfloat16):
+                    res[key + '_bf16_ms'] = timed(lambda: net(a, b))
+                    if use_compile:
+                        try:  # mode='reduce-overhead' captures CUDA graphs
+                            comp = torch.compile(net, mode='reduce-overhead')
+                            res[key + '_bf16_cudagraph_ms'] = timed(lambda: comp(a, b))
+                        except Exception as exc:
+                            res[key + '_compile_error'] = str(exc)[:200]
+try:
+    from torchvision.models.optical_flow import raft_small
+    raft = raft_small(weights=None).to(dev).eval()
+    for h, w in ((240, 240), (480, 640)):
+        a, b = torch.rand(1, 3, h, w, device=dev), torch.rand(1, 3, h, w, device=dev)
+        with torch.no_grad():
+            res[f'raft_small_12it_{h}x{w}_fp32_ms'] = timed(lambda: raft(a, b, num_flow_updates=12))
+except ImportError as exc:
+    res['raft_small'] = f'not timed: {exc}'
+print(json.dumps(res, indent=1))
+EOF
+    ;;
+  assemble)
+    src="${2:?usage: assemble FILES_AT}"; dst="${3:-runs/dgc_gpu_fetched}"
+    mkdir -p "$dst"
+    cat "$src"/dgc_gpu.pt.part* > "$dst/dgc_gpu.pt"
+    for f in dgc_gpu.json log.jsonl config.json train.out.tail bench.txt; do
+      [ -f "$src/$f" ] && cp "$src/$f" "$dst/"
+    done
+    "$PY" -c "import sys; from dense_match_ros.training.checkpoint import load_weights; c, s, r = load_weights('$dst/dgc_gpu.pt', 'dgc'); print('ok', r['steps'], 'steps, sha256 verified')"
+    ls -l "$dst"
+    ;;
+  *)
+    sed -n '2,20p' "$0"; exit 2
+    ;;
+esac
