@@ -10,7 +10,8 @@ import pytest
 
 from dense_match_ros.core import essential, metrics
 from dense_match_ros.core.pose import (PoseConfig, estimate_from_correspondences,
-                                       estimate_relative_pose, spread_sample)
+                                       estimate_relative_pose, select_correspondences,
+                                       spread_sample)
 from dense_match_ros.evaluation.pose_eval import random_rotation, random_scene
 
 MSG = Path(__file__).resolve().parents[1] / 'msg' / 'RelativePose.msg'
@@ -282,3 +283,23 @@ def test_spread_sample_caps_and_fills_every_cell():
     assert cells == occupied
     assert np.mean(np.all(chosen < 10, axis=1)) < 0.1  # the crowd does not dominate
     assert len(spread_sample(points[:50], 400, (10, 10), (0, 0, 100, 100), rng)) == 50
+
+
+def test_selection_from_a_large_flow_is_capped_spread_and_follows_matchability():
+    # 640x480: the lattice thinning must keep the cap filled, every region represented,
+    # and only confident pixels, with target points exactly source + flow.
+    h, w = 480, 640
+    rng = np.random.default_rng(3)
+    flow = rng.normal(0, 2, (h, w, 2)).astype(np.float32)
+    matchability = np.ones((h, w), np.float32)
+    matchability[:, : w // 4] = 0.0                       # left quarter unmatchable
+    config = PoseConfig(max_correspondences=2000)
+    src, tgt = select_correspondences(flow, matchability, config, rng)
+    assert len(src) == 2000 and len(np.unique(src, axis=0)) == 2000
+    assert src[:, 0].min() >= w // 4
+    xi, yi = src[:, 0].astype(int), src[:, 1].astype(int)
+    np.testing.assert_allclose(tgt, src + flow[yi, xi], atol=1e-4)
+    cols, rows = config.spread_grid
+    cells = set(zip((src[:, 0] * cols // w).astype(int), (src[:, 1] * rows // h).astype(int)))
+    expected = {(c, r) for c in range(cols) for r in range(rows) if (c + 1) * w / cols > w // 4 + 1}
+    assert expected <= cells
