@@ -170,7 +170,6 @@ def test_cli_sintel_limit_one(tmp_path, shared_data):
 
 
 def test_cli_pose_set_limit_one(tmp_path, shared_data):
-    pytest.importorskip('dense_match_ros.evaluation.pose_eval')
     out = tmp_path / 'r.json'
     cli.main(['--method', 'dis', '--sets', 'middlebury', '--limit', '1', '--data-root',
               str(shared_data), '--json', str(out), '--no-progress'])
@@ -181,3 +180,17 @@ def test_cli_pose_set_limit_one(tmp_path, shared_data):
     s = rec['sets']['middlebury']
     assert set(s) >= {'auc@5', 'auc@10', 'auc@20'}
     assert s['auc@5'] <= s['auc@10'] <= s['auc@20']
+
+
+def test_cli_tum_adds_the_ground_truth_upper_bound(tmp_path, shared_data):
+    out = tmp_path / 'r.json'
+    cli.main(['--method', 'dis', '--sets', 'tum', '--limit', '1', '--data-root',
+              str(shared_data), '--json', str(out), '--no-progress'])
+    rec = json.loads(out.read_text())
+    assert set(rec['sets']) == {'tum', 'tum/gt-upper-bound'}
+    upper = [r for r in rec['rows'] if r['set'] == 'tum/gt-upper-bound']
+    matched = [r for r in rec['rows'] if r['set'] == 'tum']
+    assert len(upper) == len(matched) == 1 and upper[0]['pair'] == matched[0]['pair']
+    # Exact correspondences through the same estimator: errors near zero, no matching time.
+    assert upper[0]['rotation_error_deg'] < 0.05 and upper[0]['translation_error_deg'] < 1.0
+    assert upper[0]['match_time_s'] == 0.0

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from dense_match_ros.core import grid
+from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.networks.dgc import DgcNet, config_from_dict
 from dense_match_ros.core.registry import Matcher
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[2] / 'weights'
-VARIANTS = ('gpu', 'cpu')  # searched in this order when no variant is named
+WEIGHTS_DIR = _weights.WEIGHTS_DIR  # a module attribute, so tests can point it elsewhere
 TRAIN_HINT = ('on a GPU: scripts/gpu_train_dgc.sh (see docs/GPU_TRAINING.md); on a CPU: '
               'dense-match-train dgc --config config/train_dgc_cpu.yaml --out runs/dgc_cpu; then '
               'dense-match-train export RUN --out dense_match_ros/weights/dgc_gpu.pt (or dgc_cpu.pt)')
@@ -36,23 +36,13 @@ MODES = ('resize', 'pyramid')
 
 def shipped_weights(variant: str | None = None) -> Path:
     """Path of the shipped checkpoint for ``variant`` (or the best one present)."""
-    names = [variant] if variant else list(VARIANTS)
-    for name in names:
-        path = WEIGHTS_DIR / f'dgc_{name}.pt'
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f'no trained dgc checkpoint ({", ".join(f"dgc_{n}.pt" for n in names)}) in {WEIGHTS_DIR}; '
-        f'train and export one -- {TRAIN_HINT} -- or pass weights=PATH')
+    return _weights.find_shipped('dgc', variant, WEIGHTS_DIR, TRAIN_HINT)
 
 
 def load_network(weights: str | Path, device: str = 'cpu') -> tuple[DgcNet, dict]:
     """The DgcNet of a checkpoint (shipped, or a run's last.pt), in eval mode, and its record."""
-    from dense_match_ros.training.checkpoint import load_weights  # torch only, no ROS
-    model_config, state, record = load_weights(weights, 'dgc')
-    net = DgcNet(config_from_dict(model_config))
-    net.load_state_dict(state)
-    return net.to(device).eval(), record
+    return _weights.load_network(weights, 'dgc', lambda cfg: DgcNet(config_from_dict(cfg)),
+                                 device)
 
 
 def _round16(x: float) -> int:

@@ -31,11 +31,11 @@ import torch
 
 from dense_match_ros.core import grid
 from dense_match_ros.core.hierarchical import hierarchical_match, sample_descriptors
+from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.networks.hilm_net import HilmNet, config_from_dict
 from dense_match_ros.core.registry import Matcher
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[2] / 'weights'
-VARIANTS = ('gpu', 'cpu')  # searched in this order when no variant is named
+WEIGHTS_DIR = _weights.WEIGHTS_DIR  # a module attribute, so tests can point it elsewhere
 TRAIN_HINT = ('dense-match-train hilm --config config/train_hilm_cpu.yaml --out runs/hilm_cpu && '
               'dense-match-train export runs/hilm_cpu --out dense_match_ros/weights/hilm_cpu.pt')
 _MAX_MATCHES = 30000  # EdgeAwareInterpolator indexes matches with 16-bit integers
@@ -45,24 +45,13 @@ _MIN_EPIC_MATCHES = 16
 
 def shipped_weights(variant: str | None = None) -> Path:
     """Path of the shipped checkpoint for ``variant`` (or the best one present)."""
-    names = [variant] if variant else list(VARIANTS)
-    for name in names:
-        path = WEIGHTS_DIR / f'hilm_{name}.pt'
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f'no shipped hilm checkpoint ({", ".join(f"hilm_{n}.pt" for n in names)}) in {WEIGHTS_DIR}; '
-        f'train and export one with:  {TRAIN_HINT}  -- or pass weights=PATH')
+    return _weights.find_shipped('hilm', variant, WEIGHTS_DIR, TRAIN_HINT)
 
 
 def load_network(weights: str | Path, device: str = 'cpu') -> tuple[HilmNet, dict]:
-    """The HilmNet of a checkpoint (shipped or a run's last.pt), in eval mode, and its record."""
-    # training/ imports torch only; core may use its loader without pulling in ROS.
-    from dense_match_ros.training.checkpoint import load_weights
-    model_config, state, record = load_weights(weights, 'hilm')
-    net = HilmNet(config_from_dict(model_config))
-    net.load_state_dict(state)
-    return net.to(device).eval(), record
+    """The HilmNet of a checkpoint (shipped, or a run's last.pt), in eval mode, and its record."""
+    return _weights.load_network(weights, 'hilm', lambda cfg: HilmNet(config_from_dict(cfg)),
+                                 device)
 
 
 class HilmMatcher(Matcher):

@@ -1,0 +1,42 @@
+"""Finding and loading the checkpoints of learned methods, shared by all of them.
+
+Shipped checkpoints live in ``dense_match_ros/weights/<method>_<variant>.pt`` with a JSON
+record beside them. The loader (checksum, ``torch.load(weights_only=True)``) lives with the
+exporter in ``training.checkpoint``, which imports torch only, so core still needs no ROS.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / 'weights'
+VARIANTS = ('gpu', 'cpu')  # searched in this order when no variant is named
+
+
+def find_shipped(method: str, variant: str | None, directory: Path, train_hint: str,
+                 variants: Sequence[str] = VARIANTS) -> Path:
+    """The shipped checkpoint of ``method`` (the named variant, else the best one present).
+
+    The error names the command that trains one: without pretrained weights anywhere, the
+    only way to get a checkpoint is this project's own training code.
+    """
+    names = [variant] if variant else list(variants)
+    for name in names:
+        path = Path(directory) / f'{method}_{name}.pt'
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f'no shipped {method} checkpoint ({", ".join(f"{method}_{n}.pt" for n in names)}) in '
+        f'{directory}; train and export one with:  {train_hint}  -- or pass weights=PATH')
+
+
+def load_network(weights: str | Path, method: str, build: Callable[[dict], torch.nn.Module],
+                 device: str = 'cpu') -> tuple[torch.nn.Module, dict]:
+    """The network of a checkpoint (shipped, or a run's last.pt) in eval mode, and its record."""
+    from dense_match_ros.training.checkpoint import load_weights
+    model_config, state, record = load_weights(weights, method)
+    net = build(model_config)
+    net.load_state_dict(state)
+    return net.to(device).eval(), record
