@@ -27,6 +27,7 @@ import torch
 from dense_match_ros.core.hierarchical import hierarchical_match, nearest_cells, sample_descriptors
 from dense_match_ros.core.methods.hilm import HilmMatcher
 from dense_match_ros.data.synthetic import HELDOUT_SEED, heldout_pairs
+from dense_match_ros.evaluation import report
 
 THRESHOLDS = tuple(float(t) for t in np.arange(0, 20.5, 0.5))
 STRATEGIES = ('shallow', 'deep', 'hierarchical', 'hierarchical_subpixel')
@@ -64,9 +65,7 @@ def pck_curves(errors: dict[str, np.ndarray], thresholds: Sequence[float] = THRE
 
 
 def plot(curves: dict, thresholds: Sequence[float], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     styles = {'shallow': ('tab:blue', '-'), 'deep': ('tab:orange', '-'),
               'hierarchical': ('tab:green', '--'), 'hierarchical_subpixel': ('tab:green', '-')}
@@ -79,10 +78,7 @@ def plot(curves: dict, thresholds: Sequence[float], path: Path, title: str) -> N
     ax.grid(alpha=0.3)
     ax.legend(loc='lower right')
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=120)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

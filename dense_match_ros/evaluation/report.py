@@ -18,18 +18,29 @@ ERROR_MAP_MAX_PX = 10.0
 """End-point error shown at full brightness: the coarsest PCK threshold reported."""
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (imported on first use: it is slow)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     return plt
 
 
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 def save_flow_figure(path: str | Path, title: str, source: np.ndarray, target: np.ndarray,
                      gt_flow: np.ndarray, valid: np.ndarray, flow: np.ndarray,
                      matchability: np.ndarray) -> Path:
     """2x3 panel figure of one flow pair; returns the path written."""
-    plt = _pyplot()
+    plt = pyplot()
     gt_mag = np.linalg.norm(gt_flow[valid], axis=-1) if valid.any() else np.zeros(1)
     scale = max(float(np.percentile(gt_mag, 99)), 1.0)
     epe = metrics.end_point_error(flow, gt_flow)
@@ -53,18 +64,13 @@ def save_flow_figure(path: str | Path, title: str, source: np.ndarray, target: n
         ax.set_title(label, fontsize=9)
         ax.axis('off')
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def save_pck_curves(path: str | Path, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                     title: str = '') -> Path:
     """PCK against threshold, one line per set: {set: (thresholds px, fractions)}."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (ts, vals) in curves.items():
         ax.plot(ts, vals, label=name)
@@ -74,18 +80,13 @@ def save_pck_curves(path: str | Path, curves: Mapping[str, tuple[Sequence[float]
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or 'PCK curves', fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def save_pose_error_curves(path: str | Path, errors: Mapping[str, Sequence[float]],
                            max_deg: float = 30.0, title: str = '') -> Path:
     """Cumulative fraction of pairs with pose error (max of R, t) below x, per set."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = np.linspace(0.0, max_deg, 301)
     for name, errs in errors.items():
@@ -98,9 +99,4 @@ def save_pose_error_curves(path: str | Path, errors: Mapping[str, Sequence[float
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or 'pose error', fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

@@ -29,6 +29,7 @@ import yaml
 
 from dense_match_ros.core.metrics import (pose_auc, pose_error_deg, rotation_error_deg,
                                           translation_direction_error_deg)
+from dense_match_ros.evaluation import report
 from dense_match_ros.ros import bag_io, convert
 from dense_match_ros.ros.pipeline import (FrameRejected, Frame, MatchPipeline, PipelineConfig,
                                           PipelineOutput)
@@ -164,9 +165,7 @@ def format_table(rows: Sequence[dict], extra_cols: Sequence[tuple[str, str, str]
 
 def plot_pose_errors(rows: Sequence[dict], path: Path, title: str) -> Path | None:
     """Per-pair rotation/translation errors and the cumulative error curve behind the AUC."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
     scored = [r for r in rows if r['gt']]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     idx = np.arange(len(scored))
@@ -191,17 +190,12 @@ def plot_pose_errors(rows: Sequence[dict], path: Path, title: str) -> Path | Non
     ax2.set_ylim(0, 1.02)
     ax2.set_title('cumulative pose error (AUC = area / threshold)')
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path, dpi=90)
 
 
 def plot_series(series: dict[str, Sequence[float]], path: Path, title: str, ylabel: str) -> Path:
     """One line per named series over the pair index (timings, latencies)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, values in series.items():
         ax.plot(np.arange(len(values)), values, 'o-', label=name)
@@ -209,10 +203,7 @@ def plot_series(series: dict[str, Sequence[float]], path: Path, title: str, ylab
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path, dpi=90)
 
 
 def save_flow_png(flow_color_rgb: np.ndarray, path: Path) -> Path:
@@ -507,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.append(f'device={args.device}')
     bag = args.bag.resolve() if args.bag.exists() else args.bag
     out = args.out or bag.with_name(bag.name.rstrip('/') + '_replay')
-    report = args.report or out.with_name(out.name + '_report')
+    report_dir = args.report or out.with_name(out.name + '_report')
     try:
         params = load_params(args.params, overrides)
         config = pipeline_config(params)
@@ -516,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         storage=args.storage,
                         rectified=args.rectified or bool(params.get('use_rectified', False)),
                         mono16_max=float(params.get('mono16_max', 65535.0)),
-                        groundtruth=args.groundtruth, max_dt=args.max_dt, report_dir=report,
+                        groundtruth=args.groundtruth, max_dt=args.max_dt, report_dir=report_dir,
                         copy_inputs=args.copy_inputs, progress=not args.no_progress)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f'dense-match-replay: error: {err}', file=sys.stderr)
