@@ -439,6 +439,40 @@ def _set_param(client: Client, node_name: str, name: str, value):
     return future.result().results[0]
 
 
+def _stream(client: Client, stamps: Stamps, frames: list[np.ndarray], seconds: float,
+            rate_hz: float = 30.0) -> list[int]:
+    """Publish frames at a camera's rate for ``seconds``; returns the stamps sent."""
+    sent = []
+    end = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < end:
+        sent.append(stamps.next(1.0 / rate_hz))
+        client.publish(image_msg(frames[i % len(frames)], sent[-1], 'cam_optical'))
+        i += 1
+        time.sleep(1.0 / rate_hz)
+    return sent
+
+
+def test_max_rate_limits_processing(mono):
+    """max_rate caps the frames taken in; without it the worker runs as fast as it can."""
+    node, client, stamps = mono
+    frames = [render(640, 480, 0.03 * (i % 3)) for i in range(3)]
+    counts = {}
+    for max_rate in (0.0, 1.0):
+        assert _set_param(client, '/dm_mono/dense_match_node', 'max_rate', max_rate).successful
+        try:
+            client.clear()
+            sent = _stream(client, stamps, frames, seconds=2.0)
+            time.sleep(1.5)  # let the worker finish what it accepted
+        finally:
+            assert _set_param(client, '/dm_mono/dense_match_node', 'max_rate', 0.0).successful
+        counts[max_rate] = len([s for s in client.stamps('flow') if s in sent])
+    # 1 Hz over 2 s admits at most 3 frames, the first of which may only become the reference.
+    assert 1 <= counts[1.0] <= 3, counts
+    assert counts[0.0] > counts[1.0], counts
+    assert node.alive()
+
+
 def test_runtime_method_change_rejected_keeps_old(mono):
     """An unknown method or missing weights file is refused with a reason; output goes on."""
     node, client, stamps = mono
