@@ -92,15 +92,9 @@ def _run_launch(path: Path, arguments: dict, check, timeout: float = 60.0):
 
 
 def _params(client: Client, node: str, names: list[str]) -> dict:
-    from rclpy.parameter_client import AsyncParameterClient
     from rclpy.parameter import parameter_value_to_python
-    pc = AsyncParameterClient(client.node, node)
-    assert pc.wait_for_services(timeout_sec=20.0), f'{node} has no parameter services'
-    future = pc.get_parameters(names)
-    end = time.monotonic() + 10
-    while not future.done() and time.monotonic() < end:
-        time.sleep(0.02)
-    return {n: parameter_value_to_python(v) for n, v in zip(names, future.result().values)}
+    reply = client.parameter_call(node, lambda pc: pc.get_parameters(names))
+    return {n: parameter_value_to_python(v) for n, v in zip(names, reply.values)}
 
 
 class _RemappedClient(Client):

@@ -194,10 +194,35 @@ class Client:
         self._subs = [self.node.create_subscription(
             cls, f'{namespace}/{name}', lambda m, n=name: self._store(n, m), RELIABLE)
             for name, cls in OUTPUTS.items()]
+        self._param_clients: dict = {}
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self._spin = threading.Thread(target=self.executor.spin, daemon=True)
         self._spin.start()
+
+    def parameter_call(self, node_name: str, request, timeout: float = 30.0):
+        """``request(AsyncParameterClient) -> future``, answered within ``timeout``.
+
+        One parameter client per remote node lives as long as this client: one that is
+        garbage-collected while the executor thread waits on it kills that thread. The
+        request is re-sent every 5 s: ``wait_for_services`` only sees the request channel,
+        and a reply sent before DDS matched the reply channel is lost.
+        """
+        from rclpy.parameter_client import AsyncParameterClient
+        pc = self._param_clients.get(node_name)
+        if pc is None:
+            pc = self._param_clients[node_name] = AsyncParameterClient(self.node, node_name)
+        assert pc.wait_for_services(timeout_sec=timeout), f'{node_name}: no parameter services'
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            future = request(pc)
+            resend = min(end, time.monotonic() + 5.0)
+            while not future.done() and time.monotonic() < resend:
+                time.sleep(0.02)
+            if future.done() and future.result() is not None:
+                return future.result()
+            assert self._spin.is_alive(), 'the client executor thread died'
+        raise AssertionError(f'{node_name}: no parameter reply within {timeout} s')
 
     def _store(self, name: str, msg) -> None:
         with self._cond:
@@ -245,7 +270,8 @@ class Client:
         self.info_pubs[cam].publish(msg)
 
     def close(self) -> None:
-        self.executor.shutdown(timeout_sec=1.0)
+        self.executor.shutdown(timeout_sec=5.0)
+        self._spin.join(timeout=5.0)
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
 
@@ -428,15 +454,8 @@ def test_latency_640x480_dis(mono):
 
 def _set_param(client: Client, node_name: str, name: str, value):
     from rclpy.parameter import Parameter
-    from rclpy.parameter_client import AsyncParameterClient
-    pc = AsyncParameterClient(client.node, node_name)
-    assert pc.wait_for_services(timeout_sec=10.0)
-    future = pc.set_parameters([Parameter(name, value=value)])
-    end = time.monotonic() + 10
-    while not future.done() and time.monotonic() < end:
-        time.sleep(0.02)
-    assert future.done()
-    return future.result().results[0]
+    return client.parameter_call(
+        node_name, lambda pc: pc.set_parameters([Parameter(name, value=value)])).results[0]
 
 
 def _stream(client: Client, stamps: Stamps, frames: list[np.ndarray], seconds: float,
