@@ -98,20 +98,12 @@ def _params(client: Client, node: str, names: list[str]) -> dict:
 
 
 class _RemappedClient(Client):
-    """A Client whose inputs are the remapped topics, outputs in the node's namespace."""
+    """A Client whose inputs are the remapped topics (sensor-data QoS, as from a camera),
+    outputs in the node's namespace."""
 
     def __init__(self, namespace: str, inputs: dict[str, tuple[str, str]]) -> None:
-        self._inputs = inputs
-        super().__init__(namespace, cameras=tuple(inputs))
-        for cam, (image_topic, info_topic) in inputs.items():
-            from rclpy.qos import qos_profile_sensor_data
-            from sensor_msgs.msg import CameraInfo, Image
-            self.node.destroy_publisher(self.image_pubs[cam])
-            self.node.destroy_publisher(self.info_pubs[cam])
-            self.image_pubs[cam] = self.node.create_publisher(Image, image_topic,
-                                                              qos_profile_sensor_data)
-            self.info_pubs[cam] = self.node.create_publisher(CameraInfo, info_topic,
-                                                             qos_profile_sensor_data)
+        from rclpy.qos import qos_profile_sensor_data
+        super().__init__(namespace, input_topics=inputs, input_qos=qos_profile_sensor_data)
 
 
 def _drive_mono(client: Client, w: int = 160, h: int = 120, frames: int = 4) -> list[int]:

@@ -174,20 +174,26 @@ class Client:
     """Publishes camera input into ``namespace`` and records every output of the node."""
 
     def __init__(self, namespace: str, cameras: tuple[str, ...] = ('',),
-                 compressed: bool = False) -> None:
+                 compressed: bool = False,
+                 input_topics: dict[str, tuple[str, str]] | None = None,
+                 input_qos=RELIABLE) -> None:
+        """``input_topics`` {camera: (image, camera_info)} replaces the default topics in
+        ``namespace``. Every entity is created before the executor thread starts: one
+        destroyed while that thread waits on it kills the thread."""
         self.context = rclpy.Context()
         rclpy.init(args=[], context=self.context)
         self.node = rclpy.create_node(f'test_client_{namespace.strip("/")}',
                                       context=self.context)
         self.ns = namespace
         self.image_pubs, self.info_pubs = {}, {}
-        for cam in cameras:
+        for cam in (tuple(input_topics) if input_topics else cameras):
             prefix = f'{namespace}/{cam + "/" if cam else ""}'
-            self.image_pubs[cam] = (
-                self.node.create_publisher(CompressedImage, prefix + 'image/compressed', RELIABLE)
-                if compressed else self.node.create_publisher(Image, prefix + 'image', RELIABLE))
-            self.info_pubs[cam] = self.node.create_publisher(CameraInfo, prefix + 'camera_info',
-                                                             RELIABLE)
+            image_topic, info_topic = (input_topics or {}).get(
+                cam, (prefix + ('image/compressed' if compressed else 'image'),
+                      prefix + 'camera_info'))
+            self.image_pubs[cam] = self.node.create_publisher(
+                CompressedImage if compressed else Image, image_topic, input_qos)
+            self.info_pubs[cam] = self.node.create_publisher(CameraInfo, info_topic, input_qos)
         self._cond = threading.Condition()
         self.received: dict[str, list] = {name: [] for name in OUTPUTS}
         self.receipt: dict[str, list[float]] = {name: [] for name in OUTPUTS}
