@@ -200,6 +200,10 @@ class Client:
         self._subs = [self.node.create_subscription(
             cls, f'{namespace}/{name}', lambda m, n=name: self._store(n, m), RELIABLE)
             for name, cls in OUTPUTS.items()]
+        from diagnostic_msgs.msg import DiagnosticArray
+        self.diagnostics: list = []   # every /diagnostics message (appends are atomic)
+        self._diagnostics_sub = self.node.create_subscription(
+            DiagnosticArray, '/diagnostics', self.diagnostics.append, 10)
         self._param_clients: dict = {}
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
@@ -394,19 +398,16 @@ def test_mono_ten_frames_640x480(mono):
 
 def test_diagnostics(mono):
     """/diagnostics reports rates, latency, counters and the device of this node."""
-    from diagnostic_msgs.msg import DiagnosticArray
     node, client, _ = mono
-    got = []
-    sub = client.node.create_subscription(DiagnosticArray, '/diagnostics', got.append, 10)
-    try:
-        end = time.monotonic() + 10
-        while time.monotonic() < end and not any(
-                s.name.startswith('/dm_mono/dense_match_node') for m in got for s in m.status):
-            time.sleep(0.1)
-        status = [s for m in got for s in m.status
-                  if s.name.startswith('/dm_mono/dense_match_node')][-1]
-    finally:
-        client.node.destroy_subscription(sub)
+    seen = len(client.diagnostics)   # only reports published from now on count
+
+    def ours():
+        return [s for m in client.diagnostics[seen:] for s in m.status
+                if s.name.startswith('/dm_mono/dense_match_node')]
+    end = time.monotonic() + 10
+    while time.monotonic() < end and not ours():
+        time.sleep(0.1)
+    status = ours()[-1]
     values = {kv.key: kv.value for kv in status.values}
     assert values['method'] == 'dis' and values['device'] == 'cpu' and values['mode'] == 'mono'
     assert int(values['outputs']) >= 9 and int(values['pose_valid']) >= 9
