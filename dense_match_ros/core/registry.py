@@ -126,6 +126,17 @@ def resolve_device(device: str = 'auto') -> str:
     return device
 
 
+def resolve_lazy(entry):
+    """A registry entry: the object itself, or a ``'module:attr'`` path imported now.
+
+    Registries hold paths so that listing names never imports torch or a model.
+    """
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(':')
+        return getattr(importlib.import_module(module), attr)
+    return entry
+
+
 def load_matcher(name: str, device: str = 'auto', weights: str | None = None,
                  **options) -> Matcher:
     """Build the matcher registered as ``name``.
@@ -136,10 +147,7 @@ def load_matcher(name: str, device: str = 'auto', weights: str | None = None,
     """
     if name not in _REGISTRY:
         raise KeyError(f'unknown method {name!r}; available: {", ".join(available_methods())}')
-    factory = _REGISTRY[name]
-    if isinstance(factory, str):
-        module, _, attr = factory.partition(':')
-        factory = getattr(importlib.import_module(module), attr)
+    factory = resolve_lazy(_REGISTRY[name])
     matcher = factory(device=resolve_device(device), weights=weights or None, **options)
     matcher.name = name
     return matcher

@@ -7,12 +7,13 @@ and its loss. The loop in :mod:`.loop` knows nothing else about any method.
 from __future__ import annotations
 
 import abc
-import importlib
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from dense_match_ros.core.registry import resolve_lazy
 
 
 class TrainTask(abc.ABC):
@@ -60,8 +61,4 @@ def available_tasks() -> list[str]:
 def get_task(name: str) -> TrainTask:
     if name not in _TASKS:
         raise KeyError(f'no training task {name!r}; available: {", ".join(available_tasks())}')
-    task = _TASKS[name]
-    if isinstance(task, str):
-        module, _, attr = task.partition(':')
-        task = getattr(importlib.import_module(module), attr)
-    return task()
+    return resolve_lazy(_TASKS[name])()
