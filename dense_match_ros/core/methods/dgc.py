@@ -58,13 +58,8 @@ class DgcMatcher(Matcher):
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
         self.device = device
-        if net is None:
-            path = Path(weights) if weights else shipped_weights(variant)
-            net, self.record = load_network(path, device)
-            self.weights = str(path)
-        else:  # an in-memory network (tests, analysis scripts)
-            net, self.record, self.weights = net.to(device).eval(), {}, None
-        self.net = net
+        self.net, self.record, self.weights = _weights.network_for(
+            net, weights, variant, device, shipped_weights, load_network)
         self.mode = mode
         self.max_side = int(max_side)
         # fp16 where it is fast (CUDA); the CPU runs fp32.

@@ -62,13 +62,8 @@ class HilmMatcher(Matcher):
                  fb_threshold: float = 3.0, fb_sigma: float = 2.0, subpixel: bool = True,
                  postprocess: bool = False, net: HilmNet | None = None) -> None:
         self.device = device
-        if net is None:
-            path = Path(weights) if weights else shipped_weights(variant)
-            net, self.record = load_network(path, device)
-            self.weights = str(path)
-        else:  # an in-memory network (tests, analysis scripts)
-            net, self.record, self.weights = net.to(device).eval(), {}, None
-        self.net = net
+        self.net, self.record, self.weights = _weights.network_for(
+            net, weights, variant, device, shipped_weights, load_network)
         self.max_side = int(max_side)
         self.grid_step = max(1, int(grid_step))
         self.radius = radius

@@ -40,3 +40,19 @@ def load_network(weights: str | Path, method: str, build: Callable[[dict], torch
     net = build(model_config)
     net.load_state_dict(state)
     return net.to(device).eval(), record
+
+
+def network_for(net: torch.nn.Module | None, weights: str | Path | None, variant: str | None,
+                device: str, shipped: Callable[[str | None], Path],
+                load: Callable[[Path, str], tuple[torch.nn.Module, dict]]
+                ) -> tuple[torch.nn.Module, dict, str | None]:
+    """(network in eval mode on ``device``, checkpoint record, checkpoint path) for a matcher.
+
+    ``net`` is an in-memory network (tests, analysis scripts); otherwise ``weights`` or the
+    shipped checkpoint (``shipped(variant)``) is loaded with ``load(path, device)``.
+    """
+    if net is not None:
+        return net.to(device).eval(), {}, None
+    path = Path(weights) if weights else shipped(variant)
+    net, record = load(path, device)
+    return net, record, str(path)
