@@ -286,17 +286,55 @@ class Client:
         rclpy.try_shutdown(context=self.context)
 
 
-def start(namespace: str, params: dict | None = None, cameras: tuple[str, ...] = ('',)):
-    """A node process and a connected client for it."""
+PRIME_OUTPUTS = ('flow', 'matchability', 'relative_pose')
+
+
+def prime(client: Client, node: NodeProcess, size: tuple[int, int],
+          cameras: tuple[str, ...], compressed: bool, timeout: float = 60.0) -> None:
+    """Send throw-away frames (stamps 1 s, 1.1 s, ... below every test's) until each of
+    PRIME_OUTPUTS has come back once, then forget them.
+
+    ``wait_connected`` only proves that each side's *own* endpoint matched: our reader may
+    know the node's writer before that writer knows our reader, and a volatile sample
+    published in between is lost, however reliable. Only a round trip proves the path.
+    """
+    w, h = size
+    make = compressed_msg if compressed else image_msg
+    stamp, end, i = 1_000_000_000, time.monotonic() + timeout, 0
+    while time.monotonic() < end:
+        stamp += 100_000_000
+        for cam in cameras:
+            client.publish(make(render(w, h, 0.03 * (i % 2), seed=7), stamp,
+                                f'{cam or "cam"}_optical'), cam)
+        i += 1
+        time.sleep(0.3)
+        if all(client.received[name] for name in PRIME_OUTPUTS):
+            time.sleep(0.3)  # let the outputs of the last prime frame arrive before clearing
+            client.clear()
+            return
+        assert node.alive(), node.log
+    raise AssertionError(f'no round trip through the node within {timeout} s; log:\n{node.log}')
+
+
+def start(namespace: str, params: dict | None = None, cameras: tuple[str, ...] = ('',),
+          prime_size: tuple[int, int] | None = (64, 48)):
+    """A node process and a client for it, with one round trip through it already done.
+
+    ``prime_size`` is the size of the priming frames: another size than a test's first frame
+    makes that frame a reference only (a [size_changed] reset), the same size makes it match
+    the last priming frame; None skips priming.
+    """
     node = NodeProcess(namespace, params)
-    client = Client(namespace, cameras,
-                    compressed=str((params or {}).get('compressed', '')).lower() == 'true')
+    compressed = str((params or {}).get('compressed', '')).lower() == 'true'
+    client = Client(namespace, cameras, compressed=compressed)
     try:
         client.wait_connected()
-    except TimeoutError:
+        if prime_size is not None:
+            prime(client, node, prime_size, cameras, compressed)
+    except (TimeoutError, AssertionError) as exc:
         client.close()
         node.stop()
-        raise AssertionError(f'node did not come up; log:\n{node.log}')
+        raise AssertionError(f'node did not come up ({exc}); log:\n{node.log}')
     return node, client
 
 

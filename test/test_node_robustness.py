@@ -27,7 +27,7 @@ NODE = '/dm_robust/dense_match_node'
 def robust():
     # A long throttle period: every burst below must give exactly one line however slow.
     node, client = start('/dm_robust', {'pose.max_correspondences': 300,
-                                        'warn_throttle_s': 60.0})
+                                        'warn_throttle_s': 60.0}, prime_size=(W, H))
     stamps = Stamps()
     client.publish_info(camera_info(W, H, stamps.ns, FRAME))
     time.sleep(0.3)
@@ -197,7 +197,8 @@ def test_huge_image_refused_unless_allowed(robust):
 def test_compressed_input_without_camera_info():
     """jpeg input, never a camera_info: flow flows, pose says no_camera_info (logged once);
     a corrupt jpeg is dropped with its reason and the stream goes on."""
-    node, client = start('/dm_nocal', {'compressed': 'true'})
+    node, client = start('/dm_nocal', {'compressed': 'true', 'warn_throttle_s': 60.0},
+                         prime_size=(W, H))
     try:
         stamps = Stamps()
         sent = []
