@@ -229,6 +229,8 @@ def test_level_flows_end_with_the_matched_flow(tmp_path):
     flows = m.level_flows(src, tgt)
     assert len(flows) == 5 and all(f.shape == (40, 36, 2) for f in flows)
     assert np.allclose(flows[-1], m.match(src, tgt).flow, atol=1e-4)
+    assert m.level_labels(src) == ['pool4 (2 px)', 'conv4 (4 px)', 'conv3 (8 px)',
+                                   'conv2 (16 px)', 'conv1 (32 px)']   # trained at 32x32
 
 
 def test_registered_and_loadable_through_the_registry(tmp_path, monkeypatch):

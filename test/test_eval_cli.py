@@ -194,3 +194,41 @@ def test_cli_tum_adds_the_ground_truth_upper_bound(tmp_path, shared_data):
     # Exact correspondences through the same estimator: errors near zero, no matching time.
     assert upper[0]['rotation_error_deg'] < 0.05 and upper[0]['translation_error_deg'] < 1.0
     assert upper[0]['match_time_s'] == 0.0
+
+
+class _PyramidShiftMatcher(_ShiftMatcher):
+    """A coarse-to-fine stand-in: level i is off by 2**(2-i) px in x, the last level exact."""
+
+    def level_flows(self, source, target):
+        flow = self._match(source, target)[0]
+        return [flow + np.array([2.0 ** (2 - i), 0.0], np.float32) for i in range(2)] + [flow]
+
+    def level_labels(self, source):
+        return ['coarse', 'middle', 'fine']
+
+
+def test_cli_levels_and_options(tmp_path, fake_synthetic, capsys):
+    registry.register('test_pyramid', _PyramidShiftMatcher)
+    try:
+        out = tmp_path / 'r.json'
+        rc = cli.main(['--method', 'test_pyramid', '--sets', 'synthetic', '--synthetic-n', '2',
+                       '--levels', '--option', 'offset=0.5', '--json', str(out),
+                       '--report', str(tmp_path / 'rep'), '--no-progress'])
+        assert rc == 0
+        rec = json.loads(out.read_text())
+        assert rec['options'] == {'offset': 0.5}
+        s = rec['sets']['synthetic']
+        assert s['aepe'] == pytest.approx(0.5)            # the option reached the matcher
+        assert s['level_labels'] == ['coarse', 'middle', 'fine']
+        assert s['aepe_levels'] == pytest.approx([4.5, 2.5, 0.5])
+        assert (tmp_path / 'rep' / 'aepe_levels.png').stat().st_size > 1000
+        assert 'AEPE per level: coarse 4.500  middle 2.500  fine 0.500' in capsys.readouterr().out
+        # A matcher without levels: --levels is noted and ignored, not an error.
+        assert cli.main(['--method', 'test_shift', '--sets', 'synthetic', '--synthetic-n', '1',
+                         '--levels', '--no-progress']) == 0
+        assert 'has no pyramid levels' in capsys.readouterr().out
+        # A malformed or unknown option is a usage error.
+        assert cli.main(['--method', 'test_shift', '--option', 'offset']) == 2
+        assert cli.main(['--method', 'test_shift', '--option', 'bogus=1']) == 2
+    finally:
+        registry._REGISTRY.pop('test_pyramid', None)

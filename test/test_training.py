@@ -110,3 +110,31 @@ def test_cli_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
     out.write_bytes(bytes(data))
     with pytest.raises(ValueError, match='sha256'):
         ckpt.load_weights(out, 'hilm')
+
+
+def test_sigint_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
+    """Ctrl-C (or the SIGTERM of a scheduler) must not lose the steps since the last save."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / 'run'
+    cmd = [sys.executable, '-m', 'dense_match_ros.training.cli', 'hilm', '--steps', '500',
+           '--out', str(run), *TINY]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    log = run / 'log.jsonl'
+    end = time.monotonic() + 120
+    while time.monotonic() < end and (not log.is_file() or len(log.read_text().splitlines()) < 3):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert 'SIGINT: stopping at step' in err
+    steps = [s for s, _ in _losses(run)]
+    state = ckpt.load_training_state(run / 'last.pt')
+    assert 3 <= state['step'] < 500 and steps == list(range(1, state['step'] + 1))
+    # The same command goes on from there (checkpoint_every=1000: only the stop saved it).
+    assert main(['hilm', '--steps', '500', '--stop-at', str(state['step'] + 2), '--out', str(run),
+                 *TINY]) == 0
+    assert [s for s, _ in _losses(run)] == list(range(1, state['step'] + 3))

@@ -105,8 +105,13 @@ def _json_value(v: Any) -> Any:
     return str(v)
 
 
-def evaluate_flow_pair(matcher, pair: Any) -> tuple[dict, Any]:
-    """Metrics of one flow pair; also returns the MatchResult (for figures)."""
+def evaluate_flow_pair(matcher, pair: Any, levels: bool = False) -> tuple[dict, Any]:
+    """Metrics of one flow pair; also returns the MatchResult (for figures).
+
+    ``levels``: also the AEPE of every pyramid level of a coarse-to-fine matcher (one that
+    has ``level_flows``), each level's flow on the full source grid (an extra forward pass,
+    not counted in the match time).
+    """
     t0 = time.perf_counter()
     result = matcher.match(pair.source, pair.target)
     dt = time.perf_counter() - t0
@@ -126,6 +131,13 @@ def evaluate_flow_pair(matcher, pair: Any) -> tuple[dict, Any]:
     row['pck_curve'] = metrics.pck_curve(result.flow, gt, valid, PCK_CURVE_THRESHOLDS).tolist()
     row['mean_matchability'] = float(np.mean(result.matchability))
     row['match_time_s'] = dt
+    if levels:
+        flows = matcher.level_flows(pair.source, pair.target)
+        row['aepe_levels'] = [float(np.linalg.norm(f - gt, axis=-1)[valid].mean())
+                              if valid.any() else None for f in flows]
+        labels = getattr(matcher, 'level_labels', None)
+        row['level_labels'] = (list(labels(pair.source)) if labels is not None
+                               else [f'level {i}' for i in range(len(flows))])
     return row, result
 
 
@@ -138,10 +150,15 @@ def _mean(values: Iterable[Any]) -> float | None:
 
 def summarise_flow(rows: Sequence[dict]) -> dict:
     """Per-set means of every numeric metric (pairs weigh equally) and the mean PCK curve."""
-    keys = [k for k in rows[0] if k not in ('set', 'pair', 'pck_curve')] if rows else []
+    skip = ('set', 'pair', 'pck_curve', 'aepe_levels', 'level_labels')
+    keys = [k for k in rows[0] if k not in skip] if rows else []
     out: dict[str, Any] = {'num_pairs': len(rows)}
     for k in keys:
         out[k] = _mean(r.get(k) for r in rows)
+    if rows and 'aepe_levels' in rows[0]:
+        out['aepe_levels'] = [_mean(r['aepe_levels'][i] for r in rows)
+                              for i in range(len(rows[0]['aepe_levels']))]
+        out['level_labels'] = rows[0]['level_labels']
     curves = np.array([[np.nan if x is None else x for x in r['pck_curve']] for r in rows],
                       dtype=np.float64)
     if len(rows):
@@ -262,8 +279,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--report', type=Path, default=None, help='write PNG figures here')
     p.add_argument('--report-pairs', type=int, default=3,
                    help='flow figures per set with --report (default 3)')
+    p.add_argument('--option', dest='options', action='append', default=[], metavar='KEY=VALUE',
+                   help='matcher option passed to load_matcher, e.g. mode=pyramid (repeatable)')
+    p.add_argument('--levels', action='store_true',
+                   help='also the AEPE of every pyramid level (coarse-to-fine matchers: dgc)')
     p.add_argument('--no-progress', action='store_true', help='no tqdm progress bar')
     return p
+
+
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE strings as keyword arguments; values are read as JSON where they parse
+    (numbers, true/false, null), as plain strings otherwise."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key.strip():
+            raise ValueError(f'--option wants KEY=VALUE, got {item!r}')
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def _run_flow_set(matcher, set_name: str, pairs: Sequence[Any], progress, args,
@@ -272,7 +308,7 @@ def _run_flow_set(matcher, set_name: str, pairs: Sequence[Any], progress, args,
     rows = []
     for i, pair in enumerate(progress(pairs)):
         name = _pair_name(pair, i, set_name)
-        row, result = evaluate_flow_pair(matcher, pair)
+        row, result = evaluate_flow_pair(matcher, pair, levels=args.levels)
         if report_dir is not None and i < args.report_pairs:
             from dense_match_ros.evaluation import report
             figures.append(str(report.save_flow_figure(
@@ -322,18 +358,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
     try:
-        matcher = load_matcher(args.method, device=args.device, weights=args.weights)
-    except (KeyError, ValueError, FileNotFoundError) as exc:
+        options = parse_options(args.options)
+        matcher = load_matcher(args.method, device=args.device, weights=args.weights, **options)
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as exc:
         # Unknown method, bad device, or weights that do not fit: a usage error, not a crash.
         print(f'dense-match-eval: {exc}', file=sys.stderr)
         return 2
     print(f'method {args.method} on {matcher.device}; data root {root}')
+    if args.levels and not hasattr(matcher, 'level_flows'):
+        print(f'[note] --levels: {args.method} has no pyramid levels; ignored')
+        args.levels = False
     report_dir = args.report
     if report_dir is not None:
         report_dir.mkdir(parents=True, exist_ok=True)
 
     record: dict[str, Any] = {
-        'method': args.method, 'weights': args.weights, 'device': matcher.device,
+        'method': args.method, 'weights': args.weights, 'options': options,
+        'device': matcher.device,
         'command': 'dense-match-eval ' + shlex.join(argv_list), 'data_root': str(root),
         'versions': _versions(), 'sets': {}, 'skipped': {}, 'rows': [], 'figures': [],
     }
@@ -379,8 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = _run_flow_set(matcher, set_name, pairs, progress, args, report_dir,
                                  record['figures'])
             summary = summarise_flow(rows)
-            _add_block(record, tables, set_name, rows, summary,
-                       format_table(rows, _FLOW_COLUMNS, summary), '')
+            table = format_table(rows, _FLOW_COLUMNS, summary)
+            if summary.get('aepe_levels'):
+                table += '\nAEPE per level: ' + '  '.join(
+                    f'{label} {_fmt(v, 1, ".3f")}'
+                    for label, v in zip(summary['level_labels'], summary['aepe_levels']))
+            _add_block(record, tables, set_name, rows, summary, table, '')
 
     overview = format_overview(record['sets'])
     if overview:
@@ -394,6 +439,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if curves:
             record['figures'].append(str(report.save_pck_curves(
                 report_dir / 'pck_curves.png', curves, f'{args.method}: PCK per set')))
+        levels = {s: (v['level_labels'], v['aepe_levels'])
+                  for s, v in record['sets'].items() if v.get('aepe_levels')}
+        if levels:
+            record['figures'].append(str(report.save_level_aepe(
+                report_dir / 'aepe_levels.png', levels, f'{args.method}: AEPE per level')))
         if pose_errors:
             record['figures'].append(str(report.save_pose_error_curves(
                 report_dir / 'pose_errors.png', pose_errors, title=f'{args.method}: pose error')))

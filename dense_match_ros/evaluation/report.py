@@ -100,3 +100,28 @@ def save_pose_error_curves(path: str | Path, errors: Mapping[str, Sequence[float
     ax.legend(fontsize=8)
     ax.set_title(title or 'pose error', fontsize=10)
     return save_figure(fig, path, dpi=100)
+
+
+def save_level_aepe(path: str | Path, levels: Mapping[str, tuple[Sequence[str], Sequence[float]]],
+                    title: str = '') -> Path:
+    """AEPE of each pyramid level, coarse to fine, one line per set: {set: (labels, AEPE)}.
+
+    A coarse-to-fine network should fall from left to right (DGC-Net's supplementary
+    Table 2); a level that does not improve on the one before it is wasted computation.
+    """
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (labels, values) in levels.items():
+        xs = np.arange(len(values))
+        ax.plot(xs, values, marker='o', label=name)
+        for x, v in zip(xs, values):
+            ax.annotate(f'{v:.2f}', (x, v), textcoords='offset points', xytext=(0, 5),
+                        ha='center', fontsize=7)
+        ax.set_xticks(xs, labels, fontsize=8)
+    ax.set_xlabel('pyramid level (coarse to fine), flow brought to full resolution')
+    ax.set_ylabel('AEPE [px]')
+    ax.set_yscale('log')
+    ax.grid(True, alpha=0.3, which='both')
+    ax.legend(fontsize=8)
+    ax.set_title(title or 'AEPE per level', fontsize=10)
+    return save_figure(fig, path, dpi=100)

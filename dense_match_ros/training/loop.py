@@ -12,9 +12,12 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -73,6 +76,35 @@ def _truncate_log(path: Path, step: int) -> None:
         except json.JSONDecodeError:
             continue
     path.write_text(''.join(k + '\n' for k in kept))
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM end the run at the next step boundary, with a checkpoint.
+
+    Between steps the model, optimizer, scheduler and RNG states agree, so a state saved
+    there resumes exactly; one saved from inside a step would not. A second signal
+    interrupts at once (the previous handler), for a run that is stuck.
+    """
+
+    def __init__(self) -> None:
+        self.requested = ''
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # handlers can only be installed from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.requested = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
@@ -162,6 +194,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
                                      extra={'command': command, 'world_size': world,
                                             'device': str(dev)})
 
+    stop = _StopRequest()
     try:
         for batch in loader:
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
@@ -199,8 +232,14 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
             if due and step < end:
                 save(step)
                 last_save = time.monotonic()
+            if stop.requested:
+                if is_main:
+                    print(f'{stop.requested}: stopping at step {step} with a checkpoint; '
+                          f'the same command resumes', file=sys.stderr, flush=True)
+                break
         save(step)
     finally:
+        stop.restore()
         if bar is not None:
             bar.close()
         if log_file is not None:

@@ -24,7 +24,7 @@ import torch
 
 from dense_match_ros.core import grid
 from dense_match_ros.core.methods import weights as _weights
-from dense_match_ros.core.networks.dgc import DgcNet, config_from_dict
+from dense_match_ros.core.networks.dgc import PYRAMID, DgcNet, config_from_dict
 from dense_match_ros.core.registry import Matcher
 
 WEIGHTS_DIR = _weights.WEIGHTS_DIR  # a module attribute, so tests can point it elsewhere
@@ -102,6 +102,11 @@ class DgcMatcher(Matcher):
         else:
             matchability = grid.in_bounds(flow, t_size).astype(np.float32)
         return flow, matchability, s_size, t_size
+
+    def level_labels(self, source: np.ndarray) -> list[str]:
+        """Names of the :meth:`level_flows` levels with their working heights, e.g. 'pool4 (15 px)'."""
+        wh = self._working_size(source)[1]
+        return [f'{name} ({wh // (16 // 2 ** i)} px)' for i, name in enumerate(PYRAMID)]
 
     @torch.no_grad()
     def level_flows(self, source: np.ndarray, target: np.ndarray) -> list[np.ndarray]:
