@@ -30,6 +30,7 @@ setup(
             'dense-match-make-pairs = dense_match_ros.data.make_pairs:main',
             'dense-match-train = dense_match_ros.training.cli:main',
             'dense-match-bench-pose = dense_match_ros.evaluation.bench_pose:main',
+            'dense-match-bench = dense_match_ros.evaluation.bench_match:main',
             'dense-match-node = dense_match_ros.ros.node:main',
             'dense-match-replay = dense_match_ros.ros.replay:main',
             'dense-match-make-bag = dense_match_ros.ros.make_bag:main',

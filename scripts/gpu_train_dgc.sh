@@ -91,55 +91,14 @@ case "${1:-}" in
     snapshot
     ;;
   bench)
+    # Timing does not depend on the weights: an untrained network of the run's architecture
+    # (or of the defaults) when there is no checkpoint yet.
     mkdir -p "$OUT"
-    "$PY" - "$RUN/last.pt" <<'EOF' | tee "$OUT/bench.txt"
-import json, os, statistics, sys, time
-import torch
-from dense_match_ros.training.dgc_task import build_network
-from dense_match_ros.training import checkpoint as ckpt
-dev = os.environ.get('BENCH_DEVICE', 'cuda')
-n_iter = int(os.environ.get('BENCH_N', '100'))
-use_compile = os.environ.get('BENCH_COMPILE', '1') == '1'
-sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
-try:
-    cfg = ckpt.load_training_state(sys.argv[1])['config']['model']
-except Exception:  # timing does not depend on the weights
-    cfg = {'width': 1.0, 'input_size': [240, 240]}
-def timed(fn):
-    for _ in range(min(10, n_iter)): fn()
-    sync(); ts = []
-    for _ in range(n_iter):
-        t = time.perf_counter(); fn(); sync(); ts.append(1e3 * (time.perf_counter() - t))
-    return round(statistics.median(ts), 3)
-res = {'device': torch.cuda.get_device_name() if dev == 'cuda' else 'cpu', 'torch': torch.__version__,
-       'batch': 1, 'median_of': n_iter}
-for width in sorted({float(cfg.get('width', 1.0)), 0.25}):
-    net = build_network({**cfg, 'width': width, 'backbone_init': None, 'freeze_backbone': False}).to(dev).eval()
-    for h, w in ((240, 240), (480, 640)):
-        a, b = torch.rand(1, 3, h, w, device=dev), torch.rand(1, 3, h, w, device=dev)
-        key = f'width{width}_{h}x{w}'
-        with torch.no_grad():
-            res[key + '_fp32_ms'] = timed(lambda: net(a, b))
-            if dev == 'cuda':
-                with torch.autocast('cuda', dtype=torch.bfloat16):
-                    res[key + '_bf16_ms'] = timed(lambda: net(a, b))
-                    if use_compile:
-                        try:  # mode='reduce-overhead' captures CUDA graphs
-                            comp = torch.compile(net, mode='reduce-overhead')
-                            res[key + '_bf16_cudagraph_ms'] = timed(lambda: comp(a, b))
-                        except Exception as exc:
-                            res[key + '_compile_error'] = str(exc)[:200]
-try:
-    from torchvision.models.optical_flow import raft_small
-    raft = raft_small(weights=None).to(dev).eval()
-    for h, w in ((240, 240), (480, 640)):
-        a, b = torch.rand(1, 3, h, w, device=dev), torch.rand(1, 3, h, w, device=dev)
-        with torch.no_grad():
-            res[f'raft_small_12it_{h}x{w}_fp32_ms'] = timed(lambda: raft(a, b, num_flow_updates=12))
-except ImportError as exc:
-    res['raft_small'] = f'not timed: {exc}'
-print(json.dumps(res, indent=1))
-EOF
+    ckpt=()
+    [ -f "$RUN/last.pt" ] && ckpt=(--weights "dgc=$RUN/last.pt")
+    "$PY" -m dense_match_ros.evaluation.bench_match --method dgc "${ckpt[@]}" --random-weights \
+      --device "${BENCH_DEVICE:-cuda}" --n "${BENCH_N:-100}" --network --raft-small \
+      --json "$OUT/bench.json" | tee "$OUT/bench.txt"
     ;;
   assemble)
     src="${2:?usage: assemble FILES_AT}"; dst="${3:-runs/dgc_gpu_fetched}"

@@ -1,0 +1,245 @@
+"""``dense-match-bench``: time per pair of registered matchers, batch 1, median of N.
+
+Two measurements, printed as a markdown table and written to one JSON file:
+
+1. ``match``: the whole :meth:`Matcher.match` call a node makes per frame pair (resizing,
+   the network or the classical pipeline, conversion back to a full-resolution flow and
+   matchability), on a real photo pair of each requested size;
+2. ``network`` (``--network``, learned methods with a torch module in ``.net``): the forward
+   pass alone at the working size, in fp32 and, on CUDA, in bf16 autocast and with
+   ``torch.compile(mode='reduce-overhead')`` (CUDA graphs), so the table shows what each
+   trick buys. With ``--raft-small`` torchvision's RAFT-small (random weights, 12 updates)
+   is timed on the same inputs for scale, when torchvision is importable.
+
+Timing does not depend on the weights, so ``--random-weights`` times an untrained network
+of the architecture of a checkpoint (or of the defaults) where none ships.
+
+Example::
+
+    dense-match-bench --method dgc --method dis --sizes 240x240,480x640 --n 100 --json t.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+
+from dense_match_ros.core.registry import load_matcher
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'HxW' -> (H, W)."""
+    h, sep, w = text.lower().partition('x')
+    if not sep:
+        raise argparse.ArgumentTypeError(f'size wants HxW, got {text!r}')
+    return int(h), int(w)
+
+
+def timed(fn: Callable[[], Any], n: int, warmup: int = 5,
+          sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median, 10th and 90th percentile wall time of ``fn`` in ms after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(1e3 * (time.perf_counter() - t0))
+    q = np.percentile(times, [10, 90])
+    return {'median_ms': float(statistics.median(times)), 'p10_ms': float(q[0]),
+            'p90_ms': float(q[1]), 'n': n}
+
+
+def photo_pair(size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A real image and a slightly rotated, shifted copy at (H, W): classical methods
+    take data-dependent time, so noise would misstate them."""
+    h, w = size
+    try:
+        from skimage import data as skdata
+        image = np.ascontiguousarray(skdata.astronaut())
+    except Exception:  # pragma: no cover - scikit-image is a dependency
+        image = (np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8)
+    source = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), 3.0, 1.02)
+    m[:, 2] += (0.02 * w, 0.01 * h)
+    target = cv2.warpAffine(source, m, (w, h), borderMode=cv2.BORDER_REFLECT)
+    return source, target
+
+
+def _sync_for(device: str) -> Callable[[], None]:
+    if str(device).startswith('cuda'):
+        import torch
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def bench_match(matcher, sizes: Sequence[tuple[int, int]], n: int) -> dict[str, Any]:
+    out = {}
+    for size in sizes:
+        source, target = photo_pair(size)
+        out[f'{size[0]}x{size[1]}'] = timed(lambda: matcher.match(source, target), n,
+                                            sync=_sync_for(matcher.device))
+    return out
+
+
+def bench_network(net, device: str, sizes: Sequence[tuple[int, int]], n: int,
+                  compile_graphs: bool = True) -> dict[str, Any]:
+    """Forward pass alone: fp32, and on CUDA bf16 autocast and bf16 + CUDA graphs."""
+    import torch
+    net = net.float().to(device).eval()
+    sync = _sync_for(device)
+    cuda = str(device).startswith('cuda')
+    out: dict[str, Any] = {}
+    for h, w in sizes:
+        a = torch.rand(1, 3, h, w, device=device)
+        b = torch.rand(1, 3, h, w, device=device)
+        key = f'{h}x{w}'
+        with torch.no_grad():
+            out[f'{key} fp32'] = timed(lambda: net(a, b), n, sync=sync)
+            if cuda:
+                with torch.autocast('cuda', dtype=torch.bfloat16):
+                    out[f'{key} bf16'] = timed(lambda: net(a, b), n, sync=sync)
+                    if compile_graphs:
+                        try:
+                            comp = torch.compile(net, mode='reduce-overhead')
+                            out[f'{key} bf16+cudagraphs'] = timed(lambda: comp(a, b), n,
+                                                                  warmup=10, sync=sync)
+                        except Exception as exc:  # an inductor failure is a finding, not a crash
+                            out[f'{key} bf16+cudagraphs'] = {'error': str(exc)[:300]}
+    return out
+
+
+def bench_raft_small(device: str, sizes: Sequence[tuple[int, int]], n: int) -> dict[str, Any]:
+    """torchvision RAFT-small, random weights, 12 flow updates: speed only."""
+    try:
+        import torch
+        from torchvision.models.optical_flow import raft_small
+    except ImportError as exc:
+        return {'error': f'not timed: {exc}'}
+    net = raft_small(weights=None).to(device).eval()
+    sync = _sync_for(device)
+    out = {}
+    for h, w in sizes:
+        hh, ww = (h + 7) // 8 * 8, (w + 7) // 8 * 8  # RAFT wants multiples of 8
+        a = torch.rand(1, 3, hh, ww, device=device) * 2 - 1
+        b = torch.rand(1, 3, hh, ww, device=device) * 2 - 1
+        with torch.no_grad():
+            out[f'{h}x{w} fp32'] = timed(lambda: net(a, b, num_flow_updates=12), n, sync=sync)
+    return out
+
+
+RANDOM_WEIGHT_METHODS = ('dgc',)
+
+
+def _random_network(method: str, weights: str | None):
+    """An untrained network with the architecture of ``weights`` (or the defaults)."""
+    from dense_match_ros.core.networks.dgc import DgcNet, config_from_dict
+    cfg: dict = {}
+    if weights:
+        from dense_match_ros.training import checkpoint as ckpt
+        cfg = ckpt.load_weights(weights, 'dgc')[0]
+    return DgcNet(config_from_dict(cfg))
+
+
+def weights_per_method(items: Sequence[str], methods: Sequence[str]) -> dict[str, str]:
+    """``--weights`` values as {method: path}; a bare path needs a single method."""
+    out = {}
+    for item in items:
+        method, sep, path = item.partition('=')
+        if sep and method in methods:
+            out[method] = path
+        elif len(methods) == 1:
+            out[methods[0]] = item
+        else:
+            raise SystemExit(f'dense-match-bench: --weights {item!r}: say which method '
+                             f'(METHOD=PATH) when timing several')
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='dense-match-bench', description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--method', action='append', required=True,
+                   help='registered method (repeatable)')
+    p.add_argument('--weights', action='append', default=[], metavar='[METHOD=]PATH',
+                   help='checkpoint of a learned method; METHOD= is needed with several methods')
+    p.add_argument('--random-weights', action='store_true',
+                   help='time an untrained network of the same architecture (dgc; others as they are)')
+    p.add_argument('--device', default='cpu', help='cpu, cuda or auto')
+    p.add_argument('--sizes', default='240x240,480x640',
+                   type=lambda s: [parse_size(x) for x in s.split(',') if x.strip()],
+                   help='comma list of HxW (default 240x240,480x640)')
+    p.add_argument('--n', type=int, default=100, help='timed calls per entry (default 100)')
+    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: default)')
+    p.add_argument('--network', action='store_true', help='also the forward pass alone')
+    p.add_argument('--no-compile', action='store_true', help='skip torch.compile on CUDA')
+    p.add_argument('--raft-small', action='store_true', help='also torchvision RAFT-small')
+    p.add_argument('--json', default=None, help='write the record here')
+    return p
+
+
+def _table(rows: list[tuple[str, str, dict]]) -> str:
+    lines = ['| method | entry | median ms | p10 ms | p90 ms |', '|---|---|---|---|---|']
+    for method, entry, r in rows:
+        if 'error' in r:
+            lines.append(f'| {method} | {entry} | {r["error"][:60]} | | |')
+        else:
+            lines.append(f'| {method} | {entry} | {r["median_ms"]:.1f} | {r["p10_ms"]:.1f} '
+                         f'| {r["p90_ms"]:.1f} |')
+    return '\n'.join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    record: dict[str, Any] = {
+        'command': 'dense-match-bench ' + ' '.join(sys.argv[1:] if argv is None else argv),
+        'device': args.device, 'batch': 1, 'n': args.n, 'torch_threads': torch.get_num_threads(),
+        'platform': platform.platform(), 'processor': platform.processor(),
+        'torch': torch.__version__, 'results': {}}
+    if str(args.device).startswith('cuda'):
+        record['gpu'] = torch.cuda.get_device_name()
+    weights = weights_per_method(args.weights, args.method)
+    rows: list[tuple[str, str, dict]] = []
+    for method in args.method:
+        kwargs: dict[str, Any] = {'device': args.device}
+        if method in weights:
+            kwargs['weights'] = weights[method]
+        if args.random_weights and method in RANDOM_WEIGHT_METHODS:
+            kwargs['net'] = _random_network(method, weights.get(method))
+            kwargs.pop('weights', None)
+        matcher = load_matcher(method, **kwargs)
+        res = {'match': bench_match(matcher, args.sizes, args.n)}
+        net = getattr(matcher, 'net', None)
+        if args.network and isinstance(net, torch.nn.Module):
+            res['network'] = bench_network(net, matcher.device, args.sizes, args.n,
+                                           compile_graphs=not args.no_compile)
+        record['results'][method] = res
+        rows += [(method, f'match {k}', v) for k, v in res['match'].items()]
+        rows += [(method, f'net {k}', v) for k, v in res.get('network', {}).items()]
+    if args.raft_small:
+        raft = bench_raft_small(args.device, args.sizes, args.n)
+        record['results']['raft_small'] = raft
+        rows += [('raft_small', k, v) for k, v in raft.items()] if 'error' not in raft else [
+            ('raft_small', '-', raft)]
+    print(_table(rows))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(record, f, indent=1)
+        print(f'wrote {args.json}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

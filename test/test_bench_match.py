@@ -1,0 +1,43 @@
+"""dense-match-bench on tiny inputs: entries, record, and the timing helper itself."""
+import json
+
+import pytest
+import torch
+
+from dense_match_ros.core.networks.dgc import DgcNet, DgcNetConfig
+from dense_match_ros.evaluation import bench_match
+from dense_match_ros.training import checkpoint as ckpt
+from dense_match_ros.training.dgc_task import DgcTask
+
+
+def test_timed_reports_the_median_of_n_calls():
+    calls = []
+    res = bench_match.timed(lambda: calls.append(1), n=7, warmup=2)
+    assert len(calls) == 9 and res['n'] == 7
+    assert 0 <= res['p10_ms'] <= res['median_ms'] <= res['p90_ms']
+
+
+def test_sizes_parse_as_height_by_width():
+    assert bench_match.parse_size('240x320') == (240, 320)
+    with pytest.raises(Exception):
+        bench_match.parse_size('240')
+
+
+def test_cli_times_match_and_network(tmp_path, capsys):
+    torch.manual_seed(0)
+    net = DgcNet(DgcNetConfig(width=0.125, input_size=(32, 32)))
+    cfg = DgcTask().model_config({**net.config.__dict__, 'input_size': [32, 32]})
+    weights = tmp_path / 'dgc_tiny.pt'
+    ckpt.export_weights({'method': 'dgc', 'step': 1, 'config': {'model': cfg},
+                         'model': net.state_dict()}, weights, {'note': 'test'}, half=False)
+    out = tmp_path / 'bench.json'
+    assert bench_match.main(['--method', 'dis', '--method', 'dgc', '--weights', f'dgc={weights}',
+                             '--random-weights', '--sizes', '24x40,32x32', '--n', '2',
+                             '--network', '--threads', '1', '--json', str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert set(rec['results']) == {'dis', 'dgc'}
+    assert set(rec['results']['dis']['match']) == {'24x40', '32x32'}
+    assert 'network' not in rec['results']['dis']           # no network to time
+    assert set(rec['results']['dgc']['network']) == {'24x40 fp32', '32x32 fp32'}
+    assert rec['results']['dgc']['match']['32x32']['median_ms'] > 0
+    assert '| dgc | net 32x32 fp32 |' in capsys.readouterr().out
