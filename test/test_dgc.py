@@ -251,3 +251,16 @@ def test_grids_stay_float32_with_half_or_bf16_features():
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         out = net(x, y)
     assert all(g.dtype == torch.float32 for g in out.grids)
+
+
+def test_init_weights_starts_every_layer_from_a_checkpoint(tmp_path):
+    """Stage two of a frozen-then-fine-tuned recipe: the whole net from stage one, trunk free."""
+    first = _net(11)
+    path = tmp_path / 'last.pt'
+    torch.save({'format': ckpt.TRAIN_FORMAT, **_state(first)}, path)
+    task = DgcTask()
+    second = task.build_model(task.model_config({**TINY.__dict__, 'input_size': [32, 32],
+                                                 'init_weights': str(path)}))
+    for (k, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert all(p.requires_grad for p in second.backbone.parameters())

@@ -34,7 +34,7 @@ from dense_match_ros.core import losses
 from dense_match_ros.core.networks.dgc import PYRAMID, DgcNet, DgcNetConfig, config_from_dict
 from dense_match_ros.training.tasks import TrainTask
 
-TRAINING_KEYS = ('backbone_init', 'freeze_backbone')
+TRAINING_KEYS = ('backbone_init', 'freeze_backbone', 'init_weights')
 """Model-section keys that shape training, not the architecture (kept in the config record)."""
 
 
@@ -62,6 +62,8 @@ def build_network(model_config: dict) -> DgcNet:
     ``backbone_init`` names a checkpoint (any method whose weights hold ``backbone.*``, e.g.
     a trained ``hilm`` of the same width) to start the VGG trunk from; without ImageNet
     weights this is the only meaningful way to train with a *frozen* backbone.
+    ``init_weights`` names a whole dgc checkpoint to start every layer from (applied after
+    ``backbone_init``).
     """
     arch, train_keys = _model_values(model_config)
     net = DgcNet(config_from_dict(arch))
@@ -74,6 +76,13 @@ def build_network(model_config: dict) -> DgcNet:
         if not trunk:
             raise ValueError(f'{init} holds no backbone.* weights')
         net.backbone.load_state_dict(trunk)
+    whole = train_keys.get('init_weights')
+    if whole:
+        # A second stage (e.g. unfreezing the trunk after the decoders learned on it) starts
+        # from a whole dgc network, a run's last.pt or a shipped file, of this architecture.
+        from dense_match_ros.training import checkpoint as ckpt
+        _, state, _ = ckpt.load_weights(whole, 'dgc')
+        net.load_state_dict(state)
     if train_keys.get('freeze_backbone'):
         net.freeze_backbone(True)
     return net
@@ -118,7 +127,8 @@ class DgcTask(TrainTask):
         arch, train_keys = _model_values(values)
         full = dataclasses.asdict(config_from_dict(arch))
         full['input_size'] = list(full['input_size'])
-        full.update({'backbone_init': None, 'freeze_backbone': False, **train_keys})
+        full.update({'backbone_init': None, 'freeze_backbone': False, 'init_weights': None,
+                     **train_keys})
         return full
 
     def loss_config(self, values: dict) -> dict:
