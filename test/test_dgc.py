@@ -31,11 +31,17 @@ def test_pyramid_levels_and_shapes_follow_the_input():
     assert isinstance(out, DgcOutput) and len(out.grids) == len(PYRAMID) == 5
     assert [tuple(g.shape) for g in out.grids] == [(2, 2, s, s) for s in (2, 4, 8, 16, 32)]
     assert out.matchability.shape == (2, 1, 32, 32)
-    # Bigger, non-square source and a differently sized target: grids follow the source,
-    # the coarsest correlation is pooled to the trained 2x2 target positions.
+    # Bigger, non-square source and a differently sized target: the coarsest level runs on
+    # both images at the trained 32x32 (its 2x2 grid is that of the resized pair), the
+    # finer levels follow the source.
+    src, tgt = torch.rand(1, 3, 64, 48), torch.rand(1, 3, 48, 80)
     with torch.no_grad():
-        out = net(torch.rand(1, 3, 64, 48), torch.rand(1, 3, 48, 80))
-    assert [tuple(g.shape[-2:]) for g in out.grids] == [(4, 3), (8, 6), (16, 12), (32, 24), (64, 48)]
+        out = net(src, tgt)
+        small = net(*(torch.nn.functional.interpolate(x, size=(32, 32), mode='bilinear',
+                                                      align_corners=False, antialias=True)
+                      for x in (src, tgt)))
+    assert [tuple(g.shape[-2:]) for g in out.grids] == [(2, 2), (8, 6), (16, 12), (32, 24), (64, 48)]
+    assert torch.allclose(out.grids[0], small.grids[0], atol=1e-5)
     assert _net(matchability=False).eval()(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)).matchability is None
     with pytest.raises(ValueError, match='multiples of 16'):
         DgcNet(DgcNetConfig(input_size=(40, 40)))

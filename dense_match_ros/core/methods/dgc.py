@@ -7,9 +7,10 @@ Two ways to meet inputs of any size (``mode``):
   and upsampled to the source's full grid (:func:`core.grid.resize_flow`). The network then
   sees exactly the statistics it was trained on; precision is bounded by the working size.
 * ``'pyramid'``: the pyramid runs on each image at its own aspect ratio, longest side
-  ``max_side`` (multiples of 16): finer levels, finer flow, but levels see sizes they were
-  not trained on (the coarsest correlation is pooled to the trained size, see
-  :mod:`core.networks.dgc`).
+  ``max_side`` (multiples of 16): finer levels, finer flow, but the finer levels see
+  sizes they were not trained on (the coarsest level still runs at the trained size, see
+  :mod:`core.networks.dgc`). Measured on the CPU checkpoint, it is worse than ``resize``
+  at every size tried (the note of issue 6 has the numbers), so it stays an option.
 
 Matchability is the sigmoid of the DGC+M-Net head; a checkpoint trained without it gives
 matchability 1 where the flow lands inside the target and 0 elsewhere.
@@ -106,7 +107,8 @@ class DgcMatcher(Matcher):
     def level_labels(self, source: np.ndarray) -> list[str]:
         """Names of the :meth:`level_flows` levels with their working heights, e.g. 'pool4 (15 px)'."""
         wh = self._working_size(source)[1]
-        return [f'{name} ({wh // (16 // 2 ** i)} px)' for i, name in enumerate(PYRAMID)]
+        heights = [self.input_size[0] // 16] + [wh // (16 // 2 ** i) for i in range(1, len(PYRAMID))]
+        return [f'{name} ({h} px)' for name, h in zip(PYRAMID, heights)]
 
     @torch.no_grad()
     def level_flows(self, source: np.ndarray, target: np.ndarray) -> list[np.ndarray]:

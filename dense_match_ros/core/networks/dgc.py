@@ -26,9 +26,14 @@ Deviations from the paper, each for a stated reason:
   correction (``residual=True``). The output is still the absolute grid the loss sees, but
   a network trained from scratch (no ImageNet weights here) learns a correction much
   faster than a re-derivation of the full coordinates; ``residual=False`` is the paper;
-* the target's coarsest features are average-pooled to the trained correlation size before
-  the correlation, so the coarsest decoder (whose input channels are the target positions)
-  accepts a source of any size: this is what lets the pyramid run at larger inputs;
+* inputs of another size than the trained one: the coarsest level always runs on both
+  images resized to the trained size, and only the finer levels run at the input's own
+  size. The coarsest decoder turns a correlation volume whose channels are the target
+  positions into absolute coordinates; its convolutions also learn where they are from
+  the zero padding, so on a larger grid (or on target features pooled to the trained
+  grid) even identical images come out tens of pixels off. Normalised grids do not
+  depend on resolution, so the trained-size coarse grid upsamples straight into the
+  larger pyramid, whose decoders only correct it locally;
 * the matchability decoder warps the finest target features with the *final* grid
   (detached: matchability should judge the flow, not bend it).
 """
@@ -207,8 +212,6 @@ class DgcNet(nn.Module):
     def coarse_correlation(self, source_feat: torch.Tensor, target_feat: torch.Tensor) -> torch.Tensor:
         """ReLU + L2-normalised global correlation of the coarsest features."""
         source_feat = F.normalize(source_feat, dim=1)
-        if tuple(target_feat.shape[-2:]) != self.corr_size:
-            target_feat = F.adaptive_avg_pool2d(target_feat, self.corr_size)
         target_feat = F.normalize(target_feat, dim=1)
         return normalize_correlation(global_correlation(source_feat, target_feat))
 
@@ -224,7 +227,15 @@ class DgcNet(nn.Module):
             src = self.backbone(source, levels=PYRAMID)
             tgt = self.backbone(target, levels=PYRAMID)
 
-        corr = self.coarse_correlation(src['pool4'], tgt['pool4'])
+        trained = tuple(self.config.input_size)
+        if tuple(source.shape[-2:]) == trained and tuple(target.shape[-2:]) == trained:
+            coarse_src, coarse_tgt = src['pool4'], tgt['pool4']
+        else:  # see the module doc: the coarsest level only works at the trained size
+            small = torch.cat([F.interpolate(x, size=trained, mode='bilinear', align_corners=False,
+                                             antialias=True) for x in (source, target)], dim=0)
+            coarse = self.backbone(small, levels=('pool4',))['pool4']
+            coarse_src, coarse_tgt = coarse[:b], coarse[b:]
+        corr = self.coarse_correlation(coarse_src, coarse_tgt)
         # Grids stay float32 under autocast / half weights (see warp_features).
         grid = self.decoders['pool4'](corr).float()
         grids = [grid]
