@@ -138,3 +138,18 @@ def test_sigint_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
     assert main(['hilm', '--steps', '500', '--stop-at', str(state['step'] + 2), '--out', str(run),
                  *TINY]) == 0
     assert [s for s, _ in _losses(run)] == list(range(1, state['step'] + 3))
+
+
+def test_torchrun_data_parallel_with_the_same_command(tmp_path):
+    """DDP through torchrun (gloo on CPU, NCCL on GPUs): two ranks, one log, one checkpoint."""
+    import subprocess
+    import sys
+    run = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+           '--standalone', '-m', 'dense_match_ros.training.cli', 'hilm',
+           '--steps', '4', '--out', str(run), *TINY]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [s for s, _ in _losses(run)] == [1, 2, 3, 4]
+    state = ckpt.load_training_state(run / 'last.pt')
+    assert state['step'] == 4 and state['extra']['world_size'] == 2
