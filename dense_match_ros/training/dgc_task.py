@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from dense_match_ros.core import losses
@@ -315,43 +314,8 @@ def gpu_train(config: dict, out_dir: str | Path, device: str = 'auto', resume: b
             'out_dir': str(out_dir)}
 
 
-def heldout_levels(weights: str | None, n: int = 20, size: int | None = None,
-                   seed: int | None = None, net: DgcNet | None = None) -> dict:
-    """Per-level AEPE, final AEPE and matchability Jaccard on the held-out synthetic set.
-
-    Pairs are :func:`data.synthetic.heldout_pairs` at the network's trained size (or
-    ``size``); each level's flow is brought to the full grid (``DgcMatcher.level_flows``),
-    so all levels are in the same pixels. Jaccard: matchability > 0.5 against ``valid``.
-    """
-    from dense_match_ros.core.methods.dgc import DgcMatcher
-    from dense_match_ros.data.synthetic import HELDOUT_SEED, heldout_pairs
-    m = DgcMatcher(weights=weights, net=net, device='cpu')
-    side = size or m.input_size[0]
-    pairs = heldout_pairs(n, size=(side, side), seed=HELDOUT_SEED if seed is None else seed)
-    per_level = [[] for _ in PYRAMID]
-    inter = union = 0
-    for p in pairs:
-        for i, f in enumerate(m.level_flows(p.source, p.target)):
-            per_level[i].append(float(np.linalg.norm(f - p.flow, axis=-1)[p.valid].mean()))
-        pred = m.match(p.source, p.target).matchability > 0.5
-        inter += int((pred & p.valid).sum())
-        union += int((pred | p.valid).sum())
-    levels = {f'{lv} ({side // (16 // 2 ** i)} px)': float(np.mean(v))
-              for i, (lv, v) in enumerate(zip(PYRAMID, per_level))}
-    return {'pairs': n, 'size': side, 'weights': weights, 'aepe_per_level': levels,
-            'matchability_jaccard': inter / max(1, union)}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == 'levels':
-        q = argparse.ArgumentParser(prog='dgc_task levels', description=heldout_levels.__doc__)
-        q.add_argument('weights')
-        q.add_argument('--n', type=int, default=20)
-        q.add_argument('--size', type=int, default=None)
-        a = q.parse_args(argv[1:])
-        print(json.dumps(heldout_levels(a.weights, a.n, a.size), indent=1))
-        return 0
     p = argparse.ArgumentParser(description='Train dgc with pairs made on the GPU (see module doc).')
     p.add_argument('--config', required=True, help='YAML (or JSON-compatible YAML) config')
     p.add_argument('--out', required=True, help='run folder (last.pt, log.jsonl, config.json)')
