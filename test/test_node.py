@@ -379,7 +379,9 @@ def _send_sequence(client: Client, stamps: Stamps, frames: list[np.ndarray], fra
         client.publish(msg)
         sent.append(stamp)
         if i == 0:
-            time.sleep(0.4)  # the first frame only becomes the reference
+            # The first frame only becomes the reference; one sent before the node took it
+            # would replace it in the newest-wins mailbox, so give a loaded machine time.
+            time.sleep(0.8)
             continue
         if wait:
             assert client.wait_stamp('flow', stamp, timeout=15.0), f'no flow for frame {i}'
