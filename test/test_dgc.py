@@ -296,3 +296,15 @@ def test_shipped_cpu_checkpoint_recovers_a_known_warp():
     err = np.linalg.norm(flow - gt, axis=-1)[inner]
     assert np.median(err) < 2.0, np.median(err)
     assert match[inner].mean() > 0.5
+    # The DIS residual at full resolution makes the same match more precise.
+    refined, match_refined = load_matcher('dgc', device='cpu', refine='dis').match(src, tgt)
+    err_refined = np.linalg.norm(refined - gt, axis=-1)[inner]
+    assert np.median(err_refined) < 0.8 * np.median(err), (np.median(err_refined), np.median(err))
+    np.testing.assert_array_equal(match_refined, match)  # the network's matchability
+
+
+def test_refine_option_is_checked_when_the_matcher_is_built():
+    with pytest.raises(ValueError, match='refine must be one of'):
+        DgcMatcher(net=_net(), refine='raft')
+    with pytest.raises(ValueError, match='refine_preset must be one of'):
+        DgcMatcher(net=_net(), refine='dis', refine_preset='slow')

@@ -560,14 +560,26 @@ def test_runtime_method_change_rejected_keeps_old(mono):
     assert not res.successful and 'does not exist' in res.reason
     res = _set_param(client, '/dm_mono/dense_match_node', 'device', 'tpu')
     assert not res.successful and 'device' in res.reason
-    # A valid swap (dis again, rebuilt) succeeds and matching continues.
+    # Options the method does not take, or that are not a mapping, are refused too.
+    res = _set_param(client, '/dm_mono/dense_match_node', 'method_options', '{refine: dis}')
+    assert not res.successful and 'refine' in res.reason
+    res = _set_param(client, '/dm_mono/dense_match_node', 'method_options', '[fast]')
+    assert not res.successful and 'must be a mapping' in res.reason
+    # A valid swap (dis again, rebuilt, with an option) succeeds and matching continues.
+    res = _set_param(client, '/dm_mono/dense_match_node', 'method_options', '{preset: fast}')
+    assert res.successful, res.reason
+    assert node.wait_for_log("options={'preset': 'fast'}")
     res = _set_param(client, '/dm_mono/dense_match_node', 'method', 'dis')
     assert res.successful, res.reason
-    assert node.wait_for_log('model swapped: method=dis')
+    end = time.monotonic() + 10.0  # the second swap's line, read from the node's stdout
+    while node.count('model swapped: method=dis') < 2 and time.monotonic() < end:
+        time.sleep(0.05)
+    assert node.count('model swapped: method=dis') == 2, node.log
     frames = [render(320, 240, 0.02 * i) for i in range(3)]
     client.clear()
     sent, _ = _send_sequence(client, stamps, frames, 'cam_optical', with_info=False)
     assert client.stamps('flow')[-2:] == sent[1:]
+    assert _set_param(client, '/dm_mono/dense_match_node', 'method_options', '').successful
 
 
 # ---------------------------------------------------------------------------- pair mode
@@ -654,6 +666,19 @@ def test_config_files_only_set_declared_parameters(config_file):
     config = pipeline_config_from_params(params)
     assert config.mode == params['mode'] and config.method == params['method']
     assert config.pose_options['ransac_threshold_px'] == params['pose.ransac_threshold_px']
+
+
+def test_method_options_parameter_is_a_yaml_mapping():
+    from dense_match_ros.ros.node import parse_method_options, pipeline_config_from_params
+    assert parse_method_options('') == {} and parse_method_options('  ') == {}
+    assert parse_method_options('{refine: dis, max_side: 512}') == {'refine': 'dis',
+                                                                    'max_side': 512}
+    assert parse_method_options('{"mode": "pyramid"}') == {'mode': 'pyramid'}
+    for bad in ('dis', '[1, 2]', '{1: 2}', '{refine: [dis'):
+        with pytest.raises(ValueError, match='method_options'):
+            parse_method_options(bad)
+    config = pipeline_config_from_params({'method': 'dgc', 'method_options': '{refine: dis}'})
+    assert config.method_options == {'refine': 'dis'}
 
 
 def test_output_messages_follow_the_documented_conventions():

@@ -103,15 +103,16 @@ def resize_flow(flow: np.ndarray, size: tuple[int, int],
 
 
 def warp(target: np.ndarray, flow: np.ndarray, interpolation: int = cv2.INTER_LINEAR,
-         border_value: float = 0.0) -> np.ndarray:
+         border_value: float = 0.0, border_mode: int = cv2.BORDER_CONSTANT) -> np.ndarray:
     """Sample ``target`` at source (x, y) + flow: the target warped onto the source grid.
 
     Where the flow is right, ``warp(target, flow) ~= source``. Out-of-image samples get
-    ``border_value``.
+    ``border_value`` (or, with ``border_mode=cv2.BORDER_REPLICATE``, the nearest edge pixel:
+    no artificial edge for a later flow estimate to latch onto).
     """
     pixel_map = flow_to_map(flow)
     return cv2.remap(target, pixel_map[..., 0], pixel_map[..., 1], interpolation,
-                     borderMode=cv2.BORDER_CONSTANT, borderValue=border_value)
+                     borderMode=border_mode, borderValue=border_value)
 
 
 def in_bounds(flow: np.ndarray, target_size: tuple[int, int]) -> np.ndarray:

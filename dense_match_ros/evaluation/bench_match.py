@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from dense_match_ros.core.registry import load_matcher
+from dense_match_ros.evaluation.cli import parse_options
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--network', action='store_true', help='also the forward pass alone')
     p.add_argument('--no-compile', action='store_true', help='skip torch.compile on CUDA')
     p.add_argument('--raft-small', action='store_true', help='also torchvision RAFT-small')
+    p.add_argument('--option', dest='options', action='append', default=[], metavar='KEY=VALUE',
+                   help='matcher option passed to load_matcher for every --method, e.g. '
+                        'refine=dis (repeatable)')
     p.add_argument('--json', default=None, help='write the record here')
     return p
 
@@ -211,9 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if str(args.device).startswith('cuda'):
         record['gpu'] = torch.cuda.get_device_name()
     weights = weights_per_method(args.weights, args.method)
+    options = parse_options(args.options)
+    record['options'] = options
     rows: list[tuple[str, str, dict]] = []
     for method in args.method:
-        kwargs: dict[str, Any] = {'device': args.device}
+        kwargs: dict[str, Any] = {'device': args.device, **options}
         if method in weights:
             kwargs['weights'] = weights[method]
         if args.random_weights and method in RANDOM_WEIGHT_METHODS:

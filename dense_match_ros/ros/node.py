@@ -67,7 +67,7 @@ PUBLISH_SWITCHES = ('flow', 'matchability', 'flow_color', 'relative_pose', 'pose
 _POSE_SHADOWED = ('matchability_threshold',)
 
 
-_PIPELINE_PARAMS = ('method', 'weights', 'device', 'mode', 'process_width', 'process_height',
+_PIPELINE_PARAMS = ('method', 'weights', 'device', 'method_options', 'mode', 'process_width', 'process_height',
                     'full_resolution_output', 'keyframe_stride', 'keyframe_min_matchable',
                     'matchability_threshold', 'estimate_pose', 'min_image_side',
                     'max_image_pixels', 'max_flow_color')
@@ -80,6 +80,8 @@ def pipeline_config_from_params(params: dict[str, Any]) -> PipelineConfig:
     params file, so both process with identical settings. Node-only names are ignored.
     """
     kwargs = {k: params[k] for k in _PIPELINE_PARAMS if k in params}
+    if 'method_options' in kwargs:
+        kwargs['method_options'] = parse_method_options(kwargs['method_options'])
     fields = pose_config_fields()
     pose = {}
     for key, value in params.items():
@@ -88,6 +90,23 @@ def pipeline_config_from_params(params: dict[str, Any]) -> PipelineConfig:
             pose[name] = tuple(value) if isinstance(fields[name], tuple) else value
     kwargs['pose_options'] = pose
     return PipelineConfig(**kwargs)
+
+
+def parse_method_options(value: str | dict) -> dict[str, Any]:
+    """The ``method_options`` parameter: a YAML (or JSON) mapping given as a string, since a
+    ROS parameter cannot hold a mapping; '' is no options. Keys go to ``load_matcher``."""
+    if isinstance(value, dict):
+        options = value
+    else:
+        import yaml
+        try:
+            options = yaml.safe_load(value) if str(value).strip() else {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f'method_options is not YAML: {exc}') from None
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise ValueError(f'method_options must be a mapping such as "{{refine: dis}}", '
+                         f'got {value!r}')
+    return dict(options)
 
 
 def output_messages(out: PipelineOutput) -> dict[str, Any]:
@@ -282,7 +301,8 @@ class DenseMatchNode(Node):
             {n: self._param(n) for n in names if self.has_parameter(n)})
         self.pipeline = MatchPipeline(config, warn=self._throttle.warn)
         self.get_logger().info(
-            f'mode={self.mode} method={config.method} device={self.pipeline.matcher.device} '
+            f'mode={self.mode} method={config.method} options={config.method_options} '
+            f'device={self.pipeline.matcher.device} '
             f'pose={"on" if config.estimate_pose else "off"}')
 
         self._mailbox = _Mailbox()
@@ -337,6 +357,10 @@ class DenseMatchNode(Node):
           constraints=f'one of: {", ".join(methods)}')
         d('weights', '', 'Checkpoint of a learned method (empty: the shipped one).')
         d('device', 'auto', 'Where the model runs.', constraints='auto, cpu, cuda or cuda:N')
+        d('method_options', '', 'Options of the method for load_matcher, a YAML mapping in a '
+                                'string, e.g. "{refine: dis}" for dgc; changing it rebuilds the '
+                                'model. Give them with the method they belong to.',
+          constraints='a YAML mapping or empty')
         d('mode', 'mono', 'mono: each frame against the previous/key frame; pair: left vs '
                           'right camera.', read_only=True, constraints='mono or pair')
         d('compressed', False, 'Subscribe to <image>/compressed (sensor_msgs/CompressedImage, '
@@ -405,7 +429,7 @@ class DenseMatchNode(Node):
         try:
             if 'device' in changes:
                 resolve_device(changes['device'])
-            if {'method', 'weights', 'device'} & set(changes):
+            if {'method', 'weights', 'device', 'method_options'} & set(changes):
                 method = changes.get('method', self.pipeline.config.method)
                 if method not in available_methods():
                     raise ValueError(f'unknown method {method!r}; available: '
@@ -413,10 +437,14 @@ class DenseMatchNode(Node):
                 weights = changes.get('weights', self.pipeline.config.weights)
                 if weights and not os.path.isfile(weights):
                     raise ValueError(f'weights file {weights!r} does not exist')
+                options = (parse_method_options(changes['method_options'])
+                           if 'method_options' in changes else None)
                 matcher = self.pipeline.set_matcher(method=method, weights=weights,
-                                                    device=changes.get('device'))
+                                                    device=changes.get('device'),
+                                                    options=options)
                 self.get_logger().info(f'model swapped: method={method} '
                                        f'weights={weights or "(default)"} '
+                                       f'options={self.pipeline.config.method_options} '
                                        f'device={matcher.device}')
             update: dict[str, Any] = {}
             for name in ('process_width', 'process_height', 'full_resolution_output',

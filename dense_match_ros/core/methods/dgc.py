@@ -14,6 +14,10 @@ Two ways to meet inputs of any size (``mode``):
 
 Matchability is the sigmoid of the DGC+M-Net head; a checkpoint trained without it gives
 matchability 1 where the flow lands inside the target and 0 elsewhere.
+
+``refine='dis'`` adds a full-resolution DIS residual on top of the network's flow
+(:mod:`core.refine`): the network finds the match, DIS makes it precise at the input's own
+resolution. It costs two DIS calls per pair on the CPU, so it is an option, off by default.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import cv2
 import numpy as np
 import torch
 
-from dense_match_ros.core import grid
+from dense_match_ros.core import grid, refine as _refine
 from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.networks.dgc import PYRAMID, DgcNet, config_from_dict
 from dense_match_ros.core.registry import Matcher
@@ -55,9 +59,12 @@ class DgcMatcher(Matcher):
 
     def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
                  mode: str = 'resize', max_side: int = 640, half: bool | None = None,
-                 net: DgcNet | None = None) -> None:
+                 net: DgcNet | None = None, refine: str = 'none',
+                 refine_preset: str = 'medium') -> None:
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+        _refine.check_refiner(refine, refine_preset)
+        self.refine, self.refine_preset = refine, refine_preset
         self.device = device
         self.net, self.record, self.weights = _weights.network_for(
             net, weights, variant, device, shipped_weights, load_network)
@@ -139,4 +146,6 @@ class DgcMatcher(Matcher):
         flow = grid.resize_flow(flow, (w, h), target_scale=((tw / tww) / sx, (th / twh) / sy))
         if (ww, wh) != (w, h):
             matchability = cv2.resize(matchability, (w, h), interpolation=cv2.INTER_LINEAR)
+        if self.refine == 'dis':
+            flow = _refine.dis_residual(source, target, flow, self.refine_preset)
         return flow, matchability
