@@ -67,8 +67,8 @@ PUBLISH_SWITCHES = ('flow', 'matchability', 'flow_color', 'relative_pose', 'pose
 _POSE_SHADOWED = ('matchability_threshold',)
 
 
-_PIPELINE_PARAMS = ('method', 'weights', 'device', 'method_options', 'mode', 'process_width', 'process_height',
-                    'full_resolution_output', 'keyframe_stride', 'keyframe_min_matchable',
+_PIPELINE_PARAMS = ('method', 'weights', 'device', 'method_options', 'mode', 'process_width',
+                    'process_height', 'full_resolution_output', 'keyframe_stride', 'keyframe_min_matchable',
                     'matchability_threshold', 'estimate_pose', 'min_image_side',
                     'max_image_pixels', 'max_flow_color')
 
