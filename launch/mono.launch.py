@@ -3,8 +3,9 @@
     ros2 launch dense_match_ros mono.launch.py image:=/camera/image_raw \
         camera_info:=/camera/camera_info method:=dis device:=auto
 
-Arguments left empty (method, device, weights) take their value from ``params_file``
-(default: this package's config/mono.yaml), so a params file is never silently overridden.
+Arguments left empty (method, method_options, device, weights) take their value from
+``params_file`` (default: this package's config/mono.yaml), so a params file is never
+silently overridden.
 """
 import os
 
@@ -12,6 +13,7 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_PARAMS = os.path.normpath(os.path.join(_HERE, '..', 'config', 'mono.yaml'))
@@ -22,6 +24,8 @@ ARGUMENTS = [
     ('method', '', 'matching method (empty: from params_file)'),
     ('device', '', 'auto, cpu, cuda or cuda:N (empty: from params_file)'),
     ('weights', '', 'checkpoint of a learned method (empty: from params_file)'),
+    ('method_options', '', 'options of the method, a YAML mapping such as "{refine: dis}" '
+                           '(empty: from params_file)'),
     ('params_file', _DEFAULT_PARAMS, 'ROS 2 parameters file for dense_match_node'),
     ('namespace', '', 'namespace of the node and its output topics'),
     ('compressed', 'false', 'subscribe to <image>/compressed instead'),
@@ -33,6 +37,8 @@ ARGUMENTS = [
 def _node(context):
     get = lambda name: LaunchConfiguration(name).perform(context)  # noqa: E731
     overrides = {k: get(k) for k in ('method', 'device', 'weights') if get(k)}
+    if get('method_options'):  # declared a string, whatever YAML it looks like
+        overrides['method_options'] = ParameterValue(get('method_options'), value_type=str)
     overrides['compressed'] = get('compressed').lower() in ('1', 'true', 'yes')
     overrides['use_sim_time'] = get('use_sim_time').lower() in ('1', 'true', 'yes')
     image = get('image')

@@ -5,7 +5,8 @@
         right_image:=/stereo/right/image_raw right_camera_info:=/stereo/right/camera_info
 
 Pairs are formed by approximate time (``sync_slop`` seconds, message_filters when
-installed). Empty method/device/weights/slop come from ``params_file`` (config/stereo.yaml).
+installed). Empty method/method_options/device/weights/slop come from ``params_file``
+(config/stereo.yaml).
 """
 import os
 
@@ -13,6 +14,7 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_PARAMS = os.path.normpath(os.path.join(_HERE, '..', 'config', 'stereo.yaml'))
@@ -25,6 +27,8 @@ ARGUMENTS = [
     ('method', '', 'matching method (empty: from params_file)'),
     ('device', '', 'auto, cpu, cuda or cuda:N (empty: from params_file)'),
     ('weights', '', 'checkpoint of a learned method (empty: from params_file)'),
+    ('method_options', '', 'options of the method, a YAML mapping such as "{refine: dis}" '
+                           '(empty: from params_file)'),
     ('sync_slop', '', 'largest stamp difference of a pair in seconds (empty: params_file)'),
     ('params_file', _DEFAULT_PARAMS, 'ROS 2 parameters file for dense_match_node'),
     ('namespace', '', 'namespace of the node and its output topics'),
@@ -36,6 +40,8 @@ ARGUMENTS = [
 def _node(context):
     get = lambda name: LaunchConfiguration(name).perform(context)  # noqa: E731
     overrides = {k: get(k) for k in ('method', 'device', 'weights') if get(k)}
+    if get('method_options'):  # declared a string, whatever YAML it looks like
+        overrides['method_options'] = ParameterValue(get('method_options'), value_type=str)
     if get('sync_slop'):
         overrides['sync_slop'] = float(get('sync_slop'))
     overrides['mode'] = 'pair'

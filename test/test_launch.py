@@ -134,7 +134,8 @@ def test_mono_launch_py(overlay, tmp_path):
         try:
             client.wait_connected(timeout=30)
             values = _params(client, f'{ns}/dense_match_node',
-                             ['method', 'mode', 'matchability_threshold', 'device'])
+                             ['method', 'mode', 'matchability_threshold', 'device',
+                              'method_options'])
             got = _drive_mono(client)
             return values, got
         finally:
@@ -143,10 +144,11 @@ def test_mono_launch_py(overlay, tmp_path):
     values, got = _run_launch(REPO_ROOT / 'launch' / 'mono.launch.py',
                               {'image': '/lt_cam/image_raw',
                                'camera_info': '/lt_cam/camera_info', 'namespace': ns,
-                               'method': 'dis', 'device': 'cpu', 'params_file': str(params)},
+                               'method': 'dis', 'device': 'cpu', 'params_file': str(params),
+                               'method_options': '{preset: fast}'},
                               check)
     assert values == {'method': 'dis', 'mode': 'mono', 'matchability_threshold': 0.37,
-                      'device': 'cpu'}
+                      'device': 'cpu', 'method_options': '{preset: fast}'}
     assert len(got) >= 2, got  # best-effort input may lose a frame; the stream goes on
 
 
