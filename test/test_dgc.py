@@ -276,21 +276,14 @@ def test_init_weights_starts_every_layer_from_a_checkpoint(tmp_path):
 def test_shipped_cpu_checkpoint_recovers_a_known_warp():
     """The shipped dgc_cpu.pt: loads through the registry, names the command that made it,
     and recovers a homography-like warp of a real photo to within a few pixels."""
-    import cv2
-    from skimage import data as skdata
     from dense_match_ros.core.registry import load_matcher
+    from photo_warp import affine_photo_pair
     record = json.loads((dgc_method.WEIGHTS_DIR / 'dgc_cpu.json').read_text())
     assert record['command'].startswith('dense-match-train dgc --config config/train_dgc_cpu_hilm.yaml')
     assert record['evaluation'] and record['dtype'] == 'float16'
     m = load_matcher('dgc', device='cpu')
     assert Path(m.weights).name == 'dgc_cpu.pt' and m.input_size == (128, 128)
-    src = cv2.resize(skdata.astronaut(), (160, 160), interpolation=cv2.INTER_AREA)
-    a = cv2.getRotationMatrix2D((80, 80), 6.0, 1.08)
-    a[:, 2] += (5.0, -3.0)
-    tgt = cv2.warpAffine(src, a, (160, 160), borderMode=cv2.BORDER_REFLECT)
-    ys, xs = np.mgrid[0:160, 0:160].astype(np.float32)
-    gt = np.stack([a[0, 0] * xs + a[0, 1] * ys + a[0, 2] - xs,
-                   a[1, 0] * xs + a[1, 1] * ys + a[1, 2] - ys], axis=-1)
+    src, tgt, gt = affine_photo_pair(160, 160, 6.0, 1.08, (5.0, -3.0))
     flow, match = m.match(src, tgt)
     inner = (slice(20, -20), slice(20, -20))
     err = np.linalg.norm(flow - gt, axis=-1)[inner]
