@@ -4,7 +4,7 @@ A network runs at its working size (128x128 for the CPU dgc checkpoint), so its 
 right to about a working pixel, which is several pixels of a full-size input. The residual
 between the source and the target warped by that flow is small and smooth where the flow
 is right: exactly what DIS (coarse-to-fine patch search plus variational refinement)
-recovers well at full resolution, and it costs two DIS calls' worth of time.
+recovers well at full resolution, for one DIS call and two remaps.
 
 Composition: with ``w(x) = target(x + f(x))`` and DIS residual ``r`` from source to ``w``,
 ``source(x) ~ w(x + r(x)) = target(x + r(x) + f(x + r(x)))``, so the refined flow is

@@ -68,9 +68,9 @@ _POSE_SHADOWED = ('matchability_threshold',)
 
 
 _PIPELINE_PARAMS = ('method', 'weights', 'device', 'method_options', 'mode', 'process_width',
-                    'process_height', 'full_resolution_output', 'keyframe_stride', 'keyframe_min_matchable',
-                    'matchability_threshold', 'estimate_pose', 'min_image_side',
-                    'max_image_pixels', 'max_flow_color')
+                    'process_height', 'full_resolution_output', 'keyframe_stride',
+                    'keyframe_min_matchable', 'matchability_threshold', 'estimate_pose',
+                    'min_image_side', 'max_image_pixels', 'max_flow_color')
 
 
 def pipeline_config_from_params(params: dict[str, Any]) -> PipelineConfig:

@@ -17,7 +17,7 @@ matchability 1 where the flow lands inside the target and 0 elsewhere.
 
 ``refine='dis'`` adds a full-resolution DIS residual on top of the network's flow
 (:mod:`core.refine`): the network finds the match, DIS makes it precise at the input's own
-resolution. It costs two DIS calls per pair on the CPU, so it is an option, off by default.
+resolution. It costs one DIS call per pair on the CPU, so it is an option, off by default.
 """
 from __future__ import annotations
 
