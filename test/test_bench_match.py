@@ -45,8 +45,9 @@ def test_cli_times_match_and_network(tmp_path, capsys):
 
 def test_options_reach_the_matcher_and_the_record(tmp_path):
     out = tmp_path / 'bench.json'
-    assert bench_match.main(['--method', 'dis', '--option', 'preset=fast', '--option', 'fb_sigma=2',
-                             '--sizes', '24x40', '--n', '2', '--json', str(out)]) == 0
+    assert bench_match.main(['--method', 'dis', '--option', 'preset=fast',
+                             '--option', 'fb_sigma=2', '--sizes', '24x40', '--n', '2',
+                             '--json', str(out)]) == 0
     assert json.loads(out.read_text())['options'] == {'preset': 'fast', 'fb_sigma': 2}
     with pytest.raises(ValueError, match='preset must be one of'):
         bench_match.main(['--method', 'dis', '--option', 'preset=slow', '--sizes', '24x40',
