@@ -301,3 +301,23 @@ def test_refine_option_is_checked_when_the_matcher_is_built():
         DgcMatcher(net=_net(), refine='raft')
     with pytest.raises(ValueError, match='refine_preset must be one of'):
         DgcMatcher(net=_net(), refine='dis', refine_preset='slow')
+    with pytest.raises(ValueError, match='fb_sigma must be >= 0'):
+        DgcMatcher(net=_net(), fb_sigma=-1.0)
+
+
+def test_fb_sigma_multiplies_the_head_by_the_round_trip_consistency():
+    """fb_sigma > 0: the same flow, and matchability = head x exp(-(e / sigma)^2) of the
+    round trip through the matcher's own backward flow."""
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    tgt = np.roll(src, 2, axis=1)
+    net = _net()
+    plain = DgcMatcher(net=net, refine='dis')
+    checked = DgcMatcher(net=net, refine='dis', fb_sigma=2.0)
+    flow, head = plain.match(src, tgt)
+    backward, _ = plain.match(tgt, src)
+    flow_checked, match_checked = checked.match(src, tgt)
+    np.testing.assert_array_equal(flow_checked, flow)
+    expected = head * grid.forward_backward_consistency(flow, backward, 2.0)
+    np.testing.assert_allclose(match_checked, expected, rtol=1e-6, atol=1e-7)
+    assert match_checked.max() <= head.max()

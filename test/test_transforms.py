@@ -147,3 +147,20 @@ def test_torch_grid_sample_matches_numpy_flow_warp(kind):
     # cv2.remap quantises sub-pixel positions to 1/32 px, hence the tolerance.
     assert np.abs(rendered - warped)[inside].max() < 255 / 32 * 1.5
     assert np.abs(rendered - warped)[inside].mean() < 1.0
+
+
+def test_forward_backward_consistency_scores_the_round_trip():
+    """A round trip back to the start scores 1, one that misses by sigma 0.37, and a
+    forward flow out of the target 0 (the matchability rule of every two-way method)."""
+    h, w = 20, 30
+    forward = np.zeros((h, w, 2), np.float32)
+    forward[..., 0] = 2.0
+    backward = np.zeros((h, w, 2), np.float32)
+    backward[..., 0] = -2.0
+    score = grid.forward_backward_consistency(forward, backward, sigma=1.5)
+    assert score.dtype == np.float32
+    np.testing.assert_allclose(score[:, :-3], 1.0, atol=1e-6)
+    assert (score[:, -2:] == 0).all()   # x + 2 beyond the last column: no match there
+    backward[..., 1] = 1.5               # every round trip now misses by 1.5 px
+    score = grid.forward_backward_consistency(forward, backward, sigma=1.5)
+    np.testing.assert_allclose(score[:, :-3], np.exp(-1.0), rtol=1e-5)

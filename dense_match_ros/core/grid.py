@@ -130,7 +130,18 @@ def forward_backward_error(forward: np.ndarray, backward: np.ndarray) -> np.ndar
     target grid. A consistent pair of flows gives ~0; occlusions and mismatches do not.
     """
     th, tw = backward.shape[:2]
-    back_at_target = warp(backward, forward, border_value=np.nan)
+    # Replicated borders: bilinear sampling on the last row or column weighs in the pixel
+    # beyond it (with weight 0), and a NaN border there would make the edge unmatched.
+    back_at_target = warp(backward, forward, border_mode=cv2.BORDER_REPLICATE)
     err = np.linalg.norm(forward + back_at_target, axis=-1)
     err[~in_bounds(forward, (tw, th)) | ~np.isfinite(err)] = np.inf
     return err.astype(np.float32)
+
+
+def forward_backward_consistency(forward: np.ndarray, backward: np.ndarray,
+                                 sigma: float) -> np.ndarray:
+    """``exp(-(e / sigma)^2)`` of the :func:`forward_backward_error` e, float32 in [0, 1]:
+    a round trip that misses by ``sigma`` pixels scores 0.37, by 2 ``sigma`` 0.02, one that
+    leaves the target 0. The matchability of every method with a two-way check."""
+    error = forward_backward_error(forward, backward)
+    return np.exp(-np.square(error / sigma)).astype(np.float32)

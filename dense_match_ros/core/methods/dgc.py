@@ -18,6 +18,10 @@ matchability 1 where the flow lands inside the target and 0 elsewhere.
 ``refine='dis'`` adds a full-resolution DIS residual on top of the network's flow
 (:mod:`core.refine`): the network finds the match, DIS makes it precise at the input's own
 resolution. It costs one DIS call per pair on the CPU, so it is an option, off by default.
+``fb_sigma > 0`` also matches the pair the other way and multiplies the matchability by
+``exp(-(e / fb_sigma)^2)`` of the round-trip error e: the head judges whether a pixel can be
+matched, the round trip whether this match is right, which is what pose selection needs (it
+doubles the time, so it is off by default too).
 """
 from __future__ import annotations
 
@@ -60,11 +64,15 @@ class DgcMatcher(Matcher):
     def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
                  mode: str = 'resize', max_side: int = 640, half: bool | None = None,
                  net: DgcNet | None = None, refine: str = 'none',
-                 refine_preset: str = 'medium') -> None:
+                 refine_preset: str = 'medium', fb_sigma: float = 0.0) -> None:
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
         _refine.check_refiner(refine, refine_preset)
+        if not fb_sigma >= 0:
+            raise ValueError(f'fb_sigma must be >= 0 (0: no forward-backward check), '
+                             f'got {fb_sigma}')
         self.refine, self.refine_preset = refine, refine_preset
+        self.fb_sigma = float(fb_sigma)
         self.device = device
         self.net, self.record, self.weights = _weights.network_for(
             net, weights, variant, device, shipped_weights, load_network)
@@ -139,6 +147,15 @@ class DgcMatcher(Matcher):
         return flows
 
     def _match(self, source: np.ndarray, target: np.ndarray):
+        flow, matchability = self._one_way(source, target)
+        if self.fb_sigma > 0:
+            backward, _ = self._one_way(target, source)
+            matchability = matchability * grid.forward_backward_consistency(
+                flow, backward, self.fb_sigma)
+        return flow, matchability
+
+    def _one_way(self, source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Flow and the head's matchability on the source's full grid."""
         h, w = source.shape[:2]
         th, tw = target.shape[:2]
         flow, matchability, (ww, wh), (tww, twh) = self.working_flow(source, target)

@@ -53,8 +53,7 @@ class DisMatcher(Matcher):
                            if (ww, wh) != (tw, th) else target, cv2.COLOR_RGB2GRAY)
         forward = self._flow(src, tgt)
         backward = self._flow(tgt, src)
-        fb = grid.forward_backward_error(forward, backward)
-        matchability = np.exp(-np.square(fb / self.fb_sigma)).astype(np.float32)
+        matchability = grid.forward_backward_consistency(forward, backward, self.fb_sigma)
         # Back to the source's full grid and the target's own pixel frame.
         flow = grid.resize_flow(forward, (w, h), target_scale=(tw / w, th / h))
         if (ww, wh) != (w, h):

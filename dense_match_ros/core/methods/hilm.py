@@ -174,8 +174,7 @@ class HilmMatcher(Matcher):
         if len(p_src) == 0:
             matchability = np.zeros((wh, ww), np.float32)
         else:
-            fb = grid.forward_backward_error(forward, backward)
-            consistency = np.exp(-np.square(fb / self.fb_sigma))
+            consistency = grid.forward_backward_consistency(forward, backward, self.fb_sigma)
             similarity = self._dense_similarity(forward, sh_s, sh_t)
             support = self._support(p_src, (wh, ww))
             matchability = (consistency * support * np.clip(similarity, 0.0, 1.0)).astype(np.float32)
