@@ -18,13 +18,9 @@ import cv2
 import numpy as np
 
 from dense_match_ros.core import grid
+from dense_match_ros.core.methods.dis import PRESETS as _DIS_PRESETS
 
 REFINERS = ('none', 'dis')
-_DIS_PRESETS = {
-    'ultrafast': cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
-    'fast': cv2.DISOPTICAL_FLOW_PRESET_FAST,
-    'medium': cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
-}
 
 
 def check_refiner(refine: str, preset: str = 'medium') -> None:

@@ -11,7 +11,7 @@ import numpy as np
 from dense_match_ros.core import grid
 from dense_match_ros.core.registry import Matcher
 
-_PRESETS = {
+PRESETS = {  # DIS presets by name, for this method and for core.refine
     'ultrafast': cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
     'fast': cv2.DISOPTICAL_FLOW_PRESET_FAST,
     'medium': cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
@@ -30,13 +30,13 @@ class DisMatcher(Matcher):
                  preset: str = 'medium', fb_sigma: float = 1.0, max_side: int = 0) -> None:
         if weights:
             raise ValueError('dis has no weights; leave `weights` empty')
-        if preset not in _PRESETS:
-            raise ValueError(f'preset must be one of {sorted(_PRESETS)}, got {preset!r}')
+        if preset not in PRESETS:
+            raise ValueError(f'preset must be one of {sorted(PRESETS)}, got {preset!r}')
         self.device = 'cpu'  # OpenCV's DIS runs on the CPU whatever was asked for.
         self.preset = preset
         self.fb_sigma = float(fb_sigma)
         self.max_side = int(max_side)
-        self._dis = cv2.DISOpticalFlow_create(_PRESETS[preset])
+        self._dis = cv2.DISOpticalFlow_create(PRESETS[preset])
 
     def _flow(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return self._dis.calc(a, b, None)
