@@ -17,6 +17,8 @@ from typing import Callable
 
 import numpy as np
 
+from dense_match_ros.core.device import resolve_device
+
 
 @dataclasses.dataclass
 class MatchResult:
@@ -106,24 +108,6 @@ for _name, _path in _BUILTIN.items():
 def available_methods() -> list[str]:
     """Names accepted by :func:`load_matcher`, sorted."""
     return sorted(_REGISTRY)
-
-
-def resolve_device(device: str = 'auto') -> str:
-    """Map 'auto' to 'cuda' where a GPU is usable, else 'cpu'; validate others."""
-    if device not in ('auto', 'cpu', 'cuda') and not device.startswith('cuda:'):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if device == 'cpu':
-        return 'cpu'
-    try:
-        import torch
-        has_cuda = torch.cuda.is_available()
-    except ImportError:
-        has_cuda = False
-    if device == 'auto':
-        return 'cuda' if has_cuda else 'cpu'
-    if not has_cuda:
-        raise ValueError(f'device {device!r} requested but CUDA is not available')
-    return device
 
 
 def resolve_lazy(entry):

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from dense_match_ros.data.photos import PhotoSource
-from dense_match_ros.data.synthetic import (HELDOUT_SEED, KINDS, SyntheticPair,
+from dense_match_ros.data.synthetic import (DEFAULT_KINDS, HELDOUT_SEED, KINDS, SyntheticPair,
                                             SyntheticPairGenerator)
 
 INDEX = 'index.json'
@@ -37,7 +37,7 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
 
 
 def write_pairs(out: str | Path, n: int, size: tuple[int, int], seed: int,
-                kinds: Sequence[str] = KINDS, split: str = 'train',
+                kinds: Sequence[str] = DEFAULT_KINDS, split: str = 'train',
                 photos: str | Path | None = None, photometric: bool = True,
                 progress: bool = True) -> Path:
     """Generate and write ``n`` pairs; returns the path of the index file."""
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='output image size')
     p.add_argument('--seed', type=int, default=None,
                    help=f'seed (default: {HELDOUT_SEED} for --split heldout, 0 for train)')
-    p.add_argument('--kinds', nargs='+', choices=KINDS, default=list(KINDS),
+    p.add_argument('--kinds', nargs='+', choices=KINDS, default=list(DEFAULT_KINDS),
                    help='transform families to draw from')
     p.add_argument('--split', choices=('train', 'heldout'), default='train',
                    help='which photos to use')

@@ -18,6 +18,8 @@ Transform families (all parameters uniform in the stated ranges):
 * ``affine``: CNNGeo's: rotation +-15 deg, shear angle +-30 deg, anisotropic scales
   0.75-1.25, translation +-0.25 (normalised), A = R(rot) R(shear)^T diag(s1, s2) R(shear).
 * ``tps``: CNNGeo's: the 3x3 control points on [-1, 1] each displaced by +-0.4 per axis.
+* ``similarity``: wide rotation and zoom, which CNNGeo's ranges leave out and real
+  viewpoint changes need: rotation +-45 deg, one scale 0.7-1.4, translation +-0.2.
 * ``homography``: DGC-Net's: the four corners of the 240x240 output crop displaced by up to
   80 px per axis (uniform integers in [-80, 80] in the homographies of DGC-Net's released
   ``homo_aff_tps_test.csv``), i.e. +-1/3 of the output side, here +-2/3 in normalised units
@@ -37,9 +39,11 @@ import cv2
 import numpy as np
 
 from dense_match_ros.core import transforms as tf
+from dense_match_ros.data.moving_objects import ObjectMotion, add_moving_objects
 from dense_match_ros.data.photos import PhotoSource
 
-KINDS = ('affine', 'tps', 'homography')
+KINDS = ('affine', 'tps', 'homography', 'similarity')
+DEFAULT_KINDS = ('affine', 'tps', 'homography')
 
 
 @dataclasses.dataclass
@@ -53,7 +57,8 @@ class SyntheticPair:
     flow: np.ndarray
     """float32 (H, W, 2), source grid, pixels: source (x, y) <-> target (x+u, y+v)."""
     valid: np.ndarray
-    """bool (H, W): the correspondence lands inside the target."""
+    """bool (H, W): the correspondence lands inside the target (and, with moving objects,
+    is not hidden there by an object in front)."""
     kind: str
     params: dict
     """JSON-serialisable: kind, theta (normalised, rendered -> sampled), photo key, crop, jitter."""
@@ -143,6 +148,15 @@ def random_tps(rng: np.random.Generator, jitter: float = 0.4) -> np.ndarray:
     return tf.tps_identity() + rng.uniform(-jitter, jitter, size=18)
 
 
+def random_similarity(rng: np.random.Generator, rotation_deg: float = 45.0,
+                      scale: tuple[float, float] = (0.7, 1.4), translation: float = 0.2) -> np.ndarray:
+    """Rotation + isotropic zoom + translation theta (6,), for viewpoint robustness."""
+    rot = math.radians(rotation_deg) * rng.uniform(-1, 1)
+    s = float(math.exp(rng.uniform(math.log(scale[0]), math.log(scale[1]))))
+    tx, ty = translation * rng.uniform(-1, 1, size=2)
+    return tf.affine_theta(rot, 0.0, s, s, tx, ty)
+
+
 def random_homography(rng: np.random.Generator, corner_jitter: float = 2.0 / 3.0,
                       max_tries: int = 50) -> np.ndarray:
     """DGC-Net-style random homography (3x3, normalised): image corners moved by U(+-jitter).
@@ -174,13 +188,15 @@ class SyntheticPairGenerator:
 
     def __init__(self, photos: PhotoSource | Sequence[np.ndarray] | None = None,
                  size: tuple[int, int] = (240, 240),
-                 kinds: Sequence[str] = KINDS,
+                 kinds: Sequence[str] = DEFAULT_KINDS,
                  photometric: bool | PhotometricJitter = True,
                  kind_weights: Sequence[float] | None = None,
                  affine: AffineRanges = AffineRanges(),
                  tps_jitter: float = 0.4,
                  homography_jitter: float = 2.0 / 3.0,
-                 crop_scale: tuple[float, float] = (0.5, 0.9)) -> None:
+                 crop_scale: tuple[float, float] = (0.5, 0.9),
+                 objects: float = 0.0,
+                 object_motion: ObjectMotion = ObjectMotion()) -> None:
         self.photos = PhotoSource(split='train') if photos is None else photos
         if len(self.photos) == 0:
             raise ValueError('photo source is empty')
@@ -208,6 +224,10 @@ class SyntheticPairGenerator:
         if not 0 < lo <= hi <= 1:
             raise ValueError(f'crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}')
         self.crop_scale = (float(lo), float(hi))
+        if not 0.0 <= objects <= 1.0:
+            raise ValueError(f'objects is a probability in [0, 1], got {objects}')
+        self.objects = float(objects)
+        self.object_motion = object_motion
 
     # -- transforms ------------------------------------------------------------------
 
@@ -216,6 +236,8 @@ class SyntheticPairGenerator:
             return random_affine(rng, self.affine)
         if kind == 'tps':
             return random_tps(rng, self.tps_jitter)
+        if kind == 'similarity':
+            return random_similarity(rng)
         return random_homography(rng, self.homography_jitter)
 
     # -- sampling --------------------------------------------------------------------
@@ -247,7 +269,7 @@ class SyntheticPairGenerator:
         theta = self.random_transform(kind, rng)
         src_px = np.stack(np.meshgrid(np.arange(out_w, dtype=np.float64),
                                       np.arange(out_h, dtype=np.float64)), axis=-1)
-        mapped_n = tf.apply_transform(kind, theta, tf.to_normalized(src_px, (out_w, out_h)))
+        mapped_n = tf.apply_transform('affine' if kind == 'similarity' else kind, theta, tf.to_normalized(src_px, (out_w, out_h)))
         mapped = tf.to_pixels(mapped_n, (out_w, out_h))               # target pixels
         finite = np.all(np.isfinite(mapped), axis=-1)
         mapped = np.where(finite[..., None], mapped, -1e4)
@@ -265,12 +287,30 @@ class SyntheticPairGenerator:
                   'photo': key, 'photo_index': index, 'photo_size': [pw, ph],
                   'crop': {'x': ox, 'y': oy, 'photo_px_per_pixel': scale,
                            'resized_size': [rw, rh]}}
+        # No draw at all without objects: the held-out set and older streams stay bit-identical.
+        with_objects = self.objects > 0 and rng.random() < self.objects
+        if with_objects:
+            count = int(rng.integers(self.object_motion.count[0], self.object_motion.count[1] + 1))
+            textures = [self._texture(rng) for _ in range(count)]
+            source, target, flow, valid = add_moving_objects(source, target, flow, valid,
+                                                             textures, rng, self.object_motion)
+            params['objects'] = count
         if self.photometric is not None:
             source, jit_s = self.photometric.apply(source, rng)
             target, jit_t = self.photometric.apply(target, rng)
             params['photometric'] = {'source': jit_s, 'target': jit_t}
         return SyntheticPair(source=source, target=target, flow=flow, valid=valid,
                              kind=kind, params=params)
+
+    def _texture(self, rng: np.random.Generator) -> np.ndarray:
+        """A random crop of a random photo, at the output size (an object's texture)."""
+        out_h, out_w = self.size
+        photo, _ = self._photo(int(rng.integers(len(self.photos))))
+        ph, pw = photo.shape[:2]
+        cw = max(2, int(pw * rng.uniform(0.3, 1.0)))
+        ch = max(2, min(ph, int(cw * out_h / out_w)))
+        x0, y0 = int(rng.integers(0, pw - cw + 1)), int(rng.integers(0, ph - ch + 1))
+        return cv2.resize(photo[y0:y0 + ch, x0:x0 + cw], (out_w, out_h), interpolation=cv2.INTER_AREA)
 
     def pair(self, seed: int, index: int) -> SyntheticPair:
         """The pair number ``index`` of the stream seeded by ``seed`` (order-independent)."""

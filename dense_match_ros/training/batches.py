@@ -44,7 +44,8 @@ def make_generator(data: DataConfig) -> SyntheticPairGenerator:
     photos = PhotoSource(folders=data.photos, split='train', short_side=data.photo_short_side)
     return SyntheticPairGenerator(CachedPhotos(photos), size=tuple(data.image_size),
                                   kinds=tuple(data.kinds), photometric=data.photometric,
-                                  crop_scale=tuple(data.crop_scale))
+                                  crop_scale=tuple(data.crop_scale),
+                                  kind_weights=data.kind_weights, objects=data.objects)
 
 
 def collate(pairs: Sequence[SyntheticPair]) -> dict[str, torch.Tensor]:

@@ -41,6 +41,10 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.5, 0.9)
     workers: int = 0
     """DataLoader worker processes (0: make batches in the training process)."""
+    kind_weights: list[float] | None = None
+    """Relative frequency of each of ``kinds`` (None: uniform)."""
+    objects: float = 0.0
+    """Probability that a pair carries independently moving objects (data.moving_objects)."""
 
 
 @dataclasses.dataclass
@@ -55,7 +59,10 @@ class TrainConfig:
     model: dict = dataclasses.field(default_factory=dict)
     loss: dict = dataclasses.field(default_factory=dict)
     amp: bool = True
-    """Mixed precision where it helps (CUDA only; CPU always runs fp32)."""
+    """Mixed precision where the hardware has it: bf16 (fp16 on older GPUs) on CUDA, bf16
+    on CPUs with AVX-512 BF16 or AMX (core.device.autocast_dtype); fp32 elsewhere."""
+    channels_last: bool = True
+    """Train in the channels-last memory layout (faster convolutions on CPU and GPU)."""
     threads: int = 0
     """torch intra-op threads on CPU (0: leave torch's default)."""
     log_every: int = 10

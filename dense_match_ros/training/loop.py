@@ -1,4 +1,4 @@
-"""The shared training loop: AdamW, warm-up + cosine, AMP on CUDA, clipping, exact resume,
+"""The shared training loop: AdamW, warm-up + cosine, AMP (bf16 on capable CPUs too), clipping, exact resume,
 JSON-lines logs, a tqdm bar and DistributedDataParallel under ``torchrun``.
 
 Exactness of a resume rests on three things: batches are a pure function of
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dense_match_ros.core.device import autocast_dtype
 from dense_match_ros.training import checkpoint as ckpt
 from dense_match_ros.training.batches import StepBatches, make_generator, worker_init
 from dense_match_ros.training.config import TrainConfig
@@ -162,9 +163,12 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = True,
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == 'cuda' else None)
 
-    use_amp = bool(config.amp) and dev.type == 'cuda'
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler('cuda', enabled=use_amp and amp_dtype == torch.float16)
+    amp_dtype = autocast_dtype(dev.type, bool(config.amp))
+    use_amp = amp_dtype is not None
+    # Loss scaling only for fp16 (bf16 has fp32's exponent range).
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
 
     end = total if stop_at is None else min(total, int(stop_at))
     dataset = StepBatches(make_generator(config.data), task, config.loss, config.batch_size,

@@ -46,6 +46,7 @@ class TrainTask(abc.ABC):
 _TASKS: dict[str, Any] = {
     'hilm': 'dense_match_ros.training.hilm_task:HilmTask',
     'dgc': 'dense_match_ros.training.dgc_task:DgcTask',
+    'neuflow': 'dense_match_ros.training.neuflow_task:NeuFlowTask',
 }
 
 

@@ -1,0 +1,52 @@
+"""Where tensors run and in which precision: one place for the registry, training and benches.
+
+bf16 autocast pays on a CPU only where the hardware has bf16 arithmetic (AVX-512 BF16 or
+AMX); elsewhere it emulates and is slower than fp32, so it is detected, not assumed.
+"""
+from __future__ import annotations
+
+import functools
+
+
+def resolve_device(device: str = 'auto') -> str:
+    """Map 'auto' to 'cuda' where a GPU is usable, else 'cpu'; validate others."""
+    if device not in ('auto', 'cpu', 'cuda') and not device.startswith('cuda:'):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device == 'cpu':
+        return 'cpu'
+    try:
+        import torch
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if device == 'auto':
+        return 'cuda' if has_cuda else 'cpu'
+    if not has_cuda:
+        raise ValueError(f'device {device!r} requested but CUDA is not available')
+    return device
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX-512 BF16 or AMX-BF16)."""
+    try:
+        with open('/proc/cpuinfo', encoding='ascii', errors='replace') as f:
+            for line in f:
+                if line.startswith('flags'):
+                    flags = set(line.split(':', 1)[1].split())
+                    return bool({'avx512_bf16', 'amx_bf16'} & flags)
+    except OSError:
+        pass
+    return False
+
+
+def autocast_dtype(device_type: str, enabled: bool = True):
+    """The autocast dtype for a device type, or None where mixed precision does not pay."""
+    import torch
+    if not enabled:
+        return None
+    if device_type == 'cuda':
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device_type == 'cpu' and cpu_has_bf16():
+        return torch.bfloat16
+    return None
