@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dense_match_ros.core import grid
+from dense_match_ros.core.geometry import grid
 from dense_match_ros.ros import convert
 from dense_match_ros.ros.convert import ConversionError
 

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from dense_match_ros.core import grid
-from dense_match_ros.core import losses
+from dense_match_ros.core.geometry import grid
+from dense_match_ros.training import losses
 from dense_match_ros.core.methods import dgc as dgc_method
 from dense_match_ros.core.methods.dgc import DgcMatcher
 from dense_match_ros.core.networks.correlation import global_correlation, normalize_correlation
 from dense_match_ros.core.networks.dgc import PYRAMID, DgcNet, DgcNetConfig, DgcOutput
-from dense_match_ros.core.transforms import base_grid_torch
+from dense_match_ros.core.geometry.transforms import base_grid_torch
 from dense_match_ros.training import checkpoint as ckpt
 from dense_match_ros.training.dgc_task import DgcLossConfig, DgcTask, dgc_loss
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dense_match_ros.core import available_methods, load_matcher
-from dense_match_ros.core import grid
+from dense_match_ros.core.geometry import grid
 
 
 def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:

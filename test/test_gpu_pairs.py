@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dense_match_ros.core import transforms as tf
-from dense_match_ros.core.losses import flow_to_grid_torch
+from dense_match_ros.core.geometry import transforms as tf
+from dense_match_ros.training.losses import flow_to_grid_torch
 from dense_match_ros.training import gpu_pairs
 from dense_match_ros.training.gpu_pairs import GpuPairConfig, GpuPairSampler, photos_to_tensor
 

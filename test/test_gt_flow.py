@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dense_match_ros.core import grid, gt_flow
+from dense_match_ros.core.geometry import grid, gt_flow
 
 
 def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dense_match_ros.core import grid
-from dense_match_ros.core.hierarchical import (cells_to_pixels, hierarchical_match, nearest_cells,
+from dense_match_ros.core.geometry import grid
+from dense_match_ros.core.methods.hilm_hierarchical import (cells_to_pixels, hierarchical_match, nearest_cells,
                                                pixels_to_cells, refine_in_window, sample_descriptors)
 from dense_match_ros.core.methods import hilm as hilm_mod
 from dense_match_ros.core.methods.hilm import HilmMatcher

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from dense_match_ros.core import flowviz, metrics
+from dense_match_ros.core import flowviz
+from dense_match_ros.evaluation import metrics
 
 
 def _flow(*vectors) -> np.ndarray:

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dense_match_ros.ros.convert import CameraIntrinsics
+from dense_match_ros.core.geometry.camera import CameraIntrinsics
 from dense_match_ros.ros.pipeline import Frame, FrameRejected, MatchPipeline, PipelineConfig
 
 W, H = 160, 120

@@ -8,8 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from dense_match_ros.core import essential, metrics
-from dense_match_ros.core.pose import (PoseConfig, estimate_from_correspondences,
+from dense_match_ros.core.geometry import essential
+from dense_match_ros.evaluation import metrics
+from dense_match_ros.core.geometry.pose import (PoseConfig, estimate_from_correspondences,
                                        estimate_relative_pose, select_correspondences,
                                        spread_sample)
 from dense_match_ros.evaluation.pose_eval import random_rotation, random_scene
@@ -173,7 +174,7 @@ def test_unrelated_points_give_too_few_inliers():
 def test_statuses_are_those_of_the_message():
     text = MSG.read_text()
     declared = set(re.findall(r'^string STATUS_\w+="(\w+)"', text, flags=re.M))
-    from dense_match_ros.core import pose
+    from dense_match_ros.core.geometry import pose
     ours = {v for k, v in vars(pose).items() if k.startswith('STATUS_')}
     assert ours == declared
 

@@ -7,8 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from dense_match_ros.core.gt_flow import flow_from_depth
-from dense_match_ros.core.pose import PoseConfig
+from dense_match_ros.core.geometry.gt_flow import flow_from_depth
+from dense_match_ros.core.geometry.pose import PoseConfig
 from dense_match_ros.data.shared_sets import PosePair
 from dense_match_ros.evaluation import bench_pose
 from dense_match_ros.evaluation.pose_eval import (evaluate_gt_upper_bound, evaluate_pose_pair,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dense_match_ros.core import grid
+from dense_match_ros.core.geometry import grid
 from dense_match_ros.data import shared_sets
 
 
@@ -105,7 +105,7 @@ def test_hpatches_full_and_small(shared_data):
 
 
 def test_tum_pairs_geometry(shared_data):
-    from dense_match_ros.core.gt_flow import flow_from_depth
+    from dense_match_ros.core.geometry.gt_flow import flow_from_depth
 
     pairs = shared_sets.tum_pairs(shared_data)
     assert [p.name for p in pairs] == ['fr3_office/0-5', 'fr3_office/0-10', 'fr3_office/0-15']

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dense_match_ros.core import grid, gt_flow, transforms as tf
+from dense_match_ros.core.geometry import grid, gt_flow, transforms as tf
 from dense_match_ros.data import photos as photos_mod
 from dense_match_ros.data.make_pairs import load_pairs, main as make_pairs_main
 from dense_match_ros.data.photos import PhotoSource, heldout_score
@@ -87,7 +87,7 @@ def test_generator_flow_equals_transform_displacement(photos, kind):
         mapped = tf.to_pixels(tf.apply_transform(kind, theta, tf.to_normalized(pts, (w, h))), (w, h))
         np.testing.assert_allclose(pair.flow[ys, xs], mapped - pts, atol=1e-4)
         # ...and the whole field matches the gt_flow builder for that family.
-        if kind == 'affine':
+        if kind in ('affine', 'similarity'):
             ref, ref_valid = gt_flow.flow_from_affine(theta, (w, h), (w, h))
         elif kind == 'tps':
             ref, ref_valid = gt_flow.flow_from_tps(theta, (w, h), (w, h))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dense_match_ros.core import grid, gt_flow, transforms as tf
+from dense_match_ros.core.geometry import grid, gt_flow, transforms as tf
 
 
 def _random_points(rng: np.random.Generator, n: int = 50) -> np.ndarray:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from dense_match_ros.core import grid
-from dense_match_ros.core.methods.dis import PRESETS as _DIS_PRESETS
+from dense_match_ros.core.geometry import grid
+from dense_match_ros.core.dis_presets import check_preset, create_dis
 
 REFINERS = ('none', 'dis')
 
@@ -27,8 +27,7 @@ def check_refiner(refine: str, preset: str = 'medium') -> None:
     """Refuse an unknown refiner or preset when a matcher is built, not at its first pair."""
     if refine not in REFINERS:
         raise ValueError(f'refine must be one of {REFINERS}, got {refine!r}')
-    if preset not in _DIS_PRESETS:
-        raise ValueError(f'refine_preset must be one of {sorted(_DIS_PRESETS)}, got {preset!r}')
+    check_preset(preset, 'refine_preset')
 
 
 def dis_residual(source: np.ndarray, target: np.ndarray, flow: np.ndarray,
@@ -38,6 +37,6 @@ def dis_residual(source: np.ndarray, target: np.ndarray, flow: np.ndarray,
     grey_s = cv2.cvtColor(source, cv2.COLOR_RGB2GRAY)
     grey_t = cv2.cvtColor(target, cv2.COLOR_RGB2GRAY)
     warped = grid.warp(grey_t, flow, border_mode=cv2.BORDER_REPLICATE)
-    residual = cv2.DISOpticalFlow_create(_DIS_PRESETS[preset]).calc(grey_s, warped, None)
+    residual = create_dis(preset).calc(grey_s, warped, None)
     refined = residual + grid.warp(flow, residual, border_mode=cv2.BORDER_REPLICATE)
     return refined.astype(np.float32)

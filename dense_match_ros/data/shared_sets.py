@@ -4,7 +4,7 @@ The data is never part of the package: every loader takes a root folder (default
 :func:`data_root`) and raises :class:`FileNotFoundError` when its set is absent, so
 callers can skip that set with a message instead of crashing.
 
-Two kinds of pairs come out, both in the package's conventions (core/grid.py):
+Two kinds of pairs come out, both in the package's conventions (core/geometry/grid.py):
 
 * :class:`FlowPair`: ground-truth flow on the source grid (Sintel, HPatches);
 * :class:`PosePair`: intrinsics and the relative pose ``T_target_source`` (4x4, maps
@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from dense_match_ros import paths
-from dense_match_ros.core.gt_flow import flow_from_homography, scale_homography
+from dense_match_ros.core.geometry.gt_flow import flow_from_homography, scale_homography
 
 FLO_MAGIC = 202021.25
 """First float32 of a Middlebury .flo file; reading it back also checks byte order."""

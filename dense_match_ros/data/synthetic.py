@@ -5,7 +5,7 @@ Recipe (following CNNGeo, Rocco et al. 2017, and DGC-Net, Melekhov et al. 2019):
 * a photo is cropped (the TARGET, an exact pixel crop of the photo resized so the crop
   window has the output size);
 * a random transform T (rendered -> sampled direction, normalised coordinates, see
-  :mod:`core.transforms`) is drawn, and the SOURCE is rendered by sampling the photo at
+  :mod:`core.geometry.transforms`) is drawn, and the SOURCE is rendered by sampling the photo at
   T(x) around that crop. So ``source(x) = target(T(x))`` and the ground-truth flow on the
   source grid is exactly ``T(x) - x``, with no inverse of a TPS ever needed;
 * outside the photo the sampling reflects it (CNNGeo's symmetric padding: the warp never
@@ -38,7 +38,7 @@ from typing import Iterator, Sequence
 import cv2
 import numpy as np
 
-from dense_match_ros.core import transforms as tf
+from dense_match_ros.core.geometry import transforms as tf
 from dense_match_ros.data.moving_objects import ObjectMotion, add_moving_objects
 from dense_match_ros.data.photos import PhotoSource
 
@@ -269,7 +269,7 @@ class SyntheticPairGenerator:
         theta = self.random_transform(kind, rng)
         src_px = np.stack(np.meshgrid(np.arange(out_w, dtype=np.float64),
                                       np.arange(out_h, dtype=np.float64)), axis=-1)
-        mapped_n = tf.apply_transform('affine' if kind == 'similarity' else kind, theta, tf.to_normalized(src_px, (out_w, out_h)))
+        mapped_n = tf.apply_transform(kind, theta, tf.to_normalized(src_px, (out_w, out_h)))
         mapped = tf.to_pixels(mapped_n, (out_w, out_h))               # target pixels
         finite = np.all(np.isfinite(mapped), axis=-1)
         mapped = np.where(finite[..., None], mapped, -1e4)

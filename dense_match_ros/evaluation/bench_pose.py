@@ -12,7 +12,7 @@ Three measurements, each printed as a markdown table and written to one JSON fil
    given to every estimator, plus the ground-truth-correspondence upper bound (TUM).
 
 Run ``dense-match-bench-pose --help`` for the options; the default estimator of
-:class:`dense_match_ros.core.pose.PoseConfig` was chosen from this benchmark's output.
+:class:`dense_match_ros.core.geometry.pose.PoseConfig` was chosen from this benchmark's output.
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from dense_match_ros.core import essential, essential_ransac, metrics
-from dense_match_ros.core.pose import PoseConfig, estimate_from_correspondences, estimate_relative_pose
+from dense_match_ros.core.geometry import essential, essential_ransac
+from dense_match_ros.evaluation import metrics
+from dense_match_ros.core.geometry.pose import PoseConfig, estimate_from_correspondences, estimate_relative_pose
 from dense_match_ros.evaluation import pose_eval
 
 

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from dense_match_ros.core import grid, metrics
+from dense_match_ros.core.geometry import grid
+from dense_match_ros.evaluation import metrics
 from dense_match_ros.core.registry import available_methods, load_matcher
 from dense_match_ros.data import shared_sets, synthetic
 from dense_match_ros.evaluation import pose_eval

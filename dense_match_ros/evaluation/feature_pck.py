@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dense_match_ros.core.hierarchical import hierarchical_match, nearest_cells, sample_descriptors
+from dense_match_ros.core.methods.hilm_hierarchical import hierarchical_match, nearest_cells, sample_descriptors
 from dense_match_ros.core.methods.hilm import HilmMatcher
 from dense_match_ros.data.synthetic import HELDOUT_SEED, heldout_pairs
 from dense_match_ros.evaluation import report

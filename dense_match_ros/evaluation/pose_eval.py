@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from dense_match_ros.core import metrics
-from dense_match_ros.core.pose import PoseConfig, PoseEstimate, estimate_relative_pose
+from dense_match_ros.evaluation import metrics
+from dense_match_ros.core.geometry.pose import PoseConfig, PoseEstimate, estimate_relative_pose
 
 
 def _errors(estimate: PoseEstimate, T_target_source: np.ndarray) -> tuple[float, float]:
@@ -67,7 +67,7 @@ def evaluate_pose_pair(matcher, pair, config: PoseConfig | None = None,
 def gt_correspondence_flow(pair) -> tuple[np.ndarray, np.ndarray]:
     """(flow, matchability) from the pair's source depth and true pose, occlusion-checked
     against the target depth when there is one; matchability is 1 where valid, else 0."""
-    from dense_match_ros.core.gt_flow import flow_from_depth
+    from dense_match_ros.core.geometry.gt_flow import flow_from_depth
 
     if getattr(pair, 'depth_source', None) is None:
         raise ValueError(f'{pair.name}: no source depth, so no ground-truth correspondences')

@@ -12,7 +12,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from dense_match_ros.core import flowviz, metrics
+from dense_match_ros.core import flowviz
+from dense_match_ros.evaluation import metrics
 
 ERROR_MAP_MAX_PX = 10.0
 """End-point error shown at full brightness: the coarsest PCK threshold reported."""

@@ -47,7 +47,9 @@ from rclpy.qos import (HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile
 from scipy.spatial.transform import Rotation
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
-from dense_match_ros.core.registry import available_methods, resolve_device
+from dense_match_ros.core.device import resolve_device
+from dense_match_ros.core.geometry.camera import CameraIntrinsics
+from dense_match_ros.core.registry import available_methods
 from dense_match_ros.ros import convert
 from dense_match_ros.ros.pipeline import (Frame, FrameRejected, MatchPipeline, PipelineConfig,
                                           PipelineOutput, pose_config_fields)
@@ -264,7 +266,7 @@ class _CameraState:
     """Latest calibration of one camera, or why there is none."""
 
     topic: str
-    intrinsics: convert.CameraIntrinsics | None = None
+    intrinsics: CameraIntrinsics | None = None
     error: str = ''
     received: int = 0
 
@@ -412,7 +414,7 @@ class DenseMatchNode(Node):
             if isinstance(default, tuple):
                 default = [int(v) for v in default]
             if isinstance(default, (bool, int, float, str, list)):
-                d(f'pose.{name}', default, f'core.pose.PoseConfig.{name}.')
+                d(f'pose.{name}', default, f'core.geometry.pose.PoseConfig.{name}.')
 
     def _pose_options(self) -> dict:
         out = {}

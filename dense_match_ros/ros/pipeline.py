@@ -22,11 +22,11 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-from dense_match_ros.core import grid
-from dense_match_ros.core import pose as _pose
+from dense_match_ros.core.geometry import grid
+from dense_match_ros.core.geometry import pose as _pose
 from dense_match_ros.core.flowviz import flow_to_color as _flow_to_color
 from dense_match_ros.core.registry import Matcher, available_methods, load_matcher
-from dense_match_ros.ros.convert import CameraIntrinsics
+from dense_match_ros.core.geometry.camera import CameraIntrinsics
 
 
 _log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class PipelineConfig:
     """Pixels at or above this count as matched (pose input, inlier statistics)."""
     estimate_pose: bool = True
     pose_options: dict = dataclasses.field(default_factory=dict)
-    """Fields of core.pose.PoseConfig (unknown keys are refused)."""
+    """Fields of core.geometry.pose.PoseConfig (unknown keys are refused)."""
     min_image_side: int = 16
     max_image_pixels: int = 4096 * 4096
     """Refuse larger frames (0 = no limit): a mis-set driver must not exhaust memory."""
@@ -129,7 +129,7 @@ class PipelineOutput:
     scale: tuple[float, float]
     """(sx, sy): input-resolution pixels per output-grid pixel (1, 1 at full resolution)."""
     pose: Any | None
-    """core.pose.PoseEstimate, or None when no estimate was attempted (see pose_status)."""
+    """core.geometry.pose.PoseEstimate, or None when no estimate was attempted (see pose_status)."""
     pose_status: str
     """'ok' or the reason the pose is missing or invalid (RelativePose.STATUS_* strings)."""
     matchable_fraction: float
@@ -150,7 +150,7 @@ class PipelineOutput:
 
 
 def pose_config_fields() -> dict[str, Any]:
-    """Name -> default of every core.pose.PoseConfig field (the node's pose.* parameters)."""
+    """Name -> default of every core.geometry.pose.PoseConfig field (the node's pose.* parameters)."""
     out = {}
     for field in dataclasses.fields(_pose.PoseConfig):
         if field.default is not dataclasses.MISSING:
@@ -161,7 +161,7 @@ def pose_config_fields() -> dict[str, Any]:
 
 
 def make_pose_config(options: dict):
-    """core.pose.PoseConfig from a dict; unknown keys raise ValueError (typos in YAML)."""
+    """core.geometry.pose.PoseConfig from a dict; unknown keys raise ValueError (typos in YAML)."""
     known = pose_config_fields()
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -426,18 +426,11 @@ class MatchPipeline:
         t0 = time.perf_counter()
         out_size = source_input_size if self.config.full_resolution_output else source.size
         scale = (source_input_size[0] / out_size[0], source_input_size[1] / out_size[1])
-        if self.config.full_resolution_output and (out_size != source.size
-                                                   or target_input_size != target.size):
-            # The target goes back to its own input size, which in pair mode may scale
-            # differently from the source; resize_flow wants that ratio relative to the source.
-            s_scale = (out_size[0] / source.size[0], out_size[1] / source.size[1])
-            t_scale = (target_input_size[0] / target.size[0],
-                       target_input_size[1] / target.size[1])
-            flow = grid.resize_flow(flow, out_size, target_scale=(t_scale[0] / s_scale[0],
-                                                                  t_scale[1] / s_scale[1]))
-            if out_size != source.size:
-                matchability = np.clip(cv2.resize(matchability, out_size,
-                                                  interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+        if self.config.full_resolution_output:
+            # The target goes back to its own input size too (in pair mode it may have been
+            # scaled differently from the source).
+            flow, matchability = grid.to_source_grid(flow, matchability, out_size, target.size,
+                                                     target_input_size)
         color = None
         if self.config.color_output:
             max_flow = self.config.max_flow_color if self.config.max_flow_color > 0 else None

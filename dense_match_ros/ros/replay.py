@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
-from dense_match_ros.core.metrics import (pose_auc, pose_error_deg, rotation_error_deg,
+from dense_match_ros.evaluation.metrics import (pose_auc, pose_error_deg, rotation_error_deg,
                                           translation_direction_error_deg)
 from dense_match_ros.evaluation import report
 from dense_match_ros.ros import bag_io, convert

@@ -1,4 +1,7 @@
-"""Resumable training state and the small shipped checkpoint, with its JSON record.
+"""Writing the resumable training state and exporting the small shipped checkpoint.
+
+The reader of both formats, which a matcher needs at run time, is
+:mod:`dense_match_ros.core.checkpoint` (re-exported here for training code).
 
 Two formats:
 
@@ -15,7 +18,6 @@ tensors and plain containers, never pickled code.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,8 +25,8 @@ from typing import Any
 
 import torch
 
-TRAIN_FORMAT = 'dense_match_ros.train_state/1'
-WEIGHTS_FORMAT = 'dense_match_ros.weights/1'
+from dense_match_ros.core.checkpoint import TRAIN_FORMAT, WEIGHTS_FORMAT, load_weights, sha256_of  # noqa: F401
+
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -32,14 +34,6 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + '.tmp')
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -99,37 +93,3 @@ def export_weights(state: dict, out_path: str | Path, record: dict, half: bool =
                    'sha256': sha256_of(out_path), 'bytes': out_path.stat().st_size})
     out_path.with_suffix('.json').write_text(json.dumps(record, indent=2) + '\n')
     return record
-
-
-def load_weights(path: str | Path, method: str, verify: bool = True) -> tuple[dict, dict, dict]:
-    """(model_config, float32 state_dict, record) of a shipped checkpoint or training state.
-
-    A shipped checkpoint is checked against the sha256 in the JSON beside it (a mismatch
-    or a missing record raises, so a truncated download is never used silently); a
-    training state (``last.pt`` of a run) carries no record and is accepted as is.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'no checkpoint at {path}')
-    obj = torch.load(path, map_location='cpu', weights_only=True)
-    fmt = obj.get('format') if isinstance(obj, dict) else None
-    if fmt == TRAIN_FORMAT:
-        state, model_config, record = obj['model'], obj['config']['model'], {'steps': obj['step']}
-        found = obj['method']
-    elif fmt == WEIGHTS_FORMAT:
-        record_path = path.with_suffix('.json')
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-        if verify:
-            if 'sha256' not in record:
-                raise ValueError(f'{path}: no JSON record with a sha256 beside it ({record_path})')
-            actual = sha256_of(path)
-            if actual != record['sha256']:
-                raise ValueError(f'{path}: sha256 {actual} does not match its record '
-                                 f'{record["sha256"]}; the file is damaged or was replaced')
-        state, model_config, found = obj['state_dict'], obj['model_config'], obj['method']
-    else:
-        raise ValueError(f'{path} is not a dense_match_ros checkpoint (format {fmt!r})')
-    if found != method:
-        raise ValueError(f'{path} holds weights for {found!r}, not {method!r}')
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
-    return model_config, state, record

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from dense_match_ros.core import losses
+from dense_match_ros.training import losses
 from dense_match_ros.core.networks.dgc import PYRAMID, DgcNet, DgcNetConfig, config_from_dict
 from dense_match_ros.training.tasks import TrainTask
 

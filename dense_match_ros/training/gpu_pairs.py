@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dense_match_ros.core import transforms as tf
+from dense_match_ros.core.geometry import transforms as tf
 
 KINDS = ('affine', 'tps', 'homography')
 

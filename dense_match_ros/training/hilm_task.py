@@ -18,7 +18,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from dense_match_ros.core.hierarchical import cell_centres, sample_descriptors
+from dense_match_ros.core.methods.hilm_hierarchical import cell_centres, sample_descriptors
 from dense_match_ros.core.networks.hilm_net import HilmNet, HilmNetConfig
 from dense_match_ros.training.tasks import TrainTask
 

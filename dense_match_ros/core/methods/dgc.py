@@ -4,7 +4,7 @@ Two ways to meet inputs of any size (``mode``):
 
 * ``'resize'`` (default): both images are resized to the size the network was trained at
   (240x240 unless the checkpoint says otherwise), and the final grid is turned into a flow
-  and upsampled to the source's full grid (:func:`core.grid.resize_flow`). The network then
+  and upsampled to the source's full grid (:func:`core.geometry.grid.resize_flow`). The network then
   sees exactly the statistics it was trained on; precision is bounded by the working size.
 * ``'pyramid'``: the pyramid runs on each image at its own aspect ratio, longest side
   ``max_side`` (multiples of 16): finer levels, finer flow, but the finer levels see
@@ -31,7 +31,8 @@ import cv2
 import numpy as np
 import torch
 
-from dense_match_ros.core import grid, refine as _refine
+from dense_match_ros.core import refine as _refine
+from dense_match_ros.core.geometry import grid
 from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.networks.dgc import PYRAMID, DgcNet, config_from_dict
 from dense_match_ros.core.registry import Matcher
@@ -52,10 +53,6 @@ def load_network(weights: str | Path, device: str = 'cpu') -> tuple[DgcNet, dict
     """The DgcNet of a checkpoint (shipped, or a run's last.pt), in eval mode, and its record."""
     return _weights.load_network(weights, 'dgc', lambda cfg: DgcNet(config_from_dict(cfg)),
                                  device)
-
-
-def _round16(x: float) -> int:
-    return max(32, int(round(x / 16.0)) * 16)
 
 
 class DgcMatcher(Matcher):
@@ -94,8 +91,7 @@ class DgcMatcher(Matcher):
             h, w = self.input_size
             return w, h
         h, w = image.shape[:2]
-        scale = self.max_side / max(h, w) if self.max_side > 0 else 1.0
-        return _round16(w * scale), _round16(h * scale)
+        return grid.working_size((w, h), self.max_side, min_side=32, multiple=16, upscale=True)
 
     def _tensor(self, image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
         h, w = image.shape[:2]
@@ -142,8 +138,7 @@ class DgcMatcher(Matcher):
             g = torch.nn.functional.interpolate(g.float(), size=(wh, ww), mode='bilinear',
                                                 align_corners=False)
             flow = grid.grid_to_flow(g[0].permute(1, 2, 0).cpu().numpy(), (tww, twh))
-            sx, sy = w / ww, h / wh
-            flows.append(grid.resize_flow(flow, (w, h), target_scale=((tw / tww) / sx, (th / twh) / sy)))
+            flows.append(grid.to_source_grid(flow, None, (w, h), (tww, twh), (tw, th))[0])
         return flows
 
     def _match(self, source: np.ndarray, target: np.ndarray):
@@ -158,11 +153,8 @@ class DgcMatcher(Matcher):
         """Flow and the head's matchability on the source's full grid."""
         h, w = source.shape[:2]
         th, tw = target.shape[:2]
-        flow, matchability, (ww, wh), (tww, twh) = self.working_flow(source, target)
-        sx, sy = w / ww, h / wh
-        flow = grid.resize_flow(flow, (w, h), target_scale=((tw / tww) / sx, (th / twh) / sy))
-        if (ww, wh) != (w, h):
-            matchability = cv2.resize(matchability, (w, h), interpolation=cv2.INTER_LINEAR)
+        flow, matchability, _, (tww, twh) = self.working_flow(source, target)
+        flow, matchability = grid.to_source_grid(flow, matchability, (w, h), (tww, twh), (tw, th))
         if self.refine == 'dis':
             flow = _refine.dis_residual(source, target, flow, self.refine_preset)
         return flow, matchability

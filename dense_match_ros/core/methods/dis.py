@@ -8,15 +8,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from dense_match_ros.core import grid
+from dense_match_ros.core.geometry import grid
+from dense_match_ros.core.dis_presets import check_preset, create_dis
 from dense_match_ros.core.registry import Matcher
-
-PRESETS = {  # DIS presets by name, for this method and for core.refine
-    'ultrafast': cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
-    'fast': cv2.DISOPTICAL_FLOW_PRESET_FAST,
-    'medium': cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
-}
-
 
 class DisMatcher(Matcher):
     """DIS flow (grey images) with matchability from forward-backward consistency.
@@ -30,13 +24,12 @@ class DisMatcher(Matcher):
                  preset: str = 'medium', fb_sigma: float = 1.0, max_side: int = 0) -> None:
         if weights:
             raise ValueError('dis has no weights; leave `weights` empty')
-        if preset not in PRESETS:
-            raise ValueError(f'preset must be one of {sorted(PRESETS)}, got {preset!r}')
+        check_preset(preset)
         self.device = 'cpu'  # OpenCV's DIS runs on the CPU whatever was asked for.
         self.preset = preset
         self.fb_sigma = float(fb_sigma)
         self.max_side = int(max_side)
-        self._dis = cv2.DISOpticalFlow_create(PRESETS[preset])
+        self._dis = create_dis(preset)
 
     def _flow(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return self._dis.calc(a, b, None)
@@ -45,8 +38,7 @@ class DisMatcher(Matcher):
         h, w = source.shape[:2]
         th, tw = target.shape[:2]
         # Work on one grid: the source's size, optionally capped by max_side.
-        scale = min(1.0, self.max_side / max(h, w)) if self.max_side > 0 else 1.0
-        ww, wh = max(2, round(w * scale)), max(2, round(h * scale))
+        ww, wh = grid.working_size((w, h), self.max_side)
         src = cv2.cvtColor(cv2.resize(source, (ww, wh), interpolation=cv2.INTER_AREA)
                            if (ww, wh) != (w, h) else source, cv2.COLOR_RGB2GRAY)
         tgt = cv2.cvtColor(cv2.resize(target, (ww, wh), interpolation=cv2.INTER_AREA)
@@ -54,8 +46,4 @@ class DisMatcher(Matcher):
         forward = self._flow(src, tgt)
         backward = self._flow(tgt, src)
         matchability = grid.forward_backward_consistency(forward, backward, self.fb_sigma)
-        # Back to the source's full grid and the target's own pixel frame.
-        flow = grid.resize_flow(forward, (w, h), target_scale=(tw / w, th / h))
-        if (ww, wh) != (w, h):
-            matchability = cv2.resize(matchability, (w, h), interpolation=cv2.INTER_LINEAR)
-        return flow, matchability
+        return grid.to_source_grid(forward, matchability, (w, h), (ww, wh), (tw, th))

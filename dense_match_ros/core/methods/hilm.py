@@ -29,8 +29,8 @@ import cv2
 import numpy as np
 import torch
 
-from dense_match_ros.core import grid
-from dense_match_ros.core.hierarchical import hierarchical_match, sample_descriptors
+from dense_match_ros.core.geometry import grid
+from dense_match_ros.core.methods.hilm_hierarchical import hierarchical_match, sample_descriptors
 from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.networks.hilm_net import HilmNet, config_from_dict
 from dense_match_ros.core.registry import Matcher
@@ -79,12 +79,11 @@ class HilmMatcher(Matcher):
 
     def _working(self, image: np.ndarray) -> np.ndarray:
         h, w = image.shape[:2]
-        scale = min(1.0, self.max_side / max(h, w)) if self.max_side > 0 else 1.0
-        scale = max(scale, 16.0 / min(h, w))  # the deep level needs a few cells per side
-        size = (max(16, round(w * scale)), max(16, round(h * scale)))
+        # The deep level needs a few cells per side: at least 16 px.
+        size = grid.working_size((w, h), self.max_side, min_side=16)
         if size == (w, h):
             return image
-        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        interp = cv2.INTER_AREA if size[0] < w else cv2.INTER_LINEAR
         return cv2.resize(image, size, interpolation=interp)
 
     @torch.no_grad()
@@ -178,12 +177,7 @@ class HilmMatcher(Matcher):
             similarity = self._dense_similarity(forward, sh_s, sh_t)
             support = self._support(p_src, (wh, ww))
             matchability = (consistency * support * np.clip(similarity, 0.0, 1.0)).astype(np.float32)
-        # Back to the source's own grid, pointing into the target's own pixel frame.
-        sx, sy = w / ww, h / wh
-        flow = grid.resize_flow(forward, (w, h), target_scale=((tw / tww) / sx, (th / twh) / sy))
-        if (ww, wh) != (w, h):
-            matchability = cv2.resize(matchability, (w, h), interpolation=cv2.INTER_LINEAR)
-        return flow, matchability
+        return grid.to_source_grid(forward, matchability, (w, h), (tww, twh), (tw, th))
 
     def _support(self, points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """1 near a surviving match, falling off over a few grid steps away from any.

@@ -1,8 +1,8 @@
 """Finding and loading the checkpoints of learned methods, shared by all of them.
 
 Shipped checkpoints live in ``dense_match_ros/weights/<method>_<variant>.pt`` with a JSON
-record beside them. The loader (checksum, ``torch.load(weights_only=True)``) lives with the
-exporter in ``training.checkpoint``, which imports torch only, so core still needs no ROS.
+record beside them; :mod:`dense_match_ros.core.checkpoint` reads them (checksum,
+``torch.load(weights_only=True)``).
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+
+from dense_match_ros.core.checkpoint import load_weights
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / 'weights'
 VARIANTS = ('gpu', 'cpu')  # searched in this order when no variant is named
@@ -35,7 +37,6 @@ def find_shipped(method: str, variant: str | None, directory: Path, train_hint: 
 def load_network(weights: str | Path, method: str, build: Callable[[dict], torch.nn.Module],
                  device: str = 'cpu') -> tuple[torch.nn.Module, dict]:
     """The network of a checkpoint (shipped, or a run's last.pt) in eval mode, and its record."""
-    from dense_match_ros.training.checkpoint import load_weights
     model_config, state, record = load_weights(weights, method)
     net = build(model_config)
     net.load_state_dict(state)

@@ -17,7 +17,7 @@ Direction. Our flow lives on the SOURCE grid and points into the TARGET, so ever
 is defined on the source grid and gives, per source pixel, where to sample the TARGET
 (``grid_sample(target, grid)`` ~= source). The paper states the same network with the roles
 named the other way round (its grid lives on its "target" and samples its "source"); only
-the names differ. Grids are normalised with ``align_corners=False`` (:mod:`core.grid`),
+the names differ. Grids are normalised with ``align_corners=False`` (:mod:`core.geometry.grid`),
 channel 0 = x, which is what makes upsampling a grid a plain bilinear resize.
 
 Deviations from the paper, each for a stated reason:

@@ -1,6 +1,6 @@
 """Ground-truth flow and validity masks from known geometry.
 
-Every function here returns ``(flow, valid)`` in the convention of :mod:`core.grid`: flow is
+Every function here returns ``(flow, valid)`` in the convention of :mod:`core.geometry.grid`: flow is
 float32 HxWx2 on the *source* grid, in pixels, source (x, y) <-> target (x + u, y + v);
 ``valid`` is bool HxW and says where that correspondence exists (lands inside the target,
 in front of the camera, not occluded, ...). Flow values where ``valid`` is False are finite
@@ -18,8 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from dense_match_ros.core import grid, transforms
-from dense_match_ros.core.transforms import apply_homography  # noqa: F401  (re-exported)
+from dense_match_ros.core.geometry import grid, transforms
+from dense_match_ros.core.geometry.transforms import apply_homography  # noqa: F401  (re-exported)
 
 Size = tuple[int, int]
 PointTransform = Callable[[np.ndarray], np.ndarray]
@@ -66,7 +66,7 @@ def resize_matrix(from_size: Size, to_size: Size) -> np.ndarray:
 def scale_intrinsics(K: np.ndarray, from_size: Size, to_size: Size) -> np.ndarray:
     """Intrinsics of the same camera after resizing its images from ``from_size`` to ``to_size``.
 
-    K uses the pixel-centre convention of :mod:`core.grid` (the principal point is in the
+    K uses the pixel-centre convention of :mod:`core.geometry.grid` (the principal point is in the
     same coordinates as pixel centres), so the principal point moves by the half-pixel
     term as well: cx' = (cx + .5) sx - .5, fx' = fx sx.
     """
@@ -109,7 +109,7 @@ def flow_from_point_transform(fn: PointTransform, source_size: Size,
 
 def flow_from_homography(H: np.ndarray, source_size: Size,
                          target_size: Size) -> tuple[np.ndarray, np.ndarray]:
-    """Flow of a pixel homography x_t ~ H x_s (pixel centres as in core/grid.py).
+    """Flow of a pixel homography x_t ~ H x_s (pixel centres as in core/geometry/grid.py).
 
     Valid where the point lands inside the target and is in front (w > 0). The sign of w is
     only meaningful up to the overall sign of H, so H is first normalised to make w > 0 at
@@ -189,7 +189,7 @@ def flow_from_depth(depth_source: np.ndarray, K_source: np.ndarray,
 
 
 # --------------------------------------------------------------------------------------
-# Flow of the normalised-coordinate transforms of core/transforms.py
+# Flow of the normalised-coordinate transforms of core/geometry/transforms.py
 # --------------------------------------------------------------------------------------
 
 def flow_from_normalized_transform(fn: PointTransform, source_size: Size,
@@ -197,7 +197,7 @@ def flow_from_normalized_transform(fn: PointTransform, source_size: Size,
     """Flow of a map between *normalised* coordinates (each image normalised by its own size).
 
     ``fn`` takes (N, 2) normalised source points to (N, 2) normalised target points, in
-    the rendered -> sampled direction of :mod:`core.transforms`.
+    the rendered -> sampled direction of :mod:`core.geometry.transforms`.
     """
     def in_pixels(points: np.ndarray) -> np.ndarray:
         mapped = fn(transforms.to_normalized(points, source_size))

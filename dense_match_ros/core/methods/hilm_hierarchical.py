@@ -3,7 +3,7 @@
 Shared by the HiLM loss (training) and the ``hilm`` method (inference) so that both sample
 descriptors at exactly the same place. A descriptor map of stride s over an image has cell
 i covering input pixels [i s, (i + 1) s); under the package's pixel convention
-(:mod:`core.grid`: centres at integers, align_corners=False) cell i therefore sits at
+(:mod:`core.geometry.grid`: centres at integers, align_corners=False) cell i therefore sits at
 input pixel ``i s + (s - 1) / 2`` and input pixel x lies at cell ``(x + 0.5) / s - 0.5``.
 """
 from __future__ import annotations

@@ -10,9 +10,9 @@ This is the direction of ``torch.nn.functional.affine_grid`` / ``grid_sample`` a
 parameters ``theta`` in CNNGeo (Rocco et al. 2017), so a network predicting theta can be
 supervised with ``grid_sample(sampled, grid_of(theta))`` directly. In this package the
 rendered image is the SOURCE and the sampled one the TARGET, so the flow on the source grid
-is simply ``T(x) - x`` (see :mod:`core.gt_flow`) and no transform ever needs inverting.
+is simply ``T(x) - x`` (see :mod:`core.geometry.gt_flow`) and no transform ever needs inverting.
 
-Coordinates are normalised with ``align_corners=False`` as in :mod:`core.grid`: -1 and +1
+Coordinates are normalised with ``align_corners=False`` as in :mod:`core.geometry.grid`: -1 and +1
 are the outer image edges, each image normalised by its own width and height. Note that
 this differs from the original CNNGeo code, which ran with the old ``align_corners=True``
 behaviour (-1/+1 = the outer pixel *centres*); the parameter ranges carry over unchanged.
@@ -230,15 +230,16 @@ def apply_tps(theta: np.ndarray, points: np.ndarray, grid_size: int = 3) -> np.n
 
 
 def apply_transform(kind: str, theta: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Dispatch on ``kind`` in {'affine', 'homography', 'tps'}; NaN where a homography has w <= 0."""
-    if kind == 'affine':
+    """Dispatch on ``kind`` in {'affine', 'similarity', 'homography', 'tps'}; NaN where a
+    homography has w <= 0. A similarity is an affine theta (rotation, one zoom, shift)."""
+    if kind in ('affine', 'similarity'):
         return apply_affine(theta, points)
     if kind == 'homography':
         mapped, w = apply_homography(np.asarray(theta).reshape(3, 3), points)
         return np.where((w > 1e-12)[..., None], mapped, np.nan)
     if kind == 'tps':
         return apply_tps(theta, points)
-    raise ValueError(f"kind must be 'affine', 'homography' or 'tps', got {kind!r}")
+    raise ValueError(f"kind must be 'affine', 'similarity', 'homography' or 'tps', got {kind!r}")
 
 
 # ======================================================================================
@@ -325,4 +326,4 @@ def sampling_grid_torch(kind: str, theta: 'torch.Tensor', size: tuple[int, int],
     if kind == 'homography':
         mapped, w = apply_homography_torch(theta, base)
         return torch.where((w > 1e-8)[..., None], mapped, torch.full_like(mapped, -10.0))
-    raise ValueError(f"kind must be 'affine', 'homography' or 'tps', got {kind!r}")
+    raise ValueError(f"kind must be 'affine', 'similarity', 'homography' or 'tps', got {kind!r}")

@@ -28,7 +28,7 @@ def flow_to_grid_torch(flow: torch.Tensor, target_size: tuple[int, int] | None =
     """Pixel flow (B, H, W, 2) on the source grid -> normalised target grid (B, 2, H, W).
 
     ``target_size`` = (H, W) of the target (default: the source's); the torch twin of
-    :func:`core.grid.flow_to_grid`: x_n = (2 (x + u) + 1) / Wt - 1.
+    :func:`core.geometry.grid.flow_to_grid`: x_n = (2 (x + u) + 1) / Wt - 1.
     """
     b, h, w, _ = flow.shape
     th, tw = target_size or (h, w)

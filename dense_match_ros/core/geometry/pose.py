@@ -7,12 +7,12 @@ Direction and units, everywhere in this module:
   (x right, y down, z forward) maps to the TARGET camera's frame as
   ``X_target = R @ X_source + t``.
 * ``t`` is a unit vector: two views fix the translation direction only, never its length.
-* Pixels follow :mod:`dense_match_ros.core.grid` (pixel centres at integers); the flow is on
+* Pixels follow :mod:`dense_match_ros.core.geometry.grid` (pixel centres at integers); the flow is on
   the source grid and source (x, y) corresponds to target (x + u, y + v).
 * ``E = [t]_x R`` in calibrated coordinates, so ``x_target^T E x_source = 0``.
 * The covariance is 6x6 over (tx, ty, tz, rx, ry, rz): the unit translation, then a rotation
   vector in radians about the target frame axes (``R' = exp([r]_x) R``); see
-  :func:`dense_match_ros.core.essential.refine_pose` for how it is obtained.
+  :func:`dense_match_ros.core.geometry.essential.refine_pose` for how it is obtained.
 
 Flow is dense, so thousands of nearly redundant matches are available; the selection
 keeps the confident ones, spreads them over the image (a cluster of matches pins the pose
@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from dense_match_ros.core import essential, essential_ransac, grid
+from dense_match_ros.core.geometry import essential, essential_ransac, grid
 
 # The strings of msg/RelativePose.msg (STATUS_*), so the node can copy them verbatim.
 STATUS_OK = 'ok'

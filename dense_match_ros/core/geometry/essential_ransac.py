@@ -4,7 +4,7 @@ and benchmarked on identical correspondences.
 Each takes calibrated correspondences (Nx2, ``K^-1 [u, v, 1]``), an inlier threshold in
 the same calibrated units, and returns an essential matrix (``x_target^T E x_source = 0``)
 or None. They do NOT choose (R, t): the caller decomposes every E the same way
-(:mod:`dense_match_ros.core.essential`), which keeps the comparison about the robust
+(:mod:`dense_match_ros.core.geometry.essential`), which keeps the comparison about the robust
 search alone.
 
 * ``opencv-ransac``: OpenCV's five-point RANSAC.
@@ -23,7 +23,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from dense_match_ros.core.essential import essential_from_pose, homogeneous, sampson_error
+from dense_match_ros.core.geometry.essential import essential_from_pose, homogeneous, sampson_error
 
 
 @dataclasses.dataclass
@@ -113,7 +113,7 @@ def poselib_ransac(x1, x2, settings: RobustSettings, rng) -> np.ndarray | None:
 def _torch_device(device: str):
     import torch
 
-    from dense_match_ros.core.registry import resolve_device
+    from dense_match_ros.core.device import resolve_device
     return torch.device(resolve_device(device))
 
 

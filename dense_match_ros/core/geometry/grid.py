@@ -102,6 +102,48 @@ def resize_flow(flow: np.ndarray, size: tuple[int, int],
     return (target_new - new_coords).astype(np.float32)
 
 
+def working_size(size: tuple[int, int], max_side: int, *, min_side: int = 2, multiple: int = 1,
+                 upscale: bool = False) -> tuple[int, int]:
+    """(W, H) a method works at for an image of ``size`` (W, H): the longest side capped by
+    ``max_side`` (0: no cap; ``upscale`` also scales smaller images up to it), at least
+    ``min_side`` a side, rounded to ``multiple`` (networks with strided stages)."""
+    w, h = size
+    scale = max_side / max(w, h) if max_side > 0 else 1.0
+    if not upscale:
+        scale = min(1.0, scale)
+    scale = max(scale, min_side / min(w, h))
+
+    def side(x: int) -> int:
+        if multiple > 1:
+            return max(min_side, int(round(x * scale / multiple)) * multiple)
+        return max(min_side, int(round(x * scale)))
+    return side(w), side(h)
+
+
+def to_source_grid(flow: np.ndarray, matchability: np.ndarray | None,
+                   source_size: tuple[int, int], target_working_size: tuple[int, int],
+                   target_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Flow and matchability computed between working copies of a pair, brought back to the
+    source's own grid (``source_size``) and pointing into the target's own pixels.
+
+    ``flow`` lies on the working source grid (its shape) and points into a target of
+    ``target_working_size``; the two images may have been scaled differently. Every method
+    and the node's output stage go through here, so the half-pixel rule of resizing
+    (:func:`resize_flow`) is written once.
+    """
+    wh, ww = flow.shape[:2]
+    w, h = source_size
+    sx, sy = w / ww, h / wh
+    t_sx, t_sy = target_size[0] / target_working_size[0], target_size[1] / target_working_size[1]
+    if (ww, wh) == (w, h) and (t_sx, t_sy) == (1.0, 1.0):
+        return flow, matchability
+    flow = resize_flow(flow, (w, h), target_scale=(t_sx / sx, t_sy / sy))
+    if matchability is not None and (ww, wh) != (w, h):
+        matchability = np.clip(cv2.resize(matchability, (w, h), interpolation=cv2.INTER_LINEAR),
+                               0.0, 1.0)
+    return flow, matchability
+
+
 def warp(target: np.ndarray, flow: np.ndarray, interpolation: int = cv2.INTER_LINEAR,
          border_value: float = 0.0, border_mode: int = cv2.BORDER_CONSTANT) -> np.ndarray:
     """Sample ``target`` at source (x, y) + flow: the target warped onto the source grid.
