@@ -199,6 +199,8 @@ def test_cli_tum_adds_the_ground_truth_upper_bound(tmp_path, shared_data):
 class _PyramidShiftMatcher(_ShiftMatcher):
     """A coarse-to-fine stand-in: level i is off by 2**(2-i) px in x, the last level exact."""
 
+    capabilities = frozenset({registry.LEVELS})
+
     def level_flows(self, source, target):
         flow = self._match(source, target)[0]
         return [flow + np.array([2.0 ** (2 - i), 0.0], np.float32) for i in range(2)] + [flow]

@@ -35,15 +35,37 @@ class MatchResult:
         yield self.matchability
 
 
+LEVELS = 'levels'
+"""Capability: :meth:`Matcher.level_flows` and :meth:`Matcher.level_labels` (coarse-to-fine
+methods; ``dense-match-eval --levels``)."""
+HIERARCHICAL_FEATURES = 'hierarchical_features'
+"""Capability: ``features(image) -> (shallow, deep)`` descriptor maps, ``search_radius(size)`` and
+the network's strides (HiLM's feature analysis, :mod:`evaluation.feature_pck`)."""
+
+
 class Matcher(abc.ABC):
     """A dense matching method.
 
     Subclasses implement :meth:`_match` on validated inputs; :meth:`match` does the
-    input checks and output contract once for all methods.
+    input checks and output contract once for all methods. Optional abilities are declared
+    in ``capabilities`` (tools ask :meth:`supports` instead of probing attributes).
     """
 
     name: str = ''
     device: str = 'cpu'
+    capabilities: frozenset[str] = frozenset()
+
+    def supports(self, capability: str) -> bool:
+        return capability in self.capabilities
+
+    def level_flows(self, source: np.ndarray, target: np.ndarray) -> list[np.ndarray]:
+        """The flow of every pyramid level, coarse to fine, on the source's full grid
+        (methods with the :data:`LEVELS` capability)."""
+        raise NotImplementedError(f'{self.name or type(self).__name__} has no pyramid levels')
+
+    def level_labels(self, source: np.ndarray) -> list[str]:
+        """Names of the :meth:`level_flows` levels for this source image."""
+        raise NotImplementedError(f'{self.name or type(self).__name__} has no pyramid levels')
 
     def match(self, source: np.ndarray, target: np.ndarray) -> MatchResult:
         """Match two RGB uint8 images (any sizes, they may differ).

@@ -27,10 +27,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from dense_match_ros.core.geometry import grid
-from dense_match_ros.evaluation import metrics
-from dense_match_ros.core.registry import available_methods, load_matcher
+from dense_match_ros.core.registry import LEVELS, available_methods, load_matcher
 from dense_match_ros.data import shared_sets, synthetic
-from dense_match_ros.evaluation import pose_eval
+from dense_match_ros.evaluation import metrics, pose_eval
 
 FLOW_SET_NAMES = ('sintel', 'hpatches240', 'hpatches', 'synthetic')
 POSE_SET_NAMES = ('tum', 'middlebury')
@@ -109,8 +108,8 @@ def _json_value(v: Any) -> Any:
 def evaluate_flow_pair(matcher, pair: Any, levels: bool = False) -> tuple[dict, Any]:
     """Metrics of one flow pair; also returns the MatchResult (for figures).
 
-    ``levels``: also the AEPE of every pyramid level of a coarse-to-fine matcher (one that
-    has ``level_flows``), each level's flow on the full source grid (an extra forward pass,
+    ``levels``: also the AEPE of every pyramid level of a coarse-to-fine matcher (one with
+    the ``LEVELS`` capability), each level's flow on the full source grid (an extra forward pass,
     not counted in the match time).
     """
     t0 = time.perf_counter()
@@ -136,9 +135,7 @@ def evaluate_flow_pair(matcher, pair: Any, levels: bool = False) -> tuple[dict, 
         flows = matcher.level_flows(pair.source, pair.target)
         row['aepe_levels'] = [float(np.linalg.norm(f - gt, axis=-1)[valid].mean())
                               if valid.any() else None for f in flows]
-        labels = getattr(matcher, 'level_labels', None)
-        row['level_labels'] = (list(labels(pair.source)) if labels is not None
-                               else [f'level {i}' for i in range(len(flows))])
+        row['level_labels'] = list(matcher.level_labels(pair.source))
     return row, result
 
 
@@ -366,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f'dense-match-eval: {exc}', file=sys.stderr)
         return 2
     print(f'method {args.method} on {matcher.device}; data root {root}')
-    if args.levels and not hasattr(matcher, 'level_flows'):
+    if args.levels and not matcher.supports(LEVELS):
         print(f'[note] --levels: {args.method} has no pyramid levels; ignored')
         args.levels = False
     report_dir = args.report

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dense_match_ros.core.methods.hilm_hierarchical import hierarchical_match, nearest_cells, sample_descriptors
-from dense_match_ros.core.methods.hilm import HilmMatcher
+from dense_match_ros.core.registry import HIERARCHICAL_FEATURES, Matcher, load_matcher
 from dense_match_ros.data.synthetic import HELDOUT_SEED, heldout_pairs
 from dense_match_ros.evaluation import report
 
@@ -34,11 +34,11 @@ STRATEGIES = ('shallow', 'deep', 'hierarchical', 'hierarchical_subpixel')
 
 
 @torch.no_grad()
-def match_errors(matcher: HilmMatcher, pair, step: int = 8, radius: float | None = None
+def match_errors(matcher: Matcher, pair, step: int = 8, radius: float | None = None
                  ) -> dict[str, np.ndarray]:
     """Per-point end-point errors (px) of each strategy on one synthetic pair."""
-    sh_s, dp_s = matcher._features(pair.source)
-    sh_t, dp_t = matcher._features(pair.target)
+    sh_s, dp_s = matcher.features(pair.source)
+    sh_t, dp_t = matcher.features(pair.target)
     h, w = pair.valid.shape
     ys, xs = np.mgrid[step // 2:h:step, step // 2:w:step]
     keep = pair.valid[ys, xs]
@@ -47,7 +47,7 @@ def match_errors(matcher: HilmMatcher, pair, step: int = 8, radius: float | None
     want = pts_np + pair.flow[ys, xs]
     pts = torch.from_numpy(pts_np).to(matcher.device)
     s_str, d_str = matcher.net.shallow_stride, matcher.net.deep_stride
-    radius = matcher._radius((w, h)) if radius is None else radius
+    radius = matcher.search_radius((w, h)) if radius is None else radius
     found = {
         'shallow': nearest_cells(sample_descriptors(sh_s[None], pts[None], s_str)[0], sh_t, s_str)[0],
         'deep': nearest_cells(sample_descriptors(dp_s[None], pts[None], d_str)[0], dp_t, d_str)[0],
@@ -83,7 +83,9 @@ def plot(curves: dict, thresholds: Sequence[float], path: Path, title: str) -> N
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--weights', default=None, help='hilm checkpoint (default: the shipped one)')
+    p.add_argument('--method', default='hilm',
+                   help='a registered method with hierarchical features (default: hilm)')
+    p.add_argument('--weights', default=None, help='checkpoint (default: the shipped one)')
     p.add_argument('--device', default='cpu')
     p.add_argument('--pairs', type=int, default=20, help='held-out synthetic pairs (240x240)')
     p.add_argument('--step', type=int, default=8, help='grid spacing of the source points (px)')
@@ -91,7 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument('--out', type=Path, default=None, help='PNG of the PCK curves')
     p.add_argument('--json', type=Path, default=None, help='write curves and figures here')
     args = p.parse_args(argv)
-    matcher = HilmMatcher(device=args.device, weights=args.weights)
+    matcher = load_matcher(args.method, device=args.device, weights=args.weights)
+    if not matcher.supports(HIERARCHICAL_FEATURES):
+        print(f'feature_pck: {args.method} has no shallow/deep features to compare', file=sys.stderr)
+        return 2
     pairs = heldout_pairs(args.pairs, size=(240, 240), seed=HELDOUT_SEED)
     all_errors: dict[str, list] = {k: [] for k in STRATEGIES}
     for pair in pairs:
@@ -106,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = ''.join(f'{float((errors[k] <= t).mean()):<8.3f}' for t in (1, 2, 5, 10, 20))
         print(f'{k:24s}{row}  {float(np.median(errors[k])):.2f}')
     record = {'weights': matcher.weights, 'pairs': len(pairs), 'points': n_points,
-              'step': args.step, 'radius': args.radius or matcher._radius((240, 240)),
+              'step': args.step, 'radius': args.radius or matcher.search_radius((240, 240)),
               'thresholds': list(THRESHOLDS), 'pck': curves,
               'median_error_px': {k: float(np.median(e)) for k, e in errors.items()},
               'command': 'python -m dense_match_ros.evaluation.feature_pck ' + ' '.join(argv or sys.argv[1:])}

@@ -35,7 +35,7 @@ from dense_match_ros.core import refine as _refine
 from dense_match_ros.core.geometry import grid
 from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.networks.dgc import PYRAMID, DgcNet, config_from_dict
-from dense_match_ros.core.registry import Matcher
+from dense_match_ros.core.registry import LEVELS, Matcher
 
 WEIGHTS_DIR = _weights.WEIGHTS_DIR  # a module attribute, so tests can point it elsewhere
 TRAIN_HINT = ('on a GPU: scripts/gpu_train_dgc.sh (see docs/GPU_TRAINING.md); on a CPU: '
@@ -57,6 +57,8 @@ def load_network(weights: str | Path, device: str = 'cpu') -> tuple[DgcNet, dict
 
 class DgcMatcher(Matcher):
     """DGC+M-Net: coarse-to-fine grids from a global correlation, upsampled to the input."""
+
+    capabilities = frozenset({LEVELS})
 
     def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
                  mode: str = 'resize', max_side: int = 640, half: bool | None = None,

@@ -33,7 +33,7 @@ from dense_match_ros.core.geometry import grid
 from dense_match_ros.core.methods.hilm_hierarchical import hierarchical_match, sample_descriptors
 from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.networks.hilm_net import HilmNet, config_from_dict
-from dense_match_ros.core.registry import Matcher
+from dense_match_ros.core.registry import HIERARCHICAL_FEATURES, Matcher
 
 WEIGHTS_DIR = _weights.WEIGHTS_DIR  # a module attribute, so tests can point it elsewhere
 TRAIN_HINT = ('dense-match-train hilm --config config/train_hilm_cpu.yaml --out runs/hilm_cpu && '
@@ -56,6 +56,8 @@ def load_network(weights: str | Path, device: str = 'cpu') -> tuple[HilmNet, dic
 
 class HilmMatcher(Matcher):
     """Hierarchical deep->shallow nearest-neighbour matching + EpicFlow densification."""
+
+    capabilities = frozenset({HIERARCHICAL_FEATURES})
 
     def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
                  max_side: int = 512, grid_step: int = 2, radius: float | None = None,
@@ -87,12 +89,12 @@ class HilmMatcher(Matcher):
         return cv2.resize(image, size, interpolation=interp)
 
     @torch.no_grad()
-    def _features(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float() / 255.0
         shallow, deep = self.net(x)
         return shallow[0].float(), deep[0].float()
 
-    def _radius(self, working_size: tuple[int, int]) -> float:
+    def search_radius(self, working_size: tuple[int, int]) -> float:
         if self.radius is not None:
             return float(self.radius)
         # HiLM: 32 px for ~1024 px wide images; never below 1.25 deep cells (the deep
@@ -142,8 +144,8 @@ class HilmMatcher(Matcher):
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
         """Consistent matches between working images: (src px (N, 2), tgt px (N, 2),
         shallow similarity (N,), features) -- the part before densification."""
-        sh_s, dp_s = self._features(src)
-        sh_t, dp_t = self._features(tgt)
+        sh_s, dp_s = self.features(src)
+        sh_t, dp_t = self.features(tgt)
         h, w = src.shape[:2]
         step = self.grid_step
         n = math.ceil(h / step) * math.ceil(w / step)
@@ -152,7 +154,7 @@ class HilmMatcher(Matcher):
         ys, xs = np.mgrid[step // 2:h:step, step // 2:w:step]
         pts = torch.from_numpy(np.stack([xs.ravel(), ys.ravel()], -1).astype(np.float32)).to(self.device)
         s_str, d_str = self.net.shallow_stride, self.net.deep_stride
-        radius = self._radius((w, h))
+        radius = self.search_radius((w, h))
         fwd, _, sim = hierarchical_match(pts, sh_s, dp_s, sh_t, dp_t, s_str, d_str, radius, self.subpixel)
         back, _, _ = hierarchical_match(fwd, sh_t, dp_t, sh_s, dp_s, s_str, d_str, radius, self.subpixel)
         th, tw = tgt.shape[:2]
