@@ -170,7 +170,7 @@ def test_fp16_export_round_trip(tmp_path):
     net = _net(5).eval()
     record = ckpt.export_weights(_state(net), tmp_path / 'dgc_test.pt', {'note': 'test'}, half=True)
     assert record['dtype'] == 'float16' and json.loads((tmp_path / 'dgc_test.json').read_text())['sha256']
-    loaded, rec = dgc_method.load_network(tmp_path / 'dgc_test.pt')
+    loaded, rec = dgc_method.WEIGHTS.load(tmp_path / 'dgc_test.pt')
     x, y = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         a, b = net(x, y), loaded(x, y)
@@ -199,7 +199,7 @@ def test_matcher_interface_with_a_random_tiny_checkpoint(tmp_path):
 
 
 def test_no_checkpoint_gives_an_error_naming_the_training_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(dgc_method, 'WEIGHTS_DIR', tmp_path)
+    monkeypatch.setattr(dgc_method.WEIGHTS, 'directory', tmp_path)
     with pytest.raises(FileNotFoundError, match='dense-match-train'):
         DgcMatcher()
 
@@ -247,7 +247,7 @@ def test_registered_and_loadable_through_the_registry(tmp_path, monkeypatch):
     torch.save({'format': ckpt.TRAIN_FORMAT, **_state(_net(9))}, path)
     m = load_matcher('dgc', device='cpu', weights=str(path), mode='pyramid')
     assert m.name == 'dgc' and m.mode == 'pyramid'
-    monkeypatch.setattr(dgc_method, 'WEIGHTS_DIR', tmp_path / 'none')
+    monkeypatch.setattr(dgc_method.WEIGHTS, 'directory', tmp_path / 'none')
     with pytest.raises(FileNotFoundError, match='gpu_train_dgc'):
         load_matcher('dgc', device='cpu')
 
@@ -278,7 +278,7 @@ def test_shipped_cpu_checkpoint_recovers_a_known_warp():
     and recovers a homography-like warp of a real photo to within a few pixels."""
     from dense_match_ros.core.registry import load_matcher
     from photo_warp import affine_photo_pair
-    record = json.loads((dgc_method.WEIGHTS_DIR / 'dgc_cpu.json').read_text())
+    record = json.loads((dgc_method.WEIGHTS.directory / 'dgc_cpu.json').read_text())
     assert record['command'].startswith('dense-match-train dgc --config config/train_dgc_cpu_hilm.yaml')
     assert record['evaluation'] and record['dtype'] == 'float16'
     m = load_matcher('dgc', device='cpu')

@@ -129,7 +129,7 @@ def test_matchability_is_low_where_there_is_nothing_to_match():
 
 def test_registered_and_needs_weights(tmp_path, monkeypatch):
     assert 'hilm' in available_methods()
-    monkeypatch.setattr(hilm_mod, 'WEIGHTS_DIR', tmp_path)
+    monkeypatch.setattr(hilm_mod.WEIGHTS, 'directory', tmp_path)
     with pytest.raises(FileNotFoundError, match='dense-match-train hilm'):
         load_matcher('hilm', device='cpu')
 
@@ -175,7 +175,7 @@ def test_feature_pck_analysis_ranks_strategies_on_an_oracle():
 def test_shipped_checkpoint_verifies_and_beats_dis_on_heldout_pairs():
     """The committed weights load (sha256 checked) and do what they were shipped for."""
     try:
-        path = hilm_mod.shipped_weights()
+        path = hilm_mod.WEIGHTS.shipped()
     except FileNotFoundError:
         pytest.skip('no shipped hilm checkpoint yet')
     record = json.loads(path.with_suffix('.json').read_text())

@@ -25,7 +25,6 @@ doubles the time, so it is off by default too).
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -37,22 +36,13 @@ from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.networks.dgc import PYRAMID, DgcNet, config_from_dict
 from dense_match_ros.core.registry import LEVELS, Matcher
 
-WEIGHTS_DIR = _weights.WEIGHTS_DIR  # a module attribute, so tests can point it elsewhere
 TRAIN_HINT = ('on a GPU: scripts/gpu_train_dgc.sh (see docs/GPU_TRAINING.md); on a CPU: '
               'dense-match-train dgc --config config/train_dgc_cpu.yaml --out runs/dgc_cpu; then '
               'dense-match-train export RUN --out dense_match_ros/weights/dgc_gpu.pt (or dgc_cpu.pt)')
 MODES = ('resize', 'pyramid')
 
 
-def shipped_weights(variant: str | None = None) -> Path:
-    """Path of the shipped checkpoint for ``variant`` (or the best one present)."""
-    return _weights.find_shipped('dgc', variant, WEIGHTS_DIR, TRAIN_HINT)
-
-
-def load_network(weights: str | Path, device: str = 'cpu') -> tuple[DgcNet, dict]:
-    """The DgcNet of a checkpoint (shipped, or a run's last.pt), in eval mode, and its record."""
-    return _weights.load_network(weights, 'dgc', lambda cfg: DgcNet(config_from_dict(cfg)),
-                                 device)
+WEIGHTS = _weights.LearnedWeights('dgc', lambda cfg: DgcNet(config_from_dict(cfg)), TRAIN_HINT)
 
 
 class DgcMatcher(Matcher):
@@ -73,8 +63,8 @@ class DgcMatcher(Matcher):
         self.refine, self.refine_preset = refine, refine_preset
         self.fb_sigma = float(fb_sigma)
         self.device = device
-        self.net, self.record, self.weights = _weights.network_for(
-            net, weights, variant, device, shipped_weights, load_network)
+        self.net, self.record, self.weights = WEIGHTS.network_for(
+            net, weights, variant, device)
         self.mode = mode
         self.max_side = int(max_side)
         # fp16 where it is fast (CUDA); the CPU runs fp32.

@@ -23,7 +23,6 @@ Pipeline on a working copy of each image (longest side capped by ``max_side``):
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -35,7 +34,6 @@ from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.networks.hilm_net import HilmNet, config_from_dict
 from dense_match_ros.core.registry import HIERARCHICAL_FEATURES, Matcher
 
-WEIGHTS_DIR = _weights.WEIGHTS_DIR  # a module attribute, so tests can point it elsewhere
 TRAIN_HINT = ('dense-match-train hilm --config config/train_hilm_cpu.yaml --out runs/hilm_cpu && '
               'dense-match-train export runs/hilm_cpu --out dense_match_ros/weights/hilm_cpu.pt')
 _MAX_MATCHES = 30000  # EdgeAwareInterpolator indexes matches with 16-bit integers
@@ -43,15 +41,7 @@ _EPIC_K = 128         # its default neighbour count
 _MIN_EPIC_MATCHES = 16
 
 
-def shipped_weights(variant: str | None = None) -> Path:
-    """Path of the shipped checkpoint for ``variant`` (or the best one present)."""
-    return _weights.find_shipped('hilm', variant, WEIGHTS_DIR, TRAIN_HINT)
-
-
-def load_network(weights: str | Path, device: str = 'cpu') -> tuple[HilmNet, dict]:
-    """The HilmNet of a checkpoint (shipped, or a run's last.pt), in eval mode, and its record."""
-    return _weights.load_network(weights, 'hilm', lambda cfg: HilmNet(config_from_dict(cfg)),
-                                 device)
+WEIGHTS = _weights.LearnedWeights('hilm', lambda cfg: HilmNet(config_from_dict(cfg)), TRAIN_HINT)
 
 
 class HilmMatcher(Matcher):
@@ -64,8 +54,8 @@ class HilmMatcher(Matcher):
                  fb_threshold: float = 3.0, fb_sigma: float = 2.0, subpixel: bool = True,
                  postprocess: bool = False, net: HilmNet | None = None) -> None:
         self.device = device
-        self.net, self.record, self.weights = _weights.network_for(
-            net, weights, variant, device, shipped_weights, load_network)
+        self.net, self.record, self.weights = WEIGHTS.network_for(
+            net, weights, variant, device)
         self.max_side = int(max_side)
         self.grid_step = max(1, int(grid_step))
         self.radius = radius
