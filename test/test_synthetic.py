@@ -235,3 +235,40 @@ def test_make_pairs_cli_round_trips_and_matches_heldout(tmp_path, photo_dir):
     for p, q in zip(load_pairs(held_out), heldout_pairs(n=2, size=(40, 56))):
         np.testing.assert_array_equal(p.source, q.source)
         np.testing.assert_array_equal(p.flow, q.flow)
+
+
+def test_moving_objects_keep_the_flow_exact_and_mark_what_they_hide(photos):
+    plain = SyntheticPairGenerator(photos, size=(96, 128), photometric=False)
+    gen = SyntheticPairGenerator(photos, size=(96, 128), photometric=False, objects=1.0)
+    occluded_any = False
+    for seed in range(6):
+        pair = gen.sample(np.random.default_rng(seed))
+        assert 2 <= pair.params['objects'] <= 6
+        inside = _interior(pair)
+        err = np.abs(grid.warp(pair.target, pair.flow).astype(np.float32)
+                     - pair.source.astype(np.float32)).mean(-1)
+        # Visible pixels look the same in both images (object edges: nearest-pixel layers).
+        assert np.median(err[inside]) < 2.0 and np.mean(err[inside] > 40) < 0.02, seed
+        # Pixels whose landing point another layer covers are not visible there.
+        h, w = pair.valid.shape
+        background = plain.sample(np.random.default_rng(seed))
+        moved = np.abs(pair.flow - background.flow).max(-1) > 1e-3
+        occluded_any |= bool((~pair.valid & grid.in_bounds(pair.flow, (w, h))).any())
+        assert moved.mean() > 0.02
+    assert occluded_any
+    # Without objects the stream is the one it always was (the held-out set depends on it).
+    a = SyntheticPairGenerator(photos, size=(48, 64)).sample(np.random.default_rng(3))
+    b = SyntheticPairGenerator(photos, size=(48, 64), objects=0.0).sample(np.random.default_rng(3))
+    assert np.array_equal(a.source, b.source) and np.array_equal(a.flow, b.flow)
+
+
+def test_similarity_kind_covers_wide_rotation_and_zoom():
+    from dense_match_ros.data.synthetic import random_similarity
+    rng = np.random.default_rng(0)
+    angles, zooms = [], []
+    for _ in range(400):
+        a = np.asarray(random_similarity(rng)).reshape(2, 3)   # [A | t], rows x and y
+        angles.append(np.degrees(np.arctan2(a[1, 0], a[0, 0])))
+        zooms.append(np.sqrt(abs(np.linalg.det(a[:, :2]))))
+    assert min(angles) < -40 and max(angles) > 40
+    assert min(zooms) < 0.75 and max(zooms) > 1.3

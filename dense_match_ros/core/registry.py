@@ -113,6 +113,7 @@ _BUILTIN = {
     'dis': 'dense_match_ros.core.methods.dis:DisMatcher',
     'hilm': 'dense_match_ros.core.methods.hilm:HilmMatcher',
     'dgc': 'dense_match_ros.core.methods.dgc:DgcMatcher',
+    'neuflow': 'dense_match_ros.core.methods.neuflow:NeuFlowMatcher',
 }
 
 

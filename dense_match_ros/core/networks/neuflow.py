@@ -54,11 +54,11 @@ class NeuFlowConfig:
 
 
 def config_from_dict(values: dict) -> NeuFlowConfig:
+    """Rebuild a config from a checkpoint's dict, ignoring keys it does not know (training-
+    only keys such as ``init_weights`` are stored beside the architecture; the training task
+    rejects unknown keys before they get here)."""
     names = {f.name for f in dataclasses.fields(NeuFlowConfig)}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f'unknown neuflow model keys: {sorted(unknown)}')
-    return NeuFlowConfig(**values)
+    return NeuFlowConfig(**{k: v for k, v in values.items() if k in names})
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

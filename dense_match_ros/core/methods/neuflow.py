@@ -1,0 +1,155 @@
+"""``neuflow``: the light flow network (:mod:`core.networks.neuflow`), made precise by a DIS
+residual and fused per pixel with plain DIS, so one matcher covers both regimes.
+
+Why the three parts:
+
+* the network resolves large and independent motion (global matching at 1/16) but, trained
+  on a CPU, has a floor of about a pixel on small motion;
+* a full-resolution DIS residual on the network's flow (:mod:`core.refine`) brings that
+  flow to sub-pixel precision where it is right;
+* plain DIS is better than both on small motion, so ``fuse='dis'`` takes, per pixel, the
+  candidate with the smaller forward-backward error plus photometric error (each pair is
+  matched both ways anyway, for the matchability).
+
+The network runs on both images resized to one working size (longest side ``max_side``,
+padded to a multiple of 16 by :class:`~core.networks.padding.InputPadder`); both directions
+go through one batched call. Matchability is the network's visibility head times the
+forward-backward consistency ``exp(-(e / fb_sigma)^2)`` of the chosen flow.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import cv2
+import numpy as np
+import torch
+
+from dense_match_ros.core import refine as _refine
+from dense_match_ros.core.device import autocast_dtype
+from dense_match_ros.core.dis_presets import check_preset, create_dis
+from dense_match_ros.core.geometry import grid
+from dense_match_ros.core.methods import weights as _weights
+from dense_match_ros.core.networks.neuflow import NeuFlowNet, config_from_dict
+from dense_match_ros.core.networks.padding import InputPadder
+from dense_match_ros.core.registry import Matcher
+
+TRAIN_HINT = ('dense-match-train neuflow --config config/train_neuflow_cpu.yaml --out runs/neuflow_cpu '
+              '&& dense-match-train export runs/neuflow_cpu --out dense_match_ros/weights/neuflow_cpu.pt')
+WEIGHTS = _weights.LearnedWeights('neuflow', lambda cfg: NeuFlowNet(config_from_dict(cfg)),
+                                  TRAIN_HINT)
+FUSIONS = ('none', 'dis')
+PRECISIONS = ('auto', 'fp32', 'bf16')
+_PHOTO_PX_PER_GREY = 1.0 / 20.0  # photometric error of 20 grey levels weighs like 1 px of FB error
+_FB_CAP = 20.0                    # FB errors beyond this are all 'wrong'
+
+
+class NeuFlowMatcher(Matcher):
+    """Light flow network + DIS residual, optionally fused per pixel with plain DIS."""
+
+    def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
+                 max_side: int = 512, iterations: int | None = None, refine: str = 'dis',
+                 refine_preset: str = 'medium', fuse: str = 'dis', dis_preset: str = 'medium',
+                 fb_sigma: float = 1.0, precision: str = 'auto',
+                 net: NeuFlowNet | None = None) -> None:
+        _refine.check_refiner(refine, refine_preset)
+        check_preset(dis_preset, 'dis_preset')
+        if fuse not in FUSIONS:
+            raise ValueError(f'fuse must be one of {FUSIONS}, got {fuse!r}')
+        if precision not in PRECISIONS:
+            raise ValueError(f'precision must be one of {PRECISIONS}, got {precision!r}')
+        if not fb_sigma > 0:
+            raise ValueError(f'fb_sigma must be > 0 px, got {fb_sigma}')
+        if int(max_side) < 32 and int(max_side) != 0:
+            raise ValueError(f'max_side must be 0 (input size) or at least 32, got {max_side}')
+        if iterations is not None and int(iterations) < 0:
+            raise ValueError(f'iterations must be >= 0, got {iterations}')
+        self.device = device
+        self.net, self.record, self.weights = WEIGHTS.network_for(net, weights, variant, device)
+        self.max_side = int(max_side)
+        self.iterations = None if iterations is None else int(iterations)
+        self.refine, self.refine_preset = refine, refine_preset
+        self.fuse, self.fb_sigma = fuse, float(fb_sigma)
+        self._dis = create_dis(dis_preset) if fuse == 'dis' else None
+        device_type = 'cuda' if str(device).startswith('cuda') else 'cpu'
+        self._amp = (None if precision == 'fp32' else
+                     torch.bfloat16 if precision == 'bf16' else autocast_dtype(device_type))
+        self._device_type = device_type
+
+    # -- the network ----------------------------------------------------------------
+
+    def _autocast(self):
+        if self._amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device_type, dtype=self._amp)
+
+    @torch.no_grad()
+    def network_flows(self, source: np.ndarray, target: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(forward flow, backward flow, forward visibility) on the working grid of the
+        source (both images at the source's working size; flows in working pixels)."""
+        h, w = source.shape[:2]
+        ww, wh = grid.working_size((w, h), self.max_side, min_side=32)
+        images = []
+        for image in (source, target):
+            ih, iw = image.shape[:2]
+            if (iw, ih) != (ww, wh):
+                interp = cv2.INTER_AREA if ww * wh < iw * ih else cv2.INTER_LINEAR
+                image = cv2.resize(image, (ww, wh), interpolation=interp)
+            images.append(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        s, t = (x[None].to(self.device).float() / 255.0 for x in images)
+        padder = InputPadder(wh, ww, 16)
+        s, t = padder.pad(s, t)
+        batch_s = torch.cat((s, t)).contiguous(memory_format=torch.channels_last)
+        batch_t = torch.cat((t, s)).contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            out = self.net(batch_s, batch_t, iterations=self.iterations)
+        flows = padder.unpad(out.flows[-1].float()).permute(0, 2, 3, 1).cpu().numpy()
+        visibility = torch.sigmoid(padder.unpad(out.matchability[0, 0].float())).cpu().numpy()
+        return flows[0], flows[1], visibility
+
+    # -- matching -------------------------------------------------------------------
+
+    def _match(self, source: np.ndarray, target: np.ndarray):
+        h, w = source.shape[:2]
+        th, tw = target.shape[:2]
+        forward, backward, visibility = self.network_flows(source, target)
+        wh, ww = forward.shape[:2]
+        # Back to each image's own grid and pixels (the backward flow lives on the target).
+        forward, visibility = grid.to_source_grid(forward, visibility, (w, h), (ww, wh), (tw, th))
+        backward, _ = grid.to_source_grid(backward, None, (tw, th), (ww, wh), (w, h))
+        if self.refine == 'dis':
+            forward = _refine.dis_residual(source, target, forward, self.refine_preset)
+            backward = _refine.dis_residual(target, source, backward, self.refine_preset)
+        error = grid.forward_backward_error(forward, backward)
+        if self.fuse == 'dis':
+            forward, error = self._fuse_with_dis(source, target, forward, error)
+        consistency = np.exp(-np.square(error / self.fb_sigma)).astype(np.float32)
+        consistency[~grid.in_bounds(forward, (tw, th))] = 0.0
+        return forward, visibility * consistency
+
+    def _fuse_with_dis(self, source: np.ndarray, target: np.ndarray, flow: np.ndarray,
+                       error: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per pixel, the network's or DIS's flow: whichever has the smaller forward-backward
+        plus photometric error (DIS wins ties: it is the more precise where both agree)."""
+        grey_s = cv2.cvtColor(source, cv2.COLOR_RGB2GRAY)
+        grey_t = cv2.cvtColor(target, cv2.COLOR_RGB2GRAY)
+        if grey_t.shape != grey_s.shape:
+            dis_t = cv2.resize(grey_t, grey_s.shape[::-1], interpolation=cv2.INTER_AREA)
+        else:
+            dis_t = grey_t
+        th, tw = grey_t.shape
+        d_fwd = self._dis.calc(grey_s, dis_t, None)
+        d_bwd = self._dis.calc(dis_t, grey_s, None)
+        d_error = grid.forward_backward_error(d_fwd, d_bwd)
+        h, w = grey_s.shape
+        d_fwd, _ = grid.to_source_grid(d_fwd, None, (w, h), (w, h), (tw, th))
+
+        def cost(candidate: np.ndarray, fb: np.ndarray) -> np.ndarray:
+            warped = grid.warp(grey_t, candidate, border_mode=cv2.BORDER_REPLICATE)
+            photo = cv2.blur(np.abs(warped.astype(np.float32) - grey_s), (5, 5))
+            return np.minimum(fb, _FB_CAP) + _PHOTO_PX_PER_GREY * photo
+
+        use_dis = cost(d_fwd, d_error) <= cost(flow, error)
+        use_dis = cv2.medianBlur(use_dis.astype(np.uint8), 5).astype(bool)
+        fused = np.where(use_dis[..., None], d_fwd, flow).astype(np.float32)
+        return fused, np.where(use_dis, d_error, error).astype(np.float32)

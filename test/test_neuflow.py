@@ -1,0 +1,168 @@
+"""The light flow network, its training task, the matcher (refinement, fusion) and padding."""
+import numpy as np
+import pytest
+import torch
+
+from dense_match_ros.core import load_matcher
+from dense_match_ros.core.device import autocast_dtype, cpu_has_bf16
+from dense_match_ros.core.geometry import grid
+from dense_match_ros.core.methods import neuflow as neuflow_method
+from dense_match_ros.core.methods.neuflow import NeuFlowMatcher
+from dense_match_ros.core.networks.neuflow import (NeuFlowConfig, NeuFlowNet, local_correlation,
+                                                   warp_features, windowed_softmax_flow)
+from dense_match_ros.core.networks.padding import InputPadder
+from dense_match_ros.training.neuflow_task import NeuFlowLossConfig, NeuFlowTask, sequence_loss
+from photo_warp import affine_photo_pair
+
+torch.set_num_threads(1)
+TINY = NeuFlowConfig(width=0.25, hidden=16, window=3, radius=1, iterations=2)
+
+
+def _net(seed: int = 0) -> NeuFlowNet:
+    torch.manual_seed(seed)
+    return NeuFlowNet(TINY)
+
+
+def test_shapes_steps_and_multiple_of_16():
+    net = _net().eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 3, 32, 48), torch.rand(2, 3, 32, 48))
+        more = net(torch.rand(1, 3, 32, 48), torch.rand(1, 3, 32, 48), iterations=5)
+    assert len(out.flows) == 1 + TINY.iterations and len(more.flows) == 6
+    assert all(tuple(f.shape) == (2, 2, 32, 48) for f in out.flows)
+    assert tuple(out.matchability.shape) == (2, 1, 32, 48)
+    with pytest.raises(ValueError, match='multiple of 16'):
+        net(torch.rand(1, 3, 40, 48), torch.rand(1, 3, 40, 48))
+
+
+def test_windowed_softmax_finds_a_shift_and_ignores_matches_outside_the_window():
+    torch.manual_seed(0)
+    feat = torch.randn(1, 32, 6, 7)
+    shifted = torch.roll(feat, shifts=(1, 2), dims=(2, 3))    # target(x + (2, 1)) = source(x)
+    flow = windowed_softmax_flow(feat, shifted, window=3, temperature=0.01)
+    inner = flow[0, :, 1:-1, 2:-2]                             # away from the wrap-around
+    assert torch.allclose(inner[0], torch.full_like(inner[0], 2.0), atol=1e-3)
+    assert torch.allclose(inner[1], torch.full_like(inner[1], 1.0), atol=1e-3)
+    # A window of 1 cell cannot reach a 2-cell shift: no flow beyond 1 cell.
+    assert float(windowed_softmax_flow(feat, shifted, 1, 0.01).abs().max()) <= 1.0 + 1e-5
+
+
+def test_local_correlation_and_feature_warp_agree_with_direct_computation():
+    torch.manual_seed(1)
+    src, tgt = torch.randn(1, 8, 5, 6), torch.randn(1, 8, 5, 6)
+    corr = local_correlation(src, tgt, 1)
+    # offset index k = (dy + 1) * 3 + (dx + 1); check (dy, dx) = (1, -1) at pixel (2, 3)
+    direct = (src[0, :, 2, 3] * tgt[0, :, 3, 2]).sum() / 8 ** 0.5
+    assert torch.allclose(corr[0, 2 * 3 + 0, 2, 3], direct, atol=1e-5)
+    flow = torch.zeros(1, 2, 5, 6)
+    flow[:, 0] = 1.0                                           # sample one cell to the right
+    warped = warp_features(tgt, flow)
+    assert torch.allclose(warped[0, :, :, :-1], tgt[0, :, :, 1:], atol=1e-5)
+    assert torch.all(warped[0, :, :, -1].abs() < 0.51 * tgt.abs().max())   # half outside
+
+
+def test_padder_round_trip_keeps_pixels_in_place():
+    padder = InputPadder(30, 45, 16)
+    x = torch.rand(1, 3, 30, 45)
+    (p,) = padder.pad(x)
+    assert tuple(p.shape[-2:]) == (32, 48)
+    assert torch.equal(p[..., :30, :45], x) and torch.equal(padder.unpad(p), x)
+
+
+def test_sequence_loss_is_zero_for_the_truth_and_steps_are_weighted():
+    b, h, w = 1, 16, 16
+    gt = torch.randn(b, h, w, 2)
+    truth = gt.permute(0, 3, 1, 2)
+    vis = torch.ones(b, h, w, dtype=torch.bool)
+    big = torch.full((b, 1, h, w), 20.0)
+
+    class Out:
+        flows = [truth, truth, truth]
+        matchability = big
+    loss, metrics = sequence_loss(Out, gt, vis, NeuFlowLossConfig())
+    assert float(loss) < 1e-6 and metrics['epe'] < 1e-6
+    Out.flows = [truth, truth + 1.0, truth]          # an early step off by (1, 1): 2 px of L1
+    loss, _ = sequence_loss(Out, gt, vis, NeuFlowLossConfig(gamma=0.5))
+    assert float(loss) == pytest.approx(0.5 * 2.0, abs=1e-4)
+
+
+def test_training_step_reduces_the_loss_on_a_fixed_batch():
+    task = NeuFlowTask()
+    cfg = task.model_config({k: v for k, v in TINY.__dict__.items()})
+    torch.manual_seed(0)
+    net = task.build_model(cfg)
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 255, (2, 3, 32, 32), dtype=np.uint8)
+    tgt = np.roll(src, 2, axis=3)                                  # target(x + 2) = source(x)
+    flow = np.zeros((2, 32, 32, 2), np.float32)
+    flow[..., 0] = 2.0
+    batch = {'source': torch.from_numpy(src), 'target': torch.from_numpy(tgt),
+             'flow': torch.from_numpy(flow), 'valid': torch.ones(2, 32, 32, dtype=torch.bool)}
+    loss_cfg = task.loss_config({})
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    first = None
+    for _ in range(15):
+        loss, _ = task.loss(net, batch, loss_cfg)
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.7 * first
+    with pytest.raises(ValueError, match='unknown'):
+        task.model_config({'widht': 1.0})
+
+
+def test_bf16_is_detected_not_assumed():
+    dtype = autocast_dtype('cpu')
+    assert (dtype is torch.bfloat16) == cpu_has_bf16()
+    assert autocast_dtype('cpu', enabled=False) is None
+
+
+def _tiny_matcher(**options) -> NeuFlowMatcher:
+    return NeuFlowMatcher(device='cpu', net=_net(), **options)
+
+
+def test_matcher_contract_and_option_checks():
+    src, tgt, _ = affine_photo_pair(72, 50, 3.0, 1.0, (2.0, 1.0))
+    for options in ({'fuse': 'none', 'refine': 'none'}, {'fuse': 'dis'}, {'max_side': 32}):
+        flow, matchability = _tiny_matcher(**options).match(src, tgt)
+        assert flow.shape == (50, 72, 2) and flow.dtype == np.float32
+        assert matchability.shape == (50, 72) and 0 <= matchability.min() <= matchability.max() <= 1
+    # Different target size: the flow points into the target's own pixels.
+    flow, _ = _tiny_matcher(fuse='none', refine='none').match(src, tgt[:40, :60])
+    assert flow.shape == (50, 72, 2)
+    for bad in ({'fuse': 'raft'}, {'fb_sigma': 0}, {'precision': 'fp8'}, {'max_side': 8},
+                {'refine': 'sift'}, {'iterations': -1}):
+        with pytest.raises(ValueError):
+            _tiny_matcher(**bad)
+
+
+def test_fusion_keeps_dis_where_the_network_is_wrong():
+    """An untrained network is wrong everywhere; fused with DIS the flow is DIS's quality."""
+    src, tgt, gt = affine_photo_pair(160, 128, 2.0, 1.0, (3.0, -2.0))
+    plain, _ = _tiny_matcher(fuse='none', refine='none').match(src, tgt)
+    fused, _ = _tiny_matcher(fuse='dis', refine='none').match(src, tgt)
+    dis_flow, _ = load_matcher('dis', device='cpu').match(src, tgt)
+    inner = (slice(12, -12), slice(12, -12))
+    err = {name: float(np.linalg.norm(f - gt, axis=-1)[inner].mean())
+           for name, f in (('plain', plain), ('fused', fused), ('dis', dis_flow))}
+    assert err['fused'] < 0.5 * err['plain'], err
+    assert err['fused'] < err['dis'] + 0.3, err
+
+
+def test_registered_and_missing_weights_name_the_training_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(neuflow_method.WEIGHTS, 'directory', tmp_path)
+    with pytest.raises(FileNotFoundError, match='dense-match-train neuflow'):
+        load_matcher('neuflow', device='cpu')
+
+
+def test_shipped_checkpoint_loads_and_tracks_a_real_warp():
+    try:
+        matcher = load_matcher('neuflow', device='cpu')
+    except FileNotFoundError:
+        pytest.skip('no shipped neuflow checkpoint')
+    src, tgt, gt = affine_photo_pair(320, 240, 10.0, 1.1, (12.0, -8.0))
+    flow, matchability = matcher.match(src, tgt)
+    inside = grid.in_bounds(gt, (320, 240))
+    epe = np.linalg.norm(flow - gt, axis=-1)[inside]
+    assert float(np.median(epe)) < 1.0 and float(matchability[inside].mean()) > 0.3
