@@ -107,7 +107,7 @@ def test_training_step_reduces_the_loss_on_a_fixed_batch():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.7 * first
+    assert float(loss.detach()) < 0.7 * first
     with pytest.raises(ValueError, match='unknown'):
         task.model_config({'widht': 1.0})
 

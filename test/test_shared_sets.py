@@ -168,3 +168,21 @@ def test_named_sets(shared_data):
         shared_sets.load_flow_set('kitti', shared_data)
     with pytest.raises(KeyError):
         shared_sets.load_pose_set('sintel', shared_data)
+
+
+def test_viewpoint_set_flows_are_exact_for_rotation_and_zoom(shared_data):
+    pairs = shared_sets.load_flow_set('hpatches_viewpoint', shared_data)
+    assert [p.name.split('/')[-1] for p in pairs[1:]] == [v[0] for v in shared_sets.VIEWPOINT_CHANGES]
+    base = pairs[0]
+    for pair in pairs:
+        assert pair.valid.mean() > 0.3, pair.name
+        warped = grid.warp(pair.target, pair.flow).astype(np.float32)
+        err = np.abs(warped - pair.source.astype(np.float32)).mean(-1)[pair.valid]
+        base_err = np.abs(grid.warp(base.target, base.flow).astype(np.float32)
+                          - base.source.astype(np.float32)).mean(-1)[base.valid]
+        # As photo-consistent as the original pair (interpolation adds a little).
+        assert np.median(err) < np.median(base_err) + 4.0, pair.name
+    rot180 = pairs[-1]
+    assert np.median(np.abs(rot180.flow[rot180.valid])) > 50      # the flow really turned
+    with pytest.raises(KeyError):
+        shared_sets.load_flow_set('hpatches_sideways', shared_data)

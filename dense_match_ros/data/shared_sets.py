@@ -207,6 +207,41 @@ def hpatches_pair(root: str | os.PathLike | None = None,
     return FlowPair(name=name, source=source, target=target, flow=flow, valid=valid)
 
 
+VIEWPOINT_CHANGES = (('rot+30', 30.0, 1.0), ('rot-30', -30.0, 1.0), ('zoom0.7', 0.0, 0.7),
+                     ('zoom1.4', 0.0, 1.4), ('rot90', 90.0, 1.0), ('rot180', 180.0, 1.0))
+"""(label, rotation in degrees counter-clockwise, zoom) of the ``hpatches_viewpoint`` set."""
+
+
+def rotate_zoom_target(pair: FlowPair, angle_deg: float, zoom: float, label: str) -> FlowPair:
+    """``pair`` with its target rotated and zoomed about the image centre (same canvas).
+
+    The exact flow follows: a target point p moves to A p, so the new flow is
+    A (x + f(x)) - x; pixels whose new target point leaves the canvas become invalid.
+    """
+    h, w = pair.target.shape[:2]
+    A = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), angle_deg, zoom)
+    target = cv2.warpAffine(pair.target, A, (w, h), flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+    sh, sw = pair.flow.shape[:2]
+    ys, xs = np.mgrid[0:sh, 0:sw].astype(np.float64)
+    px, py = xs + pair.flow[..., 0], ys + pair.flow[..., 1]
+    flow = np.stack((A[0, 0] * px + A[0, 1] * py + A[0, 2] - xs,
+                     A[1, 0] * px + A[1, 1] * py + A[1, 2] - ys), -1).astype(np.float32)
+    landed = np.stack((xs + flow[..., 0], ys + flow[..., 1]), -1)
+    inside = (landed[..., 0] >= -0.5) & (landed[..., 0] <= w - 0.5) \
+        & (landed[..., 1] >= -0.5) & (landed[..., 1] <= h - 0.5)
+    return FlowPair(name=f'{pair.name}/{label}', source=pair.source, target=target, flow=flow,
+                    valid=pair.valid & inside)
+
+
+def hpatches_viewpoint_pairs(root: str | os.PathLike | None = None) -> list[FlowPair]:
+    """The HPatches pair at 240x240, then its target rotated (+-30, 90, 180 deg) or zoomed
+    (0.7x, 1.4x): how a matcher holds up under viewpoint changes beyond the pair's own."""
+    base = hpatches_pair(root, HPATCHES_SMALL_SIZE)
+    return [base] + [rotate_zoom_target(base, angle, zoom, label)
+                     for label, angle, zoom in VIEWPOINT_CHANGES]
+
+
 # --------------------------------------------------------------------------- TUM
 
 
@@ -339,18 +374,20 @@ def middlebury_pairs(root: str | os.PathLike | None = None,
 
 # --------------------------------------------------------------------------- by name
 
-FLOW_SETS = ('sintel', 'hpatches240', 'hpatches')
+FLOW_SETS = ('sintel', 'hpatches240', 'hpatches', 'hpatches_viewpoint')
 POSE_SETS = ('tum', 'middlebury')
 
 
 def load_flow_set(name: str, root: str | os.PathLike | None = None) -> list[FlowPair]:
-    """Flow pairs of a named shared set ('sintel', 'hpatches240', 'hpatches')."""
+    """Flow pairs of a named shared set (one of :data:`FLOW_SETS`)."""
     if name == 'sintel':
         return sintel_pairs(root)
     if name == 'hpatches':
         return [hpatches_pair(root)]
     if name == 'hpatches240':
         return [hpatches_pair(root, HPATCHES_SMALL_SIZE)]
+    if name == 'hpatches_viewpoint':
+        return hpatches_viewpoint_pairs(root)
     raise KeyError(f'unknown flow set {name!r}; known: {", ".join(FLOW_SETS)}')
 
 

@@ -31,7 +31,7 @@ from dense_match_ros.core.registry import LEVELS, available_methods, load_matche
 from dense_match_ros.data import shared_sets, synthetic
 from dense_match_ros.evaluation import metrics, pose_eval
 
-FLOW_SET_NAMES = ('sintel', 'hpatches240', 'hpatches', 'synthetic')
+FLOW_SET_NAMES = ('sintel', 'hpatches240', 'hpatches', 'hpatches_viewpoint', 'synthetic')
 POSE_SET_NAMES = ('tum', 'middlebury')
 ALL_SETS = FLOW_SET_NAMES + POSE_SET_NAMES
 SYNTHETIC_SIZE = (240, 240)
