@@ -172,3 +172,17 @@ def test_error_map_brightens_with_error_and_masks():
     assert brightness[5] == 0
     masked = flowviz.error_map_color(err, 10.0, valid=np.array([[1, 1, 1, 0, 1, 1]], bool))
     np.testing.assert_array_equal(masked[0, 3], 0)
+
+
+def test_reliability_counts_add_up_and_calibration_error_is_zero_when_calibrated():
+    rng = np.random.default_rng(0)
+    m = rng.random(200000)
+    right = rng.random(200000) < m                 # right with probability = matchability
+    counts = metrics.reliability_counts(m, right)
+    assert sum(counts['count']) == 200000
+    assert metrics.calibration_error(counts) < 0.01
+    over = metrics.reliability_counts(np.ones_like(m), right)   # always sure, right half the time
+    assert metrics.calibration_error(over) == pytest.approx(0.5, abs=0.01)
+    merged = metrics.merge_reliability([counts, over])
+    assert sum(merged['count']) == 400000
+    assert metrics.calibration_error({'count': [0, 0]}) is None

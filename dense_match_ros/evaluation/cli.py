@@ -129,6 +129,12 @@ def evaluate_flow_pair(matcher, pair: Any, levels: bool = False) -> tuple[dict, 
         noc = metrics.flow_metrics(result.flow, gt, visible)
         row.update({f'noc_{k}': v for k, v in noc.items()})
     row['pck_curve'] = metrics.pck_curve(result.flow, gt, valid, PCK_CURVE_THRESHOLDS).tolist()
+    # Reliability: is a pixel's matchability the probability that its match is right (within
+    # CORRECT_PX)? Every pixel counts: one that cannot be matched (occluded, out of frame) is
+    # never right.
+    epe = np.linalg.norm(result.flow - np.nan_to_num(gt), axis=-1)
+    row['reliability'] = metrics.reliability_counts(result.matchability,
+                                                    matchable & (epe < metrics.CORRECT_PX))
     row['mean_matchability'] = float(np.mean(result.matchability))
     row['match_time_s'] = dt
     if levels:
@@ -148,7 +154,7 @@ def _mean(values: Iterable[Any]) -> float | None:
 
 def summarise_flow(rows: Sequence[dict]) -> dict:
     """Per-set means of every numeric metric (pairs weigh equally) and the mean PCK curve."""
-    skip = ('set', 'pair', 'pck_curve', 'aepe_levels', 'level_labels')
+    skip = ('set', 'pair', 'pck_curve', 'aepe_levels', 'level_labels', 'reliability')
     keys = [k for k in rows[0] if k not in skip] if rows else []
     out: dict[str, Any] = {'num_pairs': len(rows)}
     for k in keys:
@@ -157,6 +163,9 @@ def summarise_flow(rows: Sequence[dict]) -> dict:
         out['aepe_levels'] = [_mean(r['aepe_levels'][i] for r in rows)
                               for i in range(len(rows[0]['aepe_levels']))]
         out['level_labels'] = rows[0]['level_labels']
+    if rows and 'reliability' in rows[0]:
+        out['reliability'] = metrics.merge_reliability(r['reliability'] for r in rows)
+        out['calibration_error'] = metrics.calibration_error(out['reliability'])
     curves = np.array([[np.nan if x is None else x for x in r['pck_curve']] for r in rows],
                       dtype=np.float64)
     if len(rows):
@@ -437,6 +446,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if curves:
             record['figures'].append(str(report.save_pck_curves(
                 report_dir / 'pck_curves.png', curves, f'{args.method}: PCK per set')))
+        reliability = {s: v['reliability'] for s, v in record['sets'].items() if v.get('reliability')}
+        if reliability:
+            record['figures'].append(str(report.save_reliability(
+                report_dir / 'reliability.png', reliability,
+                f'{args.method}: matchability vs right within {metrics.CORRECT_PX:g} px')))
         levels = {s: (v['level_labels'], v['aepe_levels'])
                   for s, v in record['sets'].items() if v.get('aepe_levels')}
         if levels:

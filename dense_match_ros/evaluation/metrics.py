@@ -193,6 +193,40 @@ def matchability_jaccard(matchability: np.ndarray, matchable: np.ndarray,
     return float(np.count_nonzero(pred & truth) / union)
 
 
+RELIABILITY_BINS = 10
+CORRECT_PX = 1.0
+"""A match counts as right for the reliability diagram when its end-point error is below this."""
+
+
+def reliability_counts(matchability: np.ndarray, correct: np.ndarray,
+                       bins: int = RELIABILITY_BINS) -> dict[str, list[float]]:
+    """Per matchability bin ([0, 1] in ``bins`` equal steps): pixel count, matchability sum
+    and count of right matches. Counts, not fractions, so pairs and sets add up."""
+    m = np.clip(np.asarray(matchability, np.float64).ravel(), 0.0, 1.0)
+    ok = np.asarray(correct, bool).ravel()
+    index = np.minimum((m * bins).astype(np.int64), bins - 1)
+    return {'count': np.bincount(index, minlength=bins).astype(float).tolist(),
+            'sum_matchability': np.bincount(index, weights=m, minlength=bins).tolist(),
+            'correct': np.bincount(index, weights=ok.astype(float), minlength=bins).tolist()}
+
+
+def merge_reliability(parts: Iterable[dict]) -> dict[str, list[float]]:
+    parts = list(parts)
+    return {k: np.sum([p[k] for p in parts], axis=0).tolist() for k in parts[0]} if parts else {}
+
+
+def calibration_error(counts: dict) -> float | None:
+    """Expected calibration error: the pixel-weighted mean |mean matchability - fraction right|
+    over bins (0 = a matchability of p means a right match with probability p)."""
+    n = np.asarray(counts.get('count', []), np.float64)
+    if n.sum() == 0:
+        return None
+    used = n > 0
+    conf = np.asarray(counts['sum_matchability'])[used] / n[used]
+    acc = np.asarray(counts['correct'])[used] / n[used]
+    return float(np.sum(n[used] * np.abs(conf - acc)) / n.sum())
+
+
 def flow_metrics(flow: np.ndarray, gt_flow: np.ndarray, valid: np.ndarray | None = None,
                  matchability: np.ndarray | None = None,
                  matchable: np.ndarray | None = None,

@@ -84,6 +84,28 @@ def save_pck_curves(path: str | Path, curves: Mapping[str, tuple[Sequence[float]
     return save_figure(fig, path, dpi=100)
 
 
+def save_reliability(path: str | Path, counts: Mapping[str, Mapping[str, Sequence[float]]],
+                     title: str = '') -> Path:
+    """Reliability diagram: fraction of right matches against mean matchability per bin,
+    one line per set (the diagonal is perfect calibration)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color='grey', lw=1, ls='--', label='calibrated')
+    for name, c in counts.items():
+        n = np.asarray(c['count'], float)
+        used = n > 0
+        ax.plot(np.asarray(c['sum_matchability'])[used] / n[used],
+                np.asarray(c['correct'])[used] / n[used], marker='o', ms=3, label=name)
+    ax.set_xlabel('mean matchability in bin')
+    ax.set_ylabel('fraction of right matches')
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or 'reliability', fontsize=10)
+    return save_figure(fig, path, dpi=100)
+
+
 def save_pose_error_curves(path: str | Path, errors: Mapping[str, Sequence[float]],
                            max_deg: float = 30.0, title: str = '') -> Path:
     """Cumulative fraction of pairs with pose error (max of R, t) below x, per set."""
