@@ -123,7 +123,7 @@ def test_cli_report_figures(tmp_path, fake_synthetic):
     cli.main(['--method', 'test_shift', '--sets', 'synthetic', '--synthetic-n', '2',
               '--report', str(report), '--report-pairs', '1', '--no-progress'])
     pngs = sorted(p.name for p in report.glob('*.png'))
-    assert pngs == ['pck_curves.png', 'synthetic_synthetic_000.png']
+    assert pngs == ['pck_curves.png', 'reliability.png', 'synthetic_synthetic_000.png']
     img = cv2.imread(str(report / 'synthetic_synthetic_000.png'))
     assert img is not None and img.shape[0] > 100 and img.std() > 5
     assert 'synthetic/000' in (report / 'tables.txt').read_text()
