@@ -186,3 +186,21 @@ def test_reliability_counts_add_up_and_calibration_error_is_zero_when_calibrated
     merged = metrics.merge_reliability([counts, over])
     assert sum(merged['count']) == 400000
     assert metrics.calibration_error({'count': [0, 0]}) is None
+
+
+def test_isotonic_calibration_fits_a_monotone_map_that_removes_miscalibration():
+    from dense_match_ros.core import calibration
+    assert calibration.isotonic_fit([0.1, 0.2, 0.3], [0.5, 0.2, 0.9], [1, 1, 1]).tolist() == \
+        pytest.approx([0.35, 0.35, 0.9])
+    rng = np.random.default_rng(1)
+    m = rng.random(100000)
+    right = rng.random(100000) < m ** 3            # overconfident raw scores
+    counts = metrics.reliability_counts(m, right)
+    table = calibration.fit_table(counts)
+    assert np.all(np.diff(table['probability']) >= 0)
+    fixed = calibration.apply_table(m, table)
+    assert metrics.calibration_error(counts) > 0.15
+    assert metrics.calibration_error(metrics.reliability_counts(fixed, right)) < 0.02
+    assert calibration.apply_table(m, None) is m
+    with pytest.raises(ValueError):
+        calibration.fit_table({'count': [1, 2], 'sum_matchability': [0, 0], 'correct': [0, 0]})

@@ -166,3 +166,12 @@ def test_shipped_checkpoint_loads_and_tracks_a_real_warp():
     inside = grid.in_bounds(gt, (320, 240))
     epe = np.linalg.norm(flow - gt, axis=-1)[inside]
     assert float(np.median(epe)) < 1.0 and float(matchability[inside].mean()) > 0.3
+
+
+def test_matcher_applies_the_checkpoint_calibration():
+    src, tgt, _ = affine_photo_pair(64, 48, 2.0, 1.0, (1.0, 1.0))
+    raw = _tiny_matcher(fuse='none', refine='none')
+    m_raw = raw.match(src, tgt).matchability
+    raw.calibration = {'matchability': [0.0, 1.0], 'probability': [0.2, 0.3]}
+    m_cal = raw.match(src, tgt).matchability
+    np.testing.assert_allclose(m_cal, 0.2 + 0.1 * m_raw, atol=1e-5)

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from dense_match_ros.core import refine as _refine
+from dense_match_ros.core import calibration, refine as _refine
 from dense_match_ros.core.device import autocast_dtype
 from dense_match_ros.core.dis_presets import check_preset, create_dis
 from dense_match_ros.core.geometry import grid
@@ -49,7 +49,7 @@ class NeuFlowMatcher(Matcher):
     def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
                  max_side: int = 512, iterations: int | None = None, refine: str = 'dis',
                  refine_preset: str = 'medium', fuse: str = 'dis', dis_preset: str = 'medium',
-                 fb_sigma: float = 1.0, precision: str = 'auto',
+                 fb_sigma: float = 1.0, precision: str = 'auto', calibrated: bool = True,
                  net: NeuFlowNet | None = None) -> None:
         _refine.check_refiner(refine, refine_preset)
         check_preset(dis_preset, 'dis_preset')
@@ -74,6 +74,7 @@ class NeuFlowMatcher(Matcher):
         self._amp = (None if precision == 'fp32' else
                      torch.bfloat16 if precision == 'bf16' else autocast_dtype(device_type))
         self._device_type = device_type
+        self.calibration = self.record.get('calibration') if calibrated else None
 
     # -- the network ----------------------------------------------------------------
 
@@ -125,7 +126,7 @@ class NeuFlowMatcher(Matcher):
             forward, error = self._fuse_with_dis(source, target, forward, error)
         consistency = np.exp(-np.square(error / self.fb_sigma)).astype(np.float32)
         consistency[~grid.in_bounds(forward, (tw, th))] = 0.0
-        return forward, visibility * consistency
+        return forward, calibration.apply_table(visibility * consistency, self.calibration)
 
     def _fuse_with_dis(self, source: np.ndarray, target: np.ndarray, flow: np.ndarray,
                        error: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
