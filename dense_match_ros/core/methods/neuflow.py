@@ -74,6 +74,7 @@ class NeuFlowMatcher(Matcher):
         self._amp = (None if precision == 'fp32' else
                      torch.bfloat16 if precision == 'bf16' else autocast_dtype(device_type))
         self._device_type = device_type
+        self.net.correlation_dtype(self._amp)
         self.calibration = self.record.get('calibration') if calibrated else None
 
     # -- the network ----------------------------------------------------------------

@@ -169,7 +169,8 @@ class Refiner(nn.Module):
 
 class NeuFlowOutput(NamedTuple):
     flows: list[torch.Tensor]
-    """Full-resolution flows in pixels (B, 2, H, W): the global match, then every step."""
+    """Full-resolution flows in pixels (B, 2, H, W): the global match, then every step in
+    training mode and only the last step in eval mode."""
     matchability: torch.Tensor
     """Logits (B, 1, H, W)."""
 
@@ -189,8 +190,15 @@ class NeuFlowNet(nn.Module):
                                     nn.Conv2d(96, 64 * 9, 1))
         self.match_head = nn.Sequential(nn.Conv2d(hid, 32, 3, padding=1), nn.ReLU(inplace=True),
                                         nn.Conv2d(32, 1, 1))
+        self._corr_dtype = None
         self.register_buffer('mean', torch.tensor([0.45, 0.43, 0.40]).view(1, 3, 1, 1))
         self.register_buffer('std', torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1))
+
+    def correlation_dtype(self, dtype: torch.dtype | None) -> 'NeuFlowNet':
+        """Compute the local correlation in ``dtype`` at inference (bf16 halves its memory
+        traffic, the step's largest cost on a CPU; the values need no more precision)."""
+        self._corr_dtype = dtype
+        return self
 
     def _upsample(self, flow8: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Convex 8x upsampling of a 1/8 flow (cells) to pixels: each output pixel is a
@@ -218,12 +226,19 @@ class NeuFlowNet(nn.Module):
         src_n = F.normalize(s8.float(), dim=1)
         tgt_n = F.normalize(t8.float(), dim=1)
         steps = self.config.iterations if iterations is None else int(iterations)
-        for _ in range(steps):
+        # Training supervises every step at full resolution; inference needs only the last
+        # step upsampled (the convex upsampling is a third of a step's cost).
+        every_step = self.training
+        if not self.training and self._corr_dtype is not None:
+            src_n = src_n.to(self._corr_dtype)
+        for k in range(steps):
             flow = flow.detach() if self.training else flow
-            corr = local_correlation(src_n, warp_features(tgt_n, flow), self.config.radius)
+            warped = warp_features(tgt_n, flow).to(src_n.dtype)
+            corr = local_correlation(src_n, warped, self.config.radius)
             hidden, delta = self.refiner(hidden, context, corr.to(hidden.dtype), flow)
             flow = flow + delta.float()
-            flows.append(self._upsample(flow, self.upmask(hidden)))
+            if every_step or k == steps - 1:
+                flows.append(self._upsample(flow, self.upmask(hidden)))
         logit = F.interpolate(self.match_head(hidden).float(), scale_factor=8, mode='bilinear',
                               align_corners=False)
         return NeuFlowOutput(flows, logit)
