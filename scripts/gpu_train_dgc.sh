@@ -13,6 +13,9 @@
 # Every snapshot puts into $OUT: the fp16 weights with their JSON record (split into parts under
 # 16 MiB), log.jsonl, config.json and the trainer's output, so a lost machine loses nothing.
 # A fresh machine resumes from those weights:  INIT=gpu_carry/dgc_gpu.pt scripts/gpu_train_dgc.sh run M
+# (passed as --set model.init_weights=INIT; the optimiser and the schedule restart).
+# The trainer:  python3 -m dense_match_ros.training.cli dgc --config CONFIG --out RUN
+#   --set data.photos=PHOTOS --minutes M   (needs only torch, numpy, OpenCV, tqdm; no PyYAML)
 # Environment: PHOTOS (default gpu_carry/train_pack), RUN (runs/dgc_gpu), CONFIG
 # (config/train_dgc_gpu.yaml), PY (python3), INIT (weights to start from).
 set -euo pipefail
@@ -78,9 +81,12 @@ case "${1:-}" in
     [ -d "$PHOTOS" ] || { echo "no photos at $PHOTOS (carry gpu_carry, see prepare)" >&2; exit 2; }
     mkdir -p "$RUN"
     extra=()
-    [ -n "${INIT:-}" ] && extra=(--init "$INIT")
-    setsid nohup "$PY" -m dense_match_ros.training.dgc_task --config "$CONFIG" --photos "$PHOTOS" \
-      --out "$RUN" --minutes "$minutes" ${extra[@]+"${extra[@]}"} > "$RUN/train.out" 2>&1 < /dev/null &
+    [ -n "${INIT:-}" ] && extra=(--set "model.init_weights=$INIT")
+    # The shared loop (training/loop.py) with pairs made on the GPU (data.sampler: device);
+    # --minutes is the budget of the whole run (a resumed run counts the time already spent).
+    setsid nohup "$PY" -m dense_match_ros.training.cli dgc --config "$CONFIG" --out "$RUN" \
+      --set "data.photos=$PHOTOS" --minutes "$minutes" --no-progress ${extra[@]+"${extra[@]}"} \
+      > "$RUN/train.out" 2>&1 < /dev/null &
     echo $! > "$RUN/train.pid"
     log "started pid $(cat "$RUN/train.pid"), $minutes min; waiting up to $wait_s s"
     wait_for "$wait_s"

@@ -1,4 +1,4 @@
-"""Batched synthetic pairs on a torch device (run here on the CPU) and the GPU trainer."""
+"""Batched synthetic pairs on a torch device (run here on the CPU) and the GPU training path."""
 import json
 import sys
 
@@ -74,27 +74,64 @@ def test_batched_homography_matches_the_numpy_dlt():
         assert np.allclose(H[i].numpy(), tf.homography_from_points(tf.CORNERS, dst[i]), atol=1e-9)
 
 
-def test_gpu_trainer_runs_on_cpu_without_pyyaml(tmp_path, monkeypatch):
+def test_device_pairs_train_dgc_through_the_shared_loop_without_pyyaml(tmp_path, monkeypatch):
+    """The GPU path (data.sampler: device, a minutes budget), run here on the CPU: the shared
+    loop and CLI with neither PyYAML nor ROS importable, resumed, then ended by the budget."""
     from dense_match_ros.core.methods.dgc import DgcMatcher
-    from dense_match_ros.training import dgc_task
+    from dense_match_ros.training import checkpoint as ckpt
+    from dense_match_ros.training.cli import main
     folder = tmp_path / 'pack'
     folder.mkdir()
     for i, img in enumerate(_photos(6, seed=1)):
         cv2.imwrite(str(folder / f'p{i}.png'), img)
     config = tmp_path / 'cfg.yaml'
     config.write_text('# a comment line\n' + json.dumps({
-        'steps': 3, 'batch_size': 2, 'log_every': 1, 'minutes': 5,
-        'data': {'image_size': [32, 32], 'photo_size': [48, 48]},
+        'method': 'dgc', 'steps': 4, 'minutes': 5, 'batch_size': 2, 'log_every': 1, 'threads': 1,
+        'checkpoint_every': 1000, 'optim': {'warmup_steps': 1},
+        'data': {'sampler': 'device', 'image_size': [32, 32], 'photo_short_side': 48},
         'model': {'width': 0.125, 'input_size': [32, 32]}}))
-    monkeypatch.setitem(sys.modules, 'yaml', None)            # as on the GPU machine
+    for name in ('yaml', 'rclpy', 'kornia'):                  # as on the GPU machine
+        monkeypatch.setitem(sys.modules, name, None)
     out = tmp_path / 'run'
-    assert dgc_task.main(['--config', str(config), '--out', str(out), '--photos', str(folder),
-                          '--device', 'cpu']) == 0
+    args = ['dgc', '--config', str(config), '--out', str(out), '--set', f'data.photos={folder}',
+            '--device', 'cpu', '--no-progress']
+    assert main([*args, '--stop-at', '2']) == 0
+    first = ckpt.load_training_state(out / 'last.pt')
+    assert first['step'] == 2 and first['config']['data']['sampler'] == 'device'
+    assert main(args) == 0                                    # the same command resumes
     log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
-    assert [r['step'] for r in log] == [1, 2, 3] and all(np.isfinite(r['loss']) for r in log)
+    assert [r['step'] for r in log] == [1, 2, 3, 4] and all(np.isfinite(r['loss']) for r in log)
+    state = ckpt.load_training_state(out / 'last.pt')
+    assert state['step'] == 4 and state['wall_time_s'] > first['wall_time_s']
+    # Cosine over 5 minutes, not over 4 steps: seconds in, the rate has hardly decayed.
+    assert [r['lr'] for r in log][0] == pytest.approx(1e-3)
+    assert all(0.99e-3 < r['lr'] <= 1e-3 for r in log[1:])
+    # The budget counts the time already spent: spent, the same run takes no further step ...
+    assert main([*args, '--steps', '100', '--minutes', '0.0001']) == 0
+    assert ckpt.load_training_state(out / 'last.pt')['step'] == 4
+    # ... and a fresh run with a budget shorter than a step ends after its first step.
+    short = tmp_path / 'short'
+    assert main([*args[:4], str(short), *args[5:], '--steps', '100', '--minutes', '0.0001']) == 0
+    assert [json.loads(l)['step'] for l in (short / 'log.jsonl').read_text().splitlines()] == [1]
     m = DgcMatcher(weights=str(out / 'last.pt'))
     flow, match = m.match(np.zeros((40, 50, 3), np.uint8), np.zeros((40, 50, 3), np.uint8))
     assert flow.shape == (40, 50, 2) and match.shape == (40, 50)
+
+
+def test_device_pairs_refuse_what_they_cannot_make(photos):
+    from dense_match_ros.training import config as cfgmod
+    from dense_match_ros.training.gpu_pairs import DeviceBatches
+    from dense_match_ros.training.tasks import get_task
+    config = cfgmod.from_dict({'method': 'hilm', 'data': {'sampler': 'device'}})
+    with pytest.raises(ValueError, match='sampler: cpu'):
+        DeviceBatches.from_config(config, get_task('hilm'), 0, torch.device('cpu'))
+    config = cfgmod.from_dict({'method': 'dgc', 'data': {'sampler': 'device', 'objects': 0.5}})
+    with pytest.raises(ValueError, match='objects'):
+        DeviceBatches.from_config(config, get_task('dgc'), 0, torch.device('cpu'))
+    source = DeviceBatches(GpuPairSampler(photos, GpuPairConfig(size=(32, 32))), 2, seed=1)
+    batches = list(source(5, 7))
+    assert [int(b['step']) for b in batches] == [5, 6]
+    assert torch.equal(batches[0]['flow'], source.sampler.sample(2, 1, 5)['flow'])
 
 
 def test_train_pack_names_split_like_the_original_folders(tmp_path):

@@ -31,6 +31,10 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine():
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
     assert lr_factor(55, 100, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    # A wall-clock schedule: warm-up in steps, then the cosine over the spent budget fraction.
+    assert lr_factor(5, 100, 10, 0.1, progress=0.9) == pytest.approx(0.6)
+    assert lr_factor(99, 100, 10, 0.1, progress=0.5) == lr_factor(55, 100, 10, 0.1)
+    assert lr_factor(20, 100, 10, 0.1, progress=2.0) == pytest.approx(0.1)
 
 
 def test_config_overrides_and_typos():

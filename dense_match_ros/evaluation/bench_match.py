@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import cv2
 import numpy as np
 
+from dense_match_ros.core.device import resolve_device
 from dense_match_ros.core.registry import load_matcher
 from dense_match_ros.evaluation.cli import parse_options
 
@@ -204,6 +205,7 @@ def _table(rows: list[tuple[str, str, dict]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.device = resolve_device(args.device)  # the one device choice (registry, training, here)
     import torch
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -1,20 +1,26 @@
-"""Training batches of synthetic pairs, addressed by step number.
+"""Training batches of synthetic pairs made on the CPU, addressed by step number.
 
 Batch ``step`` of process ``rank`` is drawn from ``default_rng([seed, step, rank])`` and
 nothing else, so a run resumed at step k sees exactly the batches an uninterrupted run
 would have, whatever the number of loader workers, and DDP ranks never see the same pair.
+
+A *batch source* of the loop is a callable ``(start, end) -> iterable of batches`` for the
+steps ``start .. end-1``, each batch holding its ``step``: :func:`cpu_batches` here
+(``data.sampler: cpu``) or :class:`.gpu_pairs.DeviceBatches` (``data.sampler: device``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from dense_match_ros.data.photos import PhotoSource
 from dense_match_ros.data.synthetic import SyntheticPair, SyntheticPairGenerator
-from dense_match_ros.training.config import DataConfig
+from dense_match_ros.training.config import DataConfig, TrainConfig
 from dense_match_ros.training.tasks import TrainTask
+
+BatchSource = Callable[[int, int], Iterable[dict]]
 
 
 class CachedPhotos:
@@ -88,3 +94,17 @@ def worker_init(_worker_id: int) -> None:
     import cv2
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+
+
+def cpu_batches(config: TrainConfig, task: TrainTask, rank: int, device: torch.device) -> BatchSource:
+    """The ``cpu`` batch source: a DataLoader over :class:`StepBatches` for the steps asked."""
+    dataset = StepBatches(make_generator(config.data), task, config.loss, config.batch_size,
+                          config.seed, rank)
+    workers = config.data.workers
+
+    def batches(start: int, end: int) -> Iterable[dict]:
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=None, sampler=range(start, end), num_workers=workers,
+            worker_init_fn=worker_init if workers else None, pin_memory=device.type == 'cuda',
+            prefetch_factor=4 if workers else None, persistent_workers=False)
+    return batches

@@ -5,11 +5,16 @@ Examples::
     dense-match-train hilm --config config/train_hilm_cpu.yaml --out runs/hilm_cpu
     dense-match-train hilm --steps 20 --set data.image_size=[64,64]      # a smoke run
     torchrun --nproc_per_node 4 -m dense_match_ros.training.cli hilm --config ...  # DDP
+    python3 -m dense_match_ros.training.cli dgc --config config/train_dgc_gpu.yaml \\
+        --out runs/dgc_gpu --set data.photos=gpu_carry/train_pack --minutes 8   # GPU, no PyYAML
     dense-match-train export runs/hilm_cpu --out dense_match_ros/weights/hilm_cpu.pt \\
         --eval-json runs/eval/hilm_cpu.json
 
 A run resumes from ``OUT/last.pt`` unless ``--fresh`` is given; ``--stop-at`` ends it early
 (the schedule still spans ``--steps``), which is how an interruption is reproduced in tests.
+``--minutes M`` (config ``minutes``) trains for M minutes of wall time in all, the resumed
+sessions included, with the cosine over that budget. A fresh run starts from another run's
+or a shipped checkpoint's weights with ``--set model.init_weights=PATH`` (dgc, neuflow).
 """
 from __future__ import annotations
 
@@ -30,10 +35,13 @@ def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='dense-match-train', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('method', help=f'one of: {", ".join(available_tasks())}, or "export"')
-    p.add_argument('--config', type=Path, default=None, help='YAML training config')
+    p.add_argument('--config', type=Path, default=None,
+                   help='YAML training config (JSON plus # lines without PyYAML)')
     p.add_argument('--out', type=Path, default=None, help='run folder (default runs/METHOD)')
     p.add_argument('--steps', type=int, default=None, help='total steps of the schedule')
     p.add_argument('--stop-at', type=int, default=None, help='stop (and save) at this step')
+    p.add_argument('--minutes', type=float, default=None,
+                   help='wall-clock budget of the whole run (cosine over it; 0: use --steps)')
     p.add_argument('--batch-size', type=int, default=None)
     p.add_argument('--seed', type=int, default=None)
     p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
@@ -67,7 +75,7 @@ def train_main(argv: Sequence[str]) -> int:
     if values.get('method', args.method) != args.method:
         raise SystemExit(f'{args.config} is a {values["method"]} config, not {args.method}')
     values['method'] = args.method
-    for key in ('steps', 'batch_size', 'seed'):
+    for key in ('steps', 'minutes', 'batch_size', 'seed'):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     config = cfgmod.from_dict(values)

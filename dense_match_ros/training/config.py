@@ -3,14 +3,18 @@
 The whole resolved config is written into every checkpoint and log, so that a shipped
 checkpoint says exactly what produced it. The method-specific parts (``model``, ``loss``)
 stay plain dicts here and are turned into the task's own dataclasses by the task.
+
+PyYAML is imported only when a file or an override is read, and is optional: without it
+(the bare GPU machine) a config file is read as JSON after dropping its ``#`` comment lines
+(``config/train_dgc_gpu.yaml`` is written that way) and ``--set`` values as JSON, else as
+plain strings.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 
 @dataclasses.dataclass
@@ -45,6 +49,12 @@ class DataConfig:
     """Relative frequency of each of ``kinds`` (None: uniform)."""
     objects: float = 0.0
     """Probability that a pair carries independently moving objects (data.moving_objects)."""
+    sampler: str = 'cpu'
+    """Where pairs are made: 'cpu' (data.synthetic, ``workers`` loader processes) or
+    'device' (training/gpu_pairs.py on the training device, ~20x faster on a GPU; photos
+    decoded once at ``photo_short_side`` squared; no ``kind_weights``/``objects``)."""
+    gpu_pairs: dict = dataclasses.field(default_factory=dict)
+    """Further GpuPairConfig ranges for the 'device' sampler (rotation_deg, scale, ...)."""
 
 
 @dataclasses.dataclass
@@ -52,6 +62,10 @@ class TrainConfig:
     method: str = 'hilm'
     seed: int = 0
     steps: int = 1000
+    """Steps of the schedule (the run's end unless ``minutes`` comes first)."""
+    minutes: float = 0.0
+    """Wall-clock budget; > 0: the run ends when it is spent (time of earlier sessions of the
+    run included) and the rate follows a cosine over it instead of over ``steps``."""
     batch_size: int = 8
     """Pairs per step per process (DDP multiplies it by the world size)."""
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -63,6 +77,8 @@ class TrainConfig:
     on CPUs with AVX-512 BF16 or AMX (core.device.autocast_dtype); fp32 elsewhere."""
     channels_last: bool = True
     """Train in the channels-last memory layout (faster convolutions on CPU and GPU)."""
+    compile: bool = False
+    """torch.compile the model (about a minute of compilation; pays on long GPU runs)."""
     threads: int = 0
     """torch intra-op threads on CPU (0: leave torch's default)."""
     log_every: int = 10
@@ -114,16 +130,32 @@ def from_dict(values: dict) -> TrainConfig:
     return _build(TrainConfig, values, 'config')
 
 
+def _parse(text: str, strict: bool = True) -> Any:
+    """YAML with PyYAML; without it JSON minus '#' comment lines (or, not ``strict``, the
+    text itself where it is not JSON: a path, a name)."""
+    try:
+        import yaml
+    except ImportError:
+        body = '\n'.join(line for line in text.splitlines() if not line.lstrip().startswith('#'))
+        try:
+            return json.loads(body) if body.strip() else None
+        except json.JSONDecodeError:
+            if strict:
+                raise
+            return text
+    return yaml.safe_load(text)
+
+
 def load_yaml(path: str | Path) -> dict:
-    with open(path, encoding='utf-8') as f:
-        values = yaml.safe_load(f) or {}
+    """A training config file: YAML, or JSON with '#' comment lines where PyYAML is missing."""
+    values = _parse(Path(path).read_text(encoding='utf-8')) or {}
     if not isinstance(values, dict):
         raise ValueError(f'{path}: a training config must be a mapping')
     return values
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b=value`` strings (value parsed as YAML) to a nested dict, in order."""
+    """Apply ``a.b=value`` strings (value parsed as YAML, see :func:`_parse`) in order."""
     values = _plain(values)
     for item in overrides or []:
         key, sep, raw = item.partition('=')
@@ -135,5 +167,5 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f'override {item!r}: {part} is not a section')
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _parse(raw, strict=False)
     return values

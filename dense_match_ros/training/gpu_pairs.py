@@ -20,19 +20,24 @@ that a GPU makes a whole batch in a few kernels instead of a CPU making it pixel
 Batches are a pure function of (seed, step) through a device ``torch.Generator``, so a run
 resumed at step k draws the batches it would have drawn (on the same device type).
 Only torch and numpy are needed at sampling time (OpenCV only to decode photos), so this
-runs on a bare GPU machine.
+runs on a bare GPU machine. :class:`DeviceBatches` is the shared loop's batch source for
+``data.sampler: device``.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+import sys
+import time
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dense_match_ros.core.geometry import transforms as tf
+from dense_match_ros.training.config import TrainConfig
+from dense_match_ros.training.tasks import TrainTask, fill
 
 KINDS = ('affine', 'tps', 'homography')
 
@@ -90,12 +95,14 @@ def pack_key(key: str) -> str:
     return key.replace('__', '/')
 
 
-def load_photo_tensor(folder: str, photo_size: tuple[int, int] = (256, 256), split: str = 'train',
-                      device: str | torch.device = 'cpu', limit: int | None = None) -> torch.Tensor:
+def load_photo_tensor(folder: str | Sequence[str] | None, photo_size: tuple[int, int] = (256, 256),
+                      split: str = 'train', device: str | torch.device = 'cpu',
+                      limit: int | None = None) -> torch.Tensor:
     """Decode the ``split`` photos of ``folder`` once (split as in :mod:`data.photos`).
 
     Keys are mapped through :func:`pack_key` before the split, so ``train_pack/`` and
-    ``train_images/`` hold out the same photos.
+    ``train_images/`` hold out the same photos. ``folder``: one, several or None (the
+    default search of :mod:`data.photos`).
     """
     from dense_match_ros.data.photos import PhotoSource, heldout_score
     source = PhotoSource(folder, split='all', short_side=max(photo_size))
@@ -240,6 +247,45 @@ class GpuPairSampler:
         on = (torch.rand(b, generator=gen, device=self.device) < c.p_jitter).view(b, 1, 1, 1)
         noise = torch.randn(img.shape, generator=gen, device=self.device) * sigma
         return (img + torch.where(on, noise, torch.zeros_like(noise))).clamp(0, 1)
+
+
+class DeviceBatches:
+    """The loop's batch source for ``data.sampler: device``: batch ``step`` of rank ``rank``
+    is ``sampler.sample(batch_size, seed + 100003 * rank, step)`` with its ``step``."""
+
+    def __init__(self, sampler: GpuPairSampler, batch_size: int, seed: int, rank: int = 0) -> None:
+        self.sampler = sampler
+        self.batch_size = int(batch_size)
+        self.seed = int(seed) + 100_003 * int(rank)
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, task: TrainTask, rank: int,
+                    device: torch.device) -> 'DeviceBatches':
+        """Photos of ``data.photos`` (train split) decoded once onto ``device``; the pair
+        ranges of ``data`` (``image_size``, ``kinds``, ``crop_scale``, ``photometric``) and
+        ``data.gpu_pairs`` (any other :class:`GpuPairConfig` field)."""
+        data = config.data
+        if type(task).extra_batch is not TrainTask.extra_batch:
+            raise ValueError(f'{task.name} draws per-pair inputs on the CPU (extra_batch); '
+                             'train it with data.sampler: cpu')
+        if data.kind_weights or data.objects:
+            raise ValueError('data.kind_weights and data.objects need data.sampler: cpu')
+        t0 = time.monotonic()
+        side = int(data.photo_short_side)
+        photos = load_photo_tensor(data.photos, (side, side), 'train', device)
+        pairs = fill(GpuPairConfig, {'size': list(data.image_size), 'kinds': list(data.kinds),
+                                     'crop_scale': list(data.crop_scale),
+                                     'photometric': data.photometric, **data.gpu_pairs},
+                     'data.gpu_pairs')
+        if rank == 0:
+            print(f'device pairs: {photos.shape[0]} photos on {device} in '
+                  f'{time.monotonic() - t0:.1f} s', file=sys.stderr, flush=True)
+        return cls(GpuPairSampler(photos, pairs), config.batch_size, config.seed, rank)
+
+    def __call__(self, start: int, end: int) -> Iterator[dict[str, torch.Tensor]]:
+        for step in range(start, end):
+            yield {**self.sampler.sample(self.batch_size, self.seed, step),
+                   'step': torch.tensor(step)}
 
 
 def _homography_from_corners(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from dense_match_ros.core.methods.hilm_hierarchical import cell_centres, sample_descriptors
 from dense_match_ros.core.networks.hilm_net import HilmNet, HilmNetConfig
-from dense_match_ros.training.tasks import TrainTask
+from dense_match_ros.training.tasks import TrainTask, fill
 
 
 @dataclasses.dataclass
@@ -38,14 +38,6 @@ class HilmLossConfig:
     """Refinement window radius (px); shallow negatives are mined inside it."""
     deep_weight: float = 1.0
     shallow_weight: float = 1.0
-
-
-def _fill(cls, values: dict, what: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f'unknown {what} keys for hilm: {sorted(unknown)}')
-    return cls(**values)
 
 
 def level_loss(src_desc: torch.Tensor, tgt_map: torch.Tensor, tgt_points: torch.Tensor,
@@ -81,13 +73,13 @@ class HilmTask(TrainTask):
     name = 'hilm'
 
     def model_config(self, values: dict) -> dict:
-        return dataclasses.asdict(_fill(HilmNetConfig, values, 'model'))
+        return dataclasses.asdict(fill(HilmNetConfig, values, 'hilm model'))
 
     def loss_config(self, values: dict) -> dict:
-        return dataclasses.asdict(_fill(HilmLossConfig, values, 'loss'))
+        return dataclasses.asdict(fill(HilmLossConfig, values, 'hilm loss'))
 
     def build_model(self, model_config: dict) -> HilmNet:
-        return HilmNet(_fill(HilmNetConfig, model_config, 'model'))
+        return HilmNet(fill(HilmNetConfig, model_config, 'hilm model'))
 
     def extra_batch(self, pairs: list, rng: np.random.Generator, loss_config: dict) -> dict:
         cfg = HilmLossConfig(**loss_config)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dense_match_ros.core.networks.neuflow import NeuFlowConfig, NeuFlowNet, config_from_dict
-from dense_match_ros.training.tasks import TrainTask
+from dense_match_ros.training.tasks import TrainTask, fill, split_model
 
 TRAINING_KEYS = ('init_weights',)
 
@@ -32,19 +32,10 @@ class NeuFlowLossConfig:
     """Pixels with a longer ground-truth flow are left out (none at training sizes)."""
 
 
-def _split(values: dict) -> tuple[dict, dict]:
-    names = {f.name for f in dataclasses.fields(NeuFlowConfig)}
-    unknown = set(values) - names - set(TRAINING_KEYS)
-    if unknown:
-        raise ValueError(f'unknown model keys for neuflow: {sorted(unknown)}')
-    return ({k: v for k, v in values.items() if k in names},
-            {k: v for k, v in values.items() if k in TRAINING_KEYS})
-
-
 def build_network(model_config: dict) -> NeuFlowNet:
     """The network of a model config; ``init_weights`` starts it from a neuflow checkpoint
     (a shipped file or a run's last.pt): how a later stage continues an earlier one."""
-    arch, train_keys = _split(model_config)
+    arch, train_keys = split_model(model_config, NeuFlowConfig, TRAINING_KEYS, 'neuflow model')
     net = NeuFlowNet(config_from_dict(arch))
     if train_keys.get('init_weights'):
         from dense_match_ros.training import checkpoint as ckpt
@@ -83,15 +74,11 @@ class NeuFlowTask(TrainTask):
     name = 'neuflow'
 
     def model_config(self, values: dict) -> dict:
-        arch, train_keys = _split(values)
+        arch, train_keys = split_model(values, NeuFlowConfig, TRAINING_KEYS, 'neuflow model')
         return {**dataclasses.asdict(config_from_dict(arch)), 'init_weights': None, **train_keys}
 
     def loss_config(self, values: dict) -> dict:
-        names = {f.name for f in dataclasses.fields(NeuFlowLossConfig)}
-        unknown = set(values) - names
-        if unknown:
-            raise ValueError(f'unknown loss keys for neuflow: {sorted(unknown)}')
-        return dataclasses.asdict(NeuFlowLossConfig(**values))
+        return dataclasses.asdict(fill(NeuFlowLossConfig, values, 'neuflow loss'))
 
     def build_model(self, model_config: dict) -> NeuFlowNet:
         return build_network(model_config)

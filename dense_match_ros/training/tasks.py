@@ -7,7 +7,8 @@ and its loss. The loop in :mod:`.loop` knows nothing else about any method.
 from __future__ import annotations
 
 import abc
-from typing import Any
+import dataclasses
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +42,27 @@ class TrainTask(abc.ABC):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
              loss_config: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """(scalar loss to minimise, floats to log) for one batch on the model's device."""
+
+
+def fill(cls: type, values: dict, what: str) -> Any:
+    """``cls(**values)`` for a config dataclass; a key that is not a field is an error (a typo
+    must not train something else). Lists become tuples where the field default is one."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f'unknown {what} keys: {sorted(unknown)}')
+    return cls(**{k: tuple(v) if isinstance(v, list) and isinstance(fields[k].default, tuple) else v
+                  for k, v in values.items()})
+
+
+def split_model(values: dict, cls: type, training_keys: Sequence[str], what: str) -> tuple[dict, dict]:
+    """(architecture keys of ``cls``, training-only keys) of a model section; others are an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names - set(training_keys)
+    if unknown:
+        raise ValueError(f'unknown {what} keys: {sorted(unknown)}')
+    return ({k: v for k, v in values.items() if k in names},
+            {k: v for k, v in values.items() if k in training_keys})
 
 
 _TASKS: dict[str, Any] = {
