@@ -102,6 +102,11 @@ def test_cli_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
     assert record['steps'] == 20 and record['dtype'] == 'float16'
     assert record['command'].startswith('dense-match-train hilm --steps 20')
     assert record['sha256'] == ckpt.sha256_of(out)
+    assert [(st['steps'], st['pairs'], st['init_weights']) for st in record['stages']] == [(20, 20 * record['config']['batch_size'], None)]
+    # A later stage started from these weights lists the earlier stage first.
+    from dense_match_ros.training.cli import _stages
+    later = _stages({'config': {'model': {'init_weights': str(out)}}}, {'steps': 5})
+    assert [st['steps'] for st in later] == [20, 5] and later[1]['init_weights'] == str(out)
     model_config, state, _ = ckpt.load_weights(out, 'hilm')
     full = ckpt.load_training_state(whole / 'last.pt')
     assert out.stat().st_size < 0.6 * (whole / 'last.pt').stat().st_size

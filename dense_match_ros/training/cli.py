@@ -100,6 +100,18 @@ def _eval_summary(path: Path) -> dict:
             'command': record.get('command'), 'sets': sets}
 
 
+def _stages(state: dict, this: dict) -> list[dict]:
+    """Every training stage behind these weights: the stages of the checkpoint this run
+    started from (``model.init_weights``, when it has a record), then this one."""
+    init = (state['config'].get('model') or {}).get('init_weights')
+    earlier: list[dict] = []
+    if init and Path(init).with_suffix('.json').is_file():
+        before = json.loads(Path(init).with_suffix('.json').read_text())
+        earlier = before.get('stages') or [{k: before.get(k) for k in
+                                            ('command', 'steps', 'wall_time_s', 'evaluation')}]
+    return earlier + [{**this, 'init_weights': init}]
+
+
 def export_main(argv: Sequence[str]) -> int:
     args = _export_parser().parse_args(argv)
     from dense_match_ros.training import checkpoint as ckpt
@@ -129,6 +141,12 @@ def export_main(argv: Sequence[str]) -> int:
         'evaluation': [_eval_summary(p) for p in args.eval_json],
         'note': args.note,
     }
+    world = int(extra.get('world_size', 1) or 1)
+    record['stages'] = _stages(state, {
+        'command': record['command'], 'steps': int(state['step']),
+        'minutes': round(float(state['wall_time_s']) / 60.0, 1),
+        'pairs': int(state['step']) * int(state['config'].get('batch_size', 0)) * world,
+        'evaluation': record['evaluation']})
     record = ckpt.export_weights(state, args.out, record, half=not args.fp32)
     print(json.dumps({k: record[k] for k in ('file', 'steps', 'dtype', 'bytes', 'sha256')}))
     return 0
