@@ -10,7 +10,7 @@ venv:
 
 # Main job: the node on a replayed TUM RGB-D bag (synthetic sequence without ../shared/data).
 demo: venv
-	$(PY) -m dense_match_ros.ros.demo --out out/demo
+	$(PY) -m dense_match_ros.ros.tools.demo --out out/demo
 
 test: venv
 	$(PY) -m pytest -q test

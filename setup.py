@@ -32,9 +32,9 @@ setup(
             'dense-match-bench-pose = dense_match_ros.evaluation.bench_pose:main',
             'dense-match-bench = dense_match_ros.evaluation.bench_match:main',
             'dense-match-node = dense_match_ros.ros.node:main',
-            'dense-match-replay = dense_match_ros.ros.replay:main',
-            'dense-match-make-bag = dense_match_ros.ros.make_bag:main',
-            'dense-match-demo = dense_match_ros.ros.demo:main',
+            'dense-match-replay = dense_match_ros.ros.tools.replay:main',
+            'dense-match-make-bag = dense_match_ros.ros.tools.make_bag:main',
+            'dense-match-demo = dense_match_ros.ros.tools.demo:main',
         ],
     },
 )

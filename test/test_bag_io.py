@@ -9,7 +9,8 @@ pytest.importorskip('rclpy')
 from geometry_msgs.msg import PoseWithCovarianceStamped  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage  # noqa: E402
 
-from dense_match_ros.ros import bag_io, convert  # noqa: E402
+from dense_match_ros.ros import convert  # noqa: E402
+from dense_match_ros.ros.tools import bag_io  # noqa: E402
 
 dm = pytest.importorskip('dense_match_ros.msg')
 

@@ -13,7 +13,7 @@ import pytest
 
 from dense_match_ros.core.geometry import grid
 from dense_match_ros.ros import convert
-from dense_match_ros.ros.convert import ConversionError
+from dense_match_ros.ros.convert import FrameRejected
 
 
 def _img(pixels: np.ndarray, encoding: str, pad: int = 0, big: bool = False) -> SimpleNamespace:
@@ -91,11 +91,11 @@ def test_image_validation_errors(change, reason, text):
     for k, v in change.items():
         setattr(msg, k, v)
     if reason is None:
-        with pytest.raises(ConversionError, match='not a camera image') as err:
+        with pytest.raises(FrameRejected, match='not a camera image') as err:
             convert.image_to_rgb(msg)
         assert err.value.reason == 'unsupported_encoding'
         return
-    with pytest.raises(ConversionError) as err:
+    with pytest.raises(FrameRejected) as err:
         convert.image_to_rgb(msg)
     assert err.value.reason == reason and text in str(err.value)
 
@@ -104,10 +104,10 @@ def test_size_limit_checked_before_data():
     # An 8000x8000 header with no data: refused for its size, the data is never looked at.
     msg = SimpleNamespace(height=8000, width=8000, encoding='rgb8', is_bigendian=0,
                           step=24000, data=b'')
-    with pytest.raises(ConversionError) as err:
+    with pytest.raises(FrameRejected) as err:
         convert.image_to_rgb(msg, max_pixels=4096 * 4096)
     assert err.value.reason == 'image_too_large' and '8000x8000' in str(err.value)
-    with pytest.raises(ConversionError) as err:
+    with pytest.raises(FrameRejected) as err:
         convert.image_to_rgb(msg, max_pixels=0)  # no limit: now the data is wrong
     assert err.value.reason == 'bad_data_size'
 
@@ -122,7 +122,7 @@ def test_compressed_jpeg_png(ext, fmt):
     assert out.shape == (40, 60, 3)
     tol = 0 if ext == '.png' else 12
     assert np.abs(out.astype(int) - rgb.astype(int)).mean() <= tol
-    with pytest.raises(ConversionError) as err:
+    with pytest.raises(FrameRejected) as err:
         convert.compressed_to_rgb(SimpleNamespace(format=fmt, data=buf.reshape(-1)),
                                   max_pixels=40 * 60 - 1)
     assert err.value.reason == 'image_too_large' and '60x40' in str(err.value)
@@ -136,7 +136,7 @@ def test_compressed_mono_and_errors():
     for fmt, data, reason in [('tiff', bytes(buf), 'unknown_format'),
                               ('png', b'', 'empty_image'),
                               ('jpeg', b'\x00garbage' * 10, 'decode_failed')]:
-        with pytest.raises(ConversionError) as err:
+        with pytest.raises(FrameRejected) as err:
             convert.compressed_to_rgb(SimpleNamespace(format=fmt, data=data))
         assert err.value.reason == reason
 
@@ -166,7 +166,7 @@ def test_camera_info_k_d_and_rectified_p():
     (_info(k=[float('nan')] + [1.0] * 8), 'invalid_camera_info'),
 ])
 def test_camera_info_refused(info, reason):
-    with pytest.raises(ConversionError) as err:
+    with pytest.raises(FrameRejected) as err:
         convert.camera_info_to_intrinsics(info)
     assert err.value.reason == reason
 

@@ -23,7 +23,7 @@ def _demo(tmp_path, *args, data=None, timeout=150):
     env['PYTHONPATH'] = str(REPO_ROOT)
     if data is not None:
         env['DENSE_MATCH_DATA'] = str(data)
-    proc = subprocess.run([sys.executable, '-m', 'dense_match_ros.ros.demo', '--out',
+    proc = subprocess.run([sys.executable, '-m', 'dense_match_ros.ros.tools.demo', '--out',
                            str(tmp_path / 'demo'), *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     return proc, tmp_path / 'demo'

@@ -8,8 +8,9 @@ import yaml
 
 pytest.importorskip('rclpy')
 
-from dense_match_ros.ros import bag_io, convert, make_bag  # noqa: E402
-from dense_match_ros.ros.trajectory import read_tum  # noqa: E402
+from dense_match_ros.ros import convert  # noqa: E402
+from dense_match_ros.ros.tools import bag_io, make_bag  # noqa: E402
+from dense_match_ros.ros.tools.trajectory import read_tum  # noqa: E402
 
 
 def _write_png(path, value: int, size=(32, 24)):

@@ -644,7 +644,8 @@ def test_pair_mode_jittered_stamps(synchronizer):
 def test_config_files_only_set_declared_parameters(config_file):
     """A typo in a params file would be silently ignored by ROS; catch it here."""
     import yaml
-    from dense_match_ros.ros.node import DenseMatchNode, pipeline_config_from_params
+    from dense_match_ros.ros.node import DenseMatchNode
+    from dense_match_ros.ros.parameters import pipeline_config_from_params
     doc = yaml.safe_load((REPO_ROOT / 'config' / config_file).read_text())
     (key, body), = doc.items()
     assert key.endswith('dense_match_node')
@@ -669,7 +670,7 @@ def test_config_files_only_set_declared_parameters(config_file):
 
 
 def test_method_options_parameter_is_a_yaml_mapping():
-    from dense_match_ros.ros.node import parse_method_options, pipeline_config_from_params
+    from dense_match_ros.ros.parameters import parse_method_options, pipeline_config_from_params
     assert parse_method_options('') == {} and parse_method_options('  ') == {}
     assert parse_method_options('{refine: dis, max_side: 512}') == {'refine': 'dis',
                                                                     'max_side': 512}
@@ -683,7 +684,8 @@ def test_method_options_parameter_is_a_yaml_mapping():
 
 def test_output_messages_follow_the_documented_conventions():
     """What the node (and the replay tool) publish for one result, field by field."""
-    from dense_match_ros.ros.node import output_messages, pipeline_config_from_params
+    from dense_match_ros.ros.messages import output_messages
+    from dense_match_ros.ros.parameters import pipeline_config_from_params
     from dense_match_ros.ros.pipeline import Frame, MatchPipeline
     config = pipeline_config_from_params({'pose.max_correspondences': 400,
                                           'publish_flow': False})  # node-only: ignored
@@ -710,3 +712,29 @@ def test_output_messages_follow_the_documented_conventions():
     msgs = output_messages(out)
     assert 'pose' not in msgs and not msgs['relative_pose'].valid
     assert msgs['relative_pose'].status == 'no_camera_info'
+
+
+def test_parameter_table_drives_the_config_and_run_time_changes():
+    """One table: every PipelineConfig field is a parameter, and a change goes where it acts."""
+    import dataclasses
+    from dense_match_ros.ros.parameters import parameter_table, runtime_change
+    from dense_match_ros.ros.pipeline import PipelineConfig
+    table = {p.name: p for p in parameter_table()}
+    fields = {f.name for f in dataclasses.fields(PipelineConfig)} - {'pose_options',
+                                                                    'color_output'}
+    assert {n for n, p in table.items() if p.config and not n.startswith('pose.')} == fields
+    assert table['pose.spread_grid'].default == [16, 12] and table['mode'].read_only
+    config = PipelineConfig(pose_options={'confidence': 0.99})
+    change = runtime_change({'process_width': 320, 'pose.spread_grid': [8, 6], 'max_rate': 2.0,
+                             'warn_throttle_s': 1.0}, config)
+    assert change.model is None
+    assert change.pipeline == {'process_width': 320,
+                               'pose_options': {'confidence': 0.99, 'spread_grid': (8, 6)}}
+    assert change.node == {'max_rate': 2.0, 'warn_throttle_s': 1.0}
+    change = runtime_change({'method_options': '{preset: fast}'}, config)
+    assert change.model == {'method': 'dis', 'weights': '', 'device': None,
+                            'options': {'preset': 'fast'}} and change.pipeline == {}
+    with pytest.raises(ValueError, match='does not exist'):
+        runtime_change({'weights': '/nonexistent/w.pt'}, config)
+    with pytest.raises(ValueError, match='device'):
+        runtime_change({'device': 'tpu'}, config)

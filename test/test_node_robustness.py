@@ -232,9 +232,9 @@ def test_compressed_input_without_camera_info():
 
 
 def test_throttle_reports_what_it_swallowed():
-    from dense_match_ros.ros.node import _Throttle
+    from dense_match_ros.ros.runtime import Throttle
     lines = []
-    throttle = _Throttle(type('L', (), {'warning': lambda self, m: lines.append(m)})(), 0.2)
+    throttle = Throttle(type('L', (), {'warning': lambda self, m: lines.append(m)})(), 0.2)
     for _ in range(3):
         throttle.warn('bad_step', 'step too small')
     throttle.warn('unknown_encoding', 'yuv')     # another cause is not hidden by the first

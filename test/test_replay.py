@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from dense_match_ros.ros import trajectory as traj_mod
-from dense_match_ros.ros.trajectory import (Trajectory, associate, read_tum, relative_pose,
-                                            write_tum)
+from dense_match_ros.ros.tools import trajectory as traj_mod
+from dense_match_ros.ros.tools.trajectory import (Trajectory, associate, read_tum,
+                                                  relative_pose, write_tum)
 
 
 def _pose(rotvec, t):
@@ -65,7 +65,7 @@ def test_tum_office_ground_truth_covers_most_frames(shared_data):
 
 # --------------------------------------------------------------------------- scoring
 
-replay = pytest.importorskip('dense_match_ros.ros.replay')
+replay = pytest.importorskip('dense_match_ros.ros.tools.replay')
 
 
 def test_evaluate_scores_direction_failures_and_missing_ground_truth():
@@ -120,14 +120,15 @@ def test_relative_pose_message_record_round_trip():
 @pytest.fixture(scope='module')
 def tiny_bag(tmp_path_factory):
     pytest.importorskip('rclpy')
-    from dense_match_ros.ros import make_bag
+    from dense_match_ros.ros.tools import make_bag
     out = tmp_path_factory.mktemp('replay') / 'syn'
     assert make_bag.main(['-o', str(out), '--frames', '5', '--size', '128x96']) == 0
     return out
 
 
 def test_replay_writes_outputs_and_a_scored_report(tiny_bag, tmp_path, capsys):
-    from dense_match_ros.ros import bag_io
+    from dense_match_ros.ros import convert
+    from dense_match_ros.ros.tools import bag_io
     out = tmp_path / 'out'
     params = tmp_path / 'params.yaml'
     params.write_text('dense_match_node:\n  ros__parameters:\n    method: dis\n'
@@ -147,9 +148,9 @@ def test_replay_writes_outputs_and_a_scored_report(tiny_bag, tmp_path, capsys):
     assert topics['/dense_match/relative_pose'].msgtype == bag_io.RELATIVE_POSE
     assert (flow.encoding, flow.width, flow.height) == ('32FC2', 128, 96)
     # Output stamps: each result is stamped with its target frame; sources are the previous.
-    assert [bag_io.stamp_to_ns(m.header.stamp) for m in rel] == \
+    assert [convert.stamp_to_ns(m.header.stamp) for m in rel] == \
         [1_033_333_333, 1_066_666_667, 1_100_000_000, 1_133_333_333]
-    assert [bag_io.stamp_to_ns(m.source_stamp) for m in rel] == \
+    assert [convert.stamp_to_ns(m.source_stamp) for m in rel] == \
         [1_000_000_000, 1_033_333_333, 1_066_666_667, 1_100_000_000]
     n_valid = sum(m.valid for m in rel)
     assert topics.get('/dense_match/pose', bag_io.TopicSummary('', 0)).count == n_valid
@@ -172,7 +173,8 @@ def test_replay_writes_outputs_and_a_scored_report(tiny_bag, tmp_path, capsys):
 
 def test_replay_counts_rejected_frames_and_flow_only_without_camera_info(tmp_path):
     pytest.importorskip('rclpy')
-    from dense_match_ros.ros import bag_io, convert, make_bag
+    from dense_match_ros.ros import convert
+    from dense_match_ros.ros.tools import bag_io, make_bag
     frames, intr, _ = make_bag.synthetic_sequence(4, (64, 48))
     bag = tmp_path / 'in'
     with bag_io.BagWriter(bag) as w:
@@ -191,7 +193,8 @@ def test_replay_counts_rejected_frames_and_flow_only_without_camera_info(tmp_pat
 
 def test_replay_refuses_ambiguous_topics(tmp_path, capsys):
     pytest.importorskip('rclpy')
-    from dense_match_ros.ros import bag_io, convert
+    from dense_match_ros.ros import convert
+    from dense_match_ros.ros.tools import bag_io
     with bag_io.BagWriter(tmp_path / 'in') as w:
         img = convert.make_image_msg(np.zeros((20, 20, 3), np.uint8), 'rgb8', 1, 'c')
         w.write('/a/image', img, 1)

@@ -2,10 +2,11 @@
 
 Every function here reads messages by field name only (``height``, ``width``, ``encoding``,
 ``step``, ``data``, ``k``, ``p`` ...), so the same code decodes rclpy messages in the node and
-``rosbags`` messages in the offline replay. Decoding failures raise :class:`ConversionError`
+``rosbags`` messages in the offline replay. Decoding failures raise :class:`FrameRejected`
 whose ``reason`` is a short stable code (used to throttle warnings per cause) and whose text
 says exactly what was wrong with the message, because a robot operator reading the log has
-no other way to find out which camera driver setting is off.
+no other way to find out which camera driver setting is off. The pipeline raises the same
+exception for frames it cannot match, so every consumer handles one type.
 
 Only :func:`make_image_msg` and :func:`stamp_msg` need the ROS message classes; they import
 them lazily so that this module stays importable without rclpy.
@@ -36,8 +37,12 @@ COLOUR_ENCODINGS = ('rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8', 'mono16')
 _NATIVE_BIG_ENDIAN = sys.byteorder == 'big'
 
 
-class ConversionError(ValueError):
-    """A message that cannot be turned into an array; ``reason`` is a stable short code."""
+class FrameRejected(ValueError):
+    """An input (image message, camera_info, decoded frame) is refused.
+
+    ``reason`` is a stable short code (warnings are throttled per code, replay reports count
+    per code); the text says what was wrong with this particular input.
+    """
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -66,26 +71,26 @@ def image_to_array(msg, max_pixels: int = 0) -> np.ndarray:
     """
     encoding = str(msg.encoding)
     if encoding not in ENCODINGS:
-        raise ConversionError('unknown_encoding',
-                              f'unknown image encoding {encoding!r}; supported: '
-                              f'{", ".join(ENCODINGS)}')
+        raise FrameRejected('unknown_encoding',
+                             f'unknown image encoding {encoding!r}; supported: '
+                             f'{", ".join(ENCODINGS)}')
     channels, dtype = ENCODINGS[encoding]
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height <= 0 or width <= 0:
-        raise ConversionError('empty_image', f'image has no pixels: {width}x{height}')
+        raise FrameRejected('empty_image', f'image has no pixels: {width}x{height}')
     if max_pixels > 0 and height * width > max_pixels:
-        raise ConversionError('image_too_large',
-                              f'image {width}x{height} ({height * width} pixels) exceeds '
-                              f'max_image_pixels={max_pixels}')
+        raise FrameRejected('image_too_large',
+                             f'image {width}x{height} ({height * width} pixels) exceeds '
+                             f'max_image_pixels={max_pixels}')
     row_bytes = width * channels * dtype.itemsize
     if step < row_bytes:
-        raise ConversionError('bad_step', f'step {step} is smaller than width*channels*bytes '
-                                          f'= {width}*{channels}*{dtype.itemsize} = {row_bytes} '
-                                          f'for {encoding}')
+        raise FrameRejected('bad_step', f'step {step} is smaller than width*channels*bytes '
+                                         f'= {width}*{channels}*{dtype.itemsize} = {row_bytes} '
+                                         f'for {encoding}')
     buf = _buffer(msg.data)
     if buf.size != step * height:
-        raise ConversionError('bad_data_size', f'step*height != len(data): {step}*{height} = '
-                                               f'{step * height} but data has {buf.size} bytes')
+        raise FrameRejected('bad_data_size', f'step*height != len(data): {step}*{height} = '
+                                              f'{step * height} but data has {buf.size} bytes')
     rows = buf.reshape(height, step)[:, :row_bytes]
     big = bool(msg.is_bigendian)
     pixels = np.ascontiguousarray(rows).view(dtype.newbyteorder('>' if big else '<'))
@@ -113,15 +118,22 @@ def to_rgb8(pixels: np.ndarray, encoding: str, mono16_max: float = 65535.0) -> n
             scale = 255.0 / max(float(mono16_max), 1.0)
             pixels = np.clip(pixels.astype(np.float32) * scale + 0.5, 0, 255).astype(np.uint8)
         return cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
-    raise ConversionError('unsupported_encoding',
-                          f'encoding {encoding!r} is not a camera image; expected one of '
-                          f'{", ".join(COLOUR_ENCODINGS)}')
+    raise FrameRejected('unsupported_encoding',
+                         f'encoding {encoding!r} is not a camera image; expected one of '
+                         f'{", ".join(COLOUR_ENCODINGS)}')
 
 
 def image_to_rgb(msg, max_pixels: int = 0, mono16_max: float = 65535.0) -> np.ndarray:
     """sensor_msgs/Image in any colour encoding -> RGB uint8 (H, W, 3)."""
     pixels = image_to_array(msg, max_pixels=max_pixels)
     return to_rgb8(pixels, str(msg.encoding), mono16_max)
+
+
+def decode_image(msg, compressed: bool, max_pixels: int = 0,
+                 mono16_max: float = 65535.0) -> np.ndarray:
+    """An Image (or, with ``compressed``, a CompressedImage) message -> RGB uint8 (H, W, 3)."""
+    decode = compressed_to_rgb if compressed else image_to_rgb
+    return decode(msg, max_pixels=max_pixels, mono16_max=mono16_max)
 
 
 def compressed_to_rgb(msg, max_pixels: int = 0, mono16_max: float = 65535.0) -> np.ndarray:
@@ -132,22 +144,22 @@ def compressed_to_rgb(msg, max_pixels: int = 0, mono16_max: float = 65535.0) -> 
     """
     fmt = str(msg.format).lower()
     if 'jpeg' not in fmt and 'jpg' not in fmt and 'png' not in fmt:
-        raise ConversionError('unknown_format',
-                              f'unknown compressed format {msg.format!r}; supported: jpeg, png')
+        raise FrameRejected('unknown_format',
+                             f'unknown compressed format {msg.format!r}; supported: jpeg, png')
     buf = _buffer(msg.data)
     if buf.size == 0:
-        raise ConversionError('empty_image', 'compressed image has no data')
+        raise FrameRejected('empty_image', 'compressed image has no data')
     if max_pixels > 0:
         # Peek at the header dimensions before decoding a possibly huge image.
         size = _compressed_size(buf)
         if size is not None and size[0] * size[1] > max_pixels:
-            raise ConversionError('image_too_large',
-                                  f'image {size[0]}x{size[1]} ({size[0] * size[1]} pixels) '
-                                  f'exceeds max_image_pixels={max_pixels}')
+            raise FrameRejected('image_too_large',
+                                 f'image {size[0]}x{size[1]} ({size[0] * size[1]} pixels) '
+                                 f'exceeds max_image_pixels={max_pixels}')
     decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if decoded is None:
-        raise ConversionError('decode_failed', f'could not decode {msg.format!r} data '
-                                               f'({buf.size} bytes)')
+        raise FrameRejected('decode_failed', f'could not decode {msg.format!r} data '
+                                              f'({buf.size} bytes)')
     if decoded.ndim == 2:
         return to_rgb8(decoded, 'mono16' if decoded.dtype == np.uint16 else 'mono8', mono16_max)
     if decoded.dtype == np.uint16:
@@ -188,26 +200,26 @@ def camera_info_to_intrinsics(msg, rectified: bool = False) -> CameraIntrinsics:
     if rectified:
         P = np.asarray(msg.p, dtype=np.float64).reshape(-1)
         if P.size != 12:
-            raise ConversionError('invalid_camera_info', f'P has {P.size} values, expected 12')
+            raise FrameRejected('invalid_camera_info', f'P has {P.size} values, expected 12')
         K = P.reshape(3, 4)[:, :3].copy()
         D = np.zeros(0)
         source = 'P'
     else:
         K = np.asarray(msg.k, dtype=np.float64).reshape(-1)
         if K.size != 9:
-            raise ConversionError('invalid_camera_info', f'K has {K.size} values, expected 9')
+            raise FrameRejected('invalid_camera_info', f'K has {K.size} values, expected 9')
         K = K.reshape(3, 3)
         D = np.asarray(msg.d, dtype=np.float64).reshape(-1)
         source = 'K'
     if not np.all(np.isfinite(K)) or not np.all(np.isfinite(D)):
-        raise ConversionError('invalid_camera_info', f'camera_info {source} or D is not finite')
+        raise FrameRejected('invalid_camera_info', f'camera_info {source} or D is not finite')
     if not np.any(K):
-        raise ConversionError('zero_camera_info', f'camera_info {source} is all zeros '
-                                                  f'(uncalibrated camera?)')
+        raise FrameRejected('zero_camera_info', f'camera_info {source} is all zeros '
+                                                 f'(uncalibrated camera?)')
     if K[0, 0] <= 0 or K[1, 1] <= 0 or abs(K[2, 2] - 1.0) > 1e-6 or np.any(K[2, :2] != 0):
-        raise ConversionError('invalid_camera_info',
-                              f'camera_info {source} is not a pinhole matrix: fx={K[0, 0]}, '
-                              f'fy={K[1, 1]}, last row={K[2].tolist()}')
+        raise FrameRejected('invalid_camera_info',
+                             f'camera_info {source} is not a pinhole matrix: fx={K[0, 0]}, '
+                             f'fy={K[1, 1]}, last row={K[2].tolist()}')
     width, height = int(msg.width), int(msg.height)
     size = (width, height) if width > 0 and height > 0 else None
     return CameraIntrinsics(K, D, size, str(msg.distortion_model))

@@ -7,8 +7,9 @@ affects the numbers here -- input validation, resizing, keyframe policy, intrins
 pose estimation -- means a replay report measures exactly what the robot would have run.
 
 Nothing here raises on bad input streams except for the frame at hand: a refused frame
-raises :class:`FrameRejected` (with a stable ``reason`` code for throttled logging) and the
-pipeline state stays usable; stream discontinuities (size change, stamps going backwards)
+raises :class:`~dense_match_ros.ros.convert.FrameRejected` (with a stable ``reason`` code for
+throttled logging; the same exception as for an undecodable message) and the pipeline state
+stays usable; stream discontinuities (size change, stamps going backwards)
 reset the reference frame and are reported through the ``warn`` callback.
 """
 from __future__ import annotations
@@ -27,25 +28,16 @@ from dense_match_ros.core.geometry import pose as _pose
 from dense_match_ros.core.flowviz import flow_to_color as _flow_to_color
 from dense_match_ros.core.registry import Matcher, available_methods, load_matcher
 from dense_match_ros.core.geometry.camera import CameraIntrinsics
-
+from dense_match_ros.ros.convert import FrameRejected
 
 _log = logging.getLogger(__name__)
 
 MODES = ('mono', 'pair')
-
-# PipelineOutput.pose_status values when no estimate was attempted (they match
-# RelativePose.STATUS_* where one exists).
-STATUS_NO_CAMERA_INFO = 'no_camera_info'
+# PipelineConfig fields that make up the model: changed with set_matcher(), not update().
+MODEL_FIELDS = ('method', 'weights', 'device', 'method_options')
+# PipelineOutput.pose_status with pose estimation switched off. The other statuses are
+# core.geometry.pose.STATUS_* (the strings of RelativePose.STATUS_*).
 STATUS_DISABLED = 'disabled'
-STATUS_UNAVAILABLE = 'estimation_failed'
-
-
-class FrameRejected(ValueError):
-    """The frame is refused; ``reason`` is a stable short code, the text says why."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclasses.dataclass
@@ -210,6 +202,8 @@ class MatchPipeline:
     # ------------------------------------------------------------------ configuration
     @staticmethod
     def _build_matcher(method: str, weights: str, device: str, options: dict) -> Matcher:
+        # The node's start-up and run-time swaps both come here: a ValueError naming the
+        # choices becomes the node's refusal reason (load_matcher would raise a KeyError).
         if method not in available_methods():
             raise ValueError(f'unknown method {method!r}; available: '
                              f'{", ".join(available_methods())}')
@@ -247,7 +241,7 @@ class MatchPipeline:
         reference frame (it would be matched at another resolution with other intrinsics).
         """
         unknown = set(changes) - {f.name for f in dataclasses.fields(PipelineConfig)}
-        model = {'method', 'weights', 'device', 'method_options'} & set(changes)
+        model = set(MODEL_FIELDS) & set(changes)
         if unknown or model or 'mode' in changes:
             raise ValueError(f'cannot update {sorted(unknown | model | ({"mode"} & set(changes)))}'
                              f' with update(); use set_matcher() for the model')
@@ -284,6 +278,11 @@ class MatchPipeline:
         else:
             _log.warning('%s', message)
 
+    def flow_color(self, flow: np.ndarray) -> np.ndarray:
+        """RGB uint8 colour code of ``flow``, saturated at ``max_flow_color`` (0: per image)."""
+        max_flow = self.config.max_flow_color
+        return _flow_to_color(flow, max_flow if max_flow > 0 else None)
+
     # ------------------------------------------------------------------ validation
     def check_frame(self, frame: Frame) -> None:
         """Raise FrameRejected when the frame cannot be matched at all."""
@@ -302,6 +301,16 @@ class MatchPipeline:
         if limit > 0 and w * h > limit:
             raise FrameRejected('image_too_large', f'image {w}x{h} ({w * h} pixels) exceeds '
                                                    f'max_image_pixels={limit}')
+
+    def _receive(self, *frames: Frame) -> None:
+        """Count one input (a frame or a pair) and check it; a refusal counts as rejected."""
+        self.counters.received += 1
+        try:
+            for frame in frames:
+                self.check_frame(frame)
+        except FrameRejected:
+            self.counters.rejected += 1
+            raise
 
     # ------------------------------------------------------------------ processing
     def _prepare(self, frame: Frame) -> Frame:
@@ -330,12 +339,7 @@ class MatchPipeline:
         Raises FrameRejected for an unusable frame; the reference frame is kept then.
         """
         with self._lock:
-            self.counters.received += 1
-            try:
-                self.check_frame(frame)
-            except FrameRejected:
-                self.counters.rejected += 1
-                raise
+            self._receive(frame)
             if self._last_stamp_ns is not None:
                 if frame.stamp_ns < self._last_stamp_ns:
                     self._warn('stamp_backwards',
@@ -377,13 +381,7 @@ class MatchPipeline:
     def process_pair(self, source: Frame, target: Frame) -> PipelineOutput:
         """Pair mode: match ``source`` (left camera) against ``target`` (right camera)."""
         with self._lock:
-            self.counters.received += 1
-            try:
-                self.check_frame(source)
-                self.check_frame(target)
-            except FrameRejected:
-                self.counters.rejected += 1
-                raise
+            self._receive(source, target)
             t0 = time.perf_counter()
             src, tgt = self._prepare(source), self._prepare(target)
             return self._match(src, tgt, source.size, target.size, time.perf_counter() - t0)
@@ -398,12 +396,12 @@ class MatchPipeline:
         self.counters.processed += 1
         matchable = float(np.mean(matchability >= self.config.matchability_threshold))
 
-        pose, status = None, 'ok'
+        pose, status = None, _pose.STATUS_OK
         t0 = time.perf_counter()
         if not self.config.estimate_pose:
             status = STATUS_DISABLED
         elif source.intrinsics is None or target.intrinsics is None:
-            status = STATUS_NO_CAMERA_INFO
+            status = _pose.STATUS_NO_CAMERA_INFO
         else:
             src_k, tgt_k = source.intrinsics, target.intrinsics
             try:
@@ -412,9 +410,11 @@ class MatchPipeline:
                     dist_source=src_k.D if src_k.has_distortion else None,
                     dist_target=tgt_k.D if tgt_k.has_distortion else None,
                     config=self._pose_config)
-                status = 'ok' if pose.valid else (pose.status or 'estimation_failed')
+                status = (_pose.STATUS_OK if pose.valid
+                          else pose.status or _pose.STATUS_ESTIMATION_FAILED)
             except Exception as exc:  # a pose failure must not lose the flow output
-                pose, status = None, f'{STATUS_UNAVAILABLE}: {type(exc).__name__}: {exc}'
+                pose = None
+                status = f'{_pose.STATUS_ESTIMATION_FAILED}: {type(exc).__name__}: {exc}'
                 self._warn('pose_error', f'pose estimation raised {type(exc).__name__}: {exc}')
         timings['pose'] = time.perf_counter() - t0
         if pose is not None:
@@ -431,10 +431,7 @@ class MatchPipeline:
             # scaled differently from the source).
             flow, matchability = grid.to_source_grid(flow, matchability, out_size, target.size,
                                                      target_input_size)
-        color = None
-        if self.config.color_output:
-            max_flow = self.config.max_flow_color if self.config.max_flow_color > 0 else None
-            color = _flow_to_color(flow, max_flow)
+        color = self.flow_color(flow) if self.config.color_output else None
         timings['output'] = time.perf_counter() - t0
         timings['total'] = sum(timings.values())
         self.counters.outputs += 1

@@ -26,6 +26,7 @@ from rosbags.typesys import Stores, get_typestore, get_types_from_msg
 from rosbags.typesys.store import Typestore
 
 from dense_match_ros import paths
+from dense_match_ros.ros.convert import stamp_to_ns
 
 PACKAGE = 'dense_match_ros'
 CUSTOM_MESSAGES = ('RelativePose', 'MatchResult')
@@ -259,11 +260,6 @@ class BagWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def stamp_to_ns(stamp: Any) -> int:
-    """builtin_interfaces/Time (rclpy or rosbags) -> integer nanoseconds."""
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
 def cdr_header_stamp_ns(raw: bytes) -> int:

@@ -33,8 +33,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from dense_match_ros import paths
-from dense_match_ros.ros import bag_io, make_bag, replay
-from dense_match_ros.ros.trajectory import DEFAULT_MAX_DT, read_tum, write_tum
+from dense_match_ros.ros.parameters import OUTPUTS
+from dense_match_ros.ros.tools import bag_io, make_bag, replay
+from dense_match_ros.ros.tools.trajectory import DEFAULT_MAX_DT, read_tum, write_tum
 
 # The checkout the demo runs in (None for an installed package without one): its code is
 # what the node subprocess must run, whatever copy is installed in the venv.
@@ -43,7 +44,7 @@ NS = 1_000_000_000
 IMAGE_TOPIC = '/camera/image'
 INFO_TOPIC = '/camera/camera_info'
 OUTPUT_NS = '/dense_match'
-RECORDED = ('flow', 'matchability', 'flow_color', 'relative_pose', 'pose', 'match_result')
+RECORDED = OUTPUTS
 # Recording all six outputs at 640x480 is ~8 MB per pair through one Python process; on a
 # 2-core machine that delays their delivery by up to seconds (measured: median latency 1.4 s
 # instead of the node's own 0.6 s), so the latency would measure the recorder. The default

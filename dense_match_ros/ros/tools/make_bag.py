@@ -32,8 +32,8 @@ import cv2
 import numpy as np
 import yaml
 
-from dense_match_ros.ros import bag_io
-from dense_match_ros.ros.trajectory import write_tum
+from dense_match_ros.ros.tools import bag_io
+from dense_match_ros.ros.tools.trajectory import write_tum
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.ppm', '.pgm', '.bmp', '.tif', '.tiff')
 DEFAULT_IMAGE_TOPIC = '/camera/image'

@@ -3,7 +3,9 @@
 The bag's image and camera_info messages are decoded with the node's own conversion
 functions (:mod:`dense_match_ros.ros.convert`) into :class:`~dense_match_ros.ros.pipeline.Frame`
 objects and fed to :class:`~dense_match_ros.ros.pipeline.MatchPipeline`, the class the node's
-worker calls; the outputs become the node's messages and go to a new bag. Nothing is dropped
+worker calls, configured from the node's parameter table
+(:mod:`dense_match_ros.ros.parameters`); the outputs become the node's messages
+(:mod:`dense_match_ros.ros.messages`) and go to a new bag. Nothing is dropped
 here (every frame is processed in order, unlike a live node under load), so the report
 measures the method, not the machine's speed; the timings tell what the speed would be.
 
@@ -11,7 +13,7 @@ Given a TUM ground-truth trajectory, each output pair is scored: rotation and tr
 direction errors of the estimated T_target_source against
 ``inv(T_w_target) @ T_w_source``, and pose AUC@5/10/20 over all pairs with ground truth
 (an invalid pose counts as a failure, i.e. infinite error). The report is a JSON file plus
-PNG plots; the same scoring serves the live demo (:mod:`dense_match_ros.ros.demo`).
+PNG plots; the same scoring serves the live demo (:mod:`dense_match_ros.ros.tools.demo`).
 """
 from __future__ import annotations
 
@@ -25,20 +27,19 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-import yaml
 
 from dense_match_ros.evaluation.metrics import (pose_auc, pose_error_deg, rotation_error_deg,
-                                          translation_direction_error_deg)
+                                                translation_direction_error_deg)
 from dense_match_ros.evaluation import report
-from dense_match_ros.ros import bag_io, convert
-from dense_match_ros.ros.pipeline import (FrameRejected, Frame, MatchPipeline, PipelineConfig,
-                                          PipelineOutput)
-from dense_match_ros.ros.trajectory import DEFAULT_MAX_DT, Trajectory, read_tum
+from dense_match_ros.ros import convert
+from dense_match_ros.ros.convert import FrameRejected, stamp_to_ns
+from dense_match_ros.ros.parameters import load_params, pipeline_config_from_params
+from dense_match_ros.ros.pipeline import Frame, MatchPipeline, PipelineConfig, PipelineOutput
+from dense_match_ros.ros.tools import bag_io
+from dense_match_ros.ros.tools.trajectory import DEFAULT_MAX_DT, Trajectory, read_tum
 
 NS = 1_000_000_000
 AUC_THRESHOLDS = (5, 10, 20)
-# Output topics, relative to the output namespace (the node's names).
-OUTPUT_TOPICS = ('flow', 'matchability', 'flow_color', 'relative_pose', 'pose', 'match_result')
 
 
 # --------------------------------------------------------------------------- scoring
@@ -77,7 +78,7 @@ def record_from_relative_pose(msg: Any, extra: dict | None = None) -> PairRecord
     quat = np.array([q.x, q.y, q.z, q.w], dtype=np.float64)
     R = Rotation.from_quat(quat).as_matrix() if np.linalg.norm(quat) > 1e-9 else None
     t = np.array([msg.translation.x, msg.translation.y, msg.translation.z], dtype=np.float64)
-    return PairRecord(bag_io.stamp_to_ns(msg.source_stamp), bag_io.stamp_to_ns(msg.header.stamp),
+    return PairRecord(stamp_to_ns(msg.source_stamp), stamp_to_ns(msg.header.stamp),
                       R, t, bool(msg.valid), str(msg.status) or ('ok' if msg.valid else ''),
                       int(msg.num_correspondences), int(msg.num_inliers), dict(extra or {}))
 
@@ -233,56 +234,6 @@ def write_json(path: Path, data: dict) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- messages
-
-
-def output_messages(out: PipelineOutput) -> dict[str, Any]:
-    """The node's own messages for one result, keyed by relative topic name."""
-    from dense_match_ros.ros.node import output_messages as node_output_messages
-    return node_output_messages(out)
-
-
-# --------------------------------------------------------------------------- config
-
-
-def load_params(path: Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """ROS 2 params YAML (``node_name: ros__parameters: ...``) + ``key=value`` overrides.
-
-    The first node section is used; values of overrides are parsed as YAML scalars.
-    """
-    params: dict[str, Any] = {}
-    if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        for section in data.values():
-            if isinstance(section, dict) and 'ros__parameters' in section:
-                params.update(_flatten(section['ros__parameters']))
-                break
-        else:
-            raise ValueError(f'{path}: no "<node>: ros__parameters:" section')
-    for item in overrides:
-        key, sep, value = item.partition('=')
-        if not sep:
-            raise ValueError(f'expected key=value, got {item!r}')
-        params[key.strip()] = yaml.safe_load(value)
-    return params
-
-
-def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f'{prefix}{k}.'))
-        else:
-            out[f'{prefix}{k}'] = v
-    return out
-
-
-def pipeline_config(params: dict[str, Any]) -> PipelineConfig:
-    """PipelineConfig from node parameters, through the node's own mapping."""
-    from dense_match_ros.ros.node import pipeline_config_from_params
-    return pipeline_config_from_params(params)
-
-
 # --------------------------------------------------------------------------- replay
 
 
@@ -333,12 +284,16 @@ def replay(bag: Path, out_bag: Path, config: PipelineConfig, *, image_topic: str
            mono16_max: float = 65535.0, progress: bool = True, log=print) -> ReplayResult:
     """Replay ``bag`` through MatchPipeline, write ``out_bag``, score against ``groundtruth``."""
     from tqdm import tqdm
+    from dense_match_ros.ros.messages import output_messages  # the ROS message classes
     trajectory = read_tum(groundtruth) if groundtruth is not None else None
     config = dataclasses.replace(config, color_output=True)
     rejected: dict[str, int] = {}
 
+    def count(reason: str) -> None:
+        rejected[reason] = rejected.get(reason, 0) + 1
+
     def warn(reason: str, message: str) -> None:
-        rejected[f'warning:{reason}'] = rejected.get(f'warning:{reason}', 0) + 1
+        count(f'warning:{reason}')
         log(f'warning: {message}')
 
     ns = '/' + output_ns.strip('/') if output_ns.strip('/') else ''
@@ -366,33 +321,30 @@ def replay(bag: Path, out_bag: Path, config: PipelineConfig, *, image_topic: str
                 if m.topic == info_topic:
                     try:
                         intrinsics = convert.camera_info_to_intrinsics(msg, rectified=rectified)
-                    except convert.ConversionError as err:
-                        rejected[err.reason] = rejected.get(err.reason, 0) + 1
+                    except FrameRejected as err:
+                        count(err.reason)
                         intrinsics = None
                     continue
                 bar.update(1)
                 t0 = time.perf_counter()
                 try:
-                    if m.msgtype == bag_io.COMPRESSED_IMAGE:
-                        rgb = convert.compressed_to_rgb(msg, max_pixels=config.max_image_pixels,
-                                                        mono16_max=mono16_max)
-                    else:
-                        rgb = convert.image_to_rgb(msg, max_pixels=config.max_image_pixels,
-                                                   mono16_max=mono16_max)
-                except convert.ConversionError as err:
-                    rejected[err.reason] = rejected.get(err.reason, 0) + 1
+                    rgb = convert.decode_image(msg, m.msgtype == bag_io.COMPRESSED_IMAGE,
+                                               max_pixels=config.max_image_pixels,
+                                               mono16_max=mono16_max)
+                except FrameRejected as err:
+                    count(err.reason)
                     continue
-                frame = Frame(rgb, bag_io.stamp_to_ns(msg.header.stamp), str(msg.header.frame_id),
+                frame = Frame(rgb, stamp_to_ns(msg.header.stamp), str(msg.header.frame_id),
                               intrinsics, receipt_time=time.monotonic())
                 decode_s.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 try:
                     out = pipeline.process(frame)
                 except FrameRejected as err:
-                    rejected[err.reason] = rejected.get(err.reason, 0) + 1
+                    count(err.reason)
                     continue
                 except Exception as err:  # the node's worker survives anything; so does replay
-                    rejected['processing_error'] = rejected.get('processing_error', 0) + 1
+                    count('processing_error')
                     log(f'warning: frame dropped: {type(err).__name__}: {err}')
                     continue
                 if out is None:
@@ -501,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report_dir = args.report or out.with_name(out.name + '_report')
     try:
         params = load_params(args.params, overrides)
-        config = pipeline_config(params)
+        config = pipeline_config_from_params(params)
         result = replay(bag, out, config, image_topic=args.image_topic,
                         info_topic=args.camera_info_topic, output_ns=args.output_ns,
                         storage=args.storage,

@@ -1,0 +1,89 @@
+"""The node's scheduling and reporting helpers; plain threading, no ROS.
+
+:class:`Mailbox` is how subscription callbacks hand work to the worker without ever waiting
+on the model, :class:`Throttle` keeps a bad stream from flooding the log while still saying
+what went wrong, and :class:`RateMeter` feeds the rates in /diagnostics.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any
+
+
+class Throttle:
+    """One warning per cause per period; the next one says how many were swallowed.
+
+    rclpy's own ``throttle_duration_sec`` keys on the call site, which would let one noisy
+    cause (say, a bad encoding at 30 Hz) hide a different one logged from the same line.
+    """
+
+    def __init__(self, logger, period_s: float) -> None:
+        self._logger = logger
+        self.period_s = period_s
+        self._last: dict[str, float] = {}
+        self._suppressed: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+        self.last_message = ''
+
+    def warn(self, reason: str, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(reason)
+            if last is not None and now - last < self.period_s:
+                self._suppressed[reason] += 1
+                return
+            self._last[reason] = now
+            suppressed = self._suppressed.pop(reason, 0)
+            self.last_message = f'{reason}: {message}'
+        extra = f' ({suppressed} more since the last report)' if suppressed else ''
+        self._logger.warning(f'[{reason}] {message}{extra}')
+
+
+class Mailbox:
+    """One-slot hand-over from callbacks to the worker: the newest job wins."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._job: Any = None
+        self._closed = False
+
+    def put(self, job: Any) -> bool:
+        """Store ``job``; True when it replaced one the worker never saw."""
+        with self._cond:
+            replaced = self._job is not None
+            self._job = job
+            self._cond.notify()
+            return replaced
+
+    def take(self, timeout: float = 0.5) -> Any:
+        with self._cond:
+            if self._job is None and not self._closed:
+                self._cond.wait(timeout)
+            job, self._job = self._job, None
+            return job
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class RateMeter:
+    """Events per second over a sliding window (0 with fewer than two events in it)."""
+
+    def __init__(self, window_s: float = 5.0) -> None:
+        self.window_s = window_s
+        self._times: collections.deque = collections.deque()
+
+    def tick(self, now: float) -> None:
+        self._times.append(now)
+
+    def rate(self, now: float) -> float:
+        while self._times and now - self._times[0] > self.window_s:
+            self._times.popleft()
+        if len(self._times) < 2:
+            return 0.0
+        span = max(now - self._times[0], 1e-9)
+        return (len(self._times) - 1) / span if span > 0 else 0.0
