@@ -147,8 +147,8 @@ def _random_network(method: str, weights: str | None):
     from dense_match_ros.core.networks.dgc import DgcNet, config_from_dict
     cfg: dict = {}
     if weights:
-        from dense_match_ros.training import checkpoint as ckpt
-        cfg = ckpt.load_weights(weights, 'dgc')[0]
+        from dense_match_ros.core.checkpoint import load_weights
+        cfg = load_weights(weights, 'dgc')[0]
     return DgcNet(config_from_dict(cfg))
 
 
