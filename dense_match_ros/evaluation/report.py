@@ -68,6 +68,17 @@ def save_flow_figure(path: str | Path, title: str, source: np.ndarray, target: n
     return save_figure(fig, path, dpi=90)
 
 
+def _finish_plot(fig, ax, path: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Labels, a [0, 1] y axis, grid, legend and title; then save (one look for every plot)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return save_figure(fig, path, dpi=100)
+
+
 def save_pck_curves(path: str | Path, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                     title: str = '') -> Path:
     """PCK against threshold, one line per set: {set: (thresholds px, fractions)}."""
@@ -75,13 +86,8 @@ def save_pck_curves(path: str | Path, curves: Mapping[str, tuple[Sequence[float]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (ts, vals) in curves.items():
         ax.plot(ts, vals, label=name)
-    ax.set_xlabel('end-point error threshold [px]')
-    ax.set_ylabel('PCK (fraction of valid pixels)')
-    ax.set_ylim(0.0, 1.0)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or 'PCK curves', fontsize=10)
-    return save_figure(fig, path, dpi=100)
+    return _finish_plot(fig, ax, path, 'end-point error threshold [px]',
+                        'PCK (fraction of valid pixels)', title or 'PCK curves')
 
 
 def save_reliability(path: str | Path, counts: Mapping[str, Mapping[str, Sequence[float]]],
@@ -96,14 +102,9 @@ def save_reliability(path: str | Path, counts: Mapping[str, Mapping[str, Sequenc
         used = n > 0
         ax.plot(np.asarray(c['sum_matchability'])[used] / n[used],
                 np.asarray(c['correct'])[used] / n[used], marker='o', ms=3, label=name)
-    ax.set_xlabel('mean matchability in bin')
-    ax.set_ylabel('fraction of right matches')
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or 'reliability', fontsize=10)
-    return save_figure(fig, path, dpi=100)
+    return _finish_plot(fig, ax, path, 'mean matchability in bin', 'fraction of right matches',
+                        title or 'reliability')
 
 
 def save_pose_error_curves(path: str | Path, errors: Mapping[str, Sequence[float]],
@@ -116,13 +117,8 @@ def save_pose_error_curves(path: str | Path, errors: Mapping[str, Sequence[float
         e = np.array([np.inf if v is None or not np.isfinite(v) else v for v in errs], float)
         if e.size:
             ax.plot(xs, [(e <= x).mean() for x in xs], label=f'{name} ({e.size} pairs)')
-    ax.set_xlabel('pose error max(rotation, translation) [deg]')
-    ax.set_ylabel('fraction of pairs')
-    ax.set_ylim(0.0, 1.0)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or 'pose error', fontsize=10)
-    return save_figure(fig, path, dpi=100)
+    return _finish_plot(fig, ax, path, 'pose error max(rotation, translation) [deg]',
+                        'fraction of pairs', title or 'pose error')
 
 
 def save_level_aepe(path: str | Path, levels: Mapping[str, tuple[Sequence[str], Sequence[float]]],
