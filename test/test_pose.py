@@ -284,6 +284,12 @@ def test_spread_sample_caps_and_fills_every_cell():
     assert cells == occupied
     assert np.mean(np.all(chosen < 10, axis=1)) < 0.1  # the crowd does not dominate
     assert len(spread_sample(points[:50], 400, (10, 10), (0, 0, 100, 100), rng)) == 50
+    # With a priority each cell gives its highest-priority points first.
+    priority = rng.random(len(points))
+    ranked = spread_sample(points, 400, (10, 10), (0, 0, 100, 100), rng, priority=priority)
+    assert set(map(tuple, (points[ranked] // 10).astype(int))) == occupied
+    crowd_kept = ranked[ranked < 9500]
+    assert priority[crowd_kept].min() > np.quantile(priority[:9500], 0.9)
 
 
 def test_selection_from_a_large_flow_is_capped_spread_and_follows_matchability():

@@ -82,6 +82,10 @@ class PoseConfig:
     """Standard deviation of the inliers' source pixels along their narrowest axis, as a
     fraction of the image's shorter side, below this -> 'degenerate_spread' (matches spread
     uniformly over the image score about 0.29)."""
+    rank_by_matchability: bool = False
+    """Within each spread cell take the most matchable pixels first instead of random ones.
+    Pays where matchability is calibrated (a probability of being right, e.g. ``neuflow``'s):
+    the estimator then sees the likeliest-right matches of every region."""
     refine: bool = True
     """Polish (R, t) on the inliers by Gauss-Newton on the Sampson error."""
     device: str = 'auto'
@@ -143,13 +147,14 @@ def _valid_intrinsics(K) -> bool:
 
 
 def spread_sample(points: np.ndarray, count: int, cells: tuple[int, int],
-                  bounds: tuple[float, float, float, float], rng: np.random.Generator
-                  ) -> np.ndarray:
+                  bounds: tuple[float, float, float, float], rng: np.random.Generator,
+                  priority: np.ndarray | None = None) -> np.ndarray:
     """Indices of at most ``count`` points, drawn in turn from the cells of a grid.
 
-    Every occupied cell gives its first (random) point, then every cell its second, and
-    so on, so that sparse regions are not drowned by dense ones and the cap is still
-    filled when some cells are empty. ``bounds`` = (x0, y0, x1, y1) of the grid.
+    Every occupied cell gives its first point, then every cell its second, and so on, so
+    that sparse regions are not drowned by dense ones and the cap is still filled when some
+    cells are empty. Within a cell the order is random, or by decreasing ``priority``
+    (ties random) when given. ``bounds`` = (x0, y0, x1, y1) of the grid.
     """
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     n = len(points)
@@ -161,6 +166,8 @@ def spread_sample(points: np.ndarray, count: int, cells: tuple[int, int],
     cy = np.clip(((points[:, 1] - y0) / max(y1 - y0, 1e-12) * rows).astype(int), 0, rows - 1)
     cell = cy * cols + cx
     order = rng.permutation(n)
+    if priority is not None:
+        order = order[np.argsort(-np.asarray(priority, np.float64)[order], kind='stable')]
     cell_sorted = order[np.argsort(cell[order], kind='stable')]
     sorted_cells = cell[cell_sorted]
     first = np.searchsorted(sorted_cells, sorted_cells, side='left')
@@ -192,7 +199,8 @@ def select_correspondences(flow: np.ndarray, matchability: np.ndarray,
     ok = np.isfinite(target_map).all(axis=1) & (conf >= config.matchability_threshold)
     idx = np.flatnonzero(ok)
     keep = spread_sample(source[idx], config.max_correspondences, config.spread_grid,
-                         (-0.5, -0.5, w - 0.5, h - 0.5), rng)
+                         (-0.5, -0.5, w - 0.5, h - 0.5), rng,
+                         priority=conf[idx] if config.rank_by_matchability else None)
     idx = idx[keep]
     return source[idx].astype(np.float64), target_map[idx].astype(np.float64)
 
