@@ -31,6 +31,7 @@ setup(
             'dense-match-train = dense_match_ros.training.cli:main',
             'dense-match-bench-pose = dense_match_ros.evaluation.bench_pose:main',
             'dense-match-bench = dense_match_ros.evaluation.bench_match:main',
+            'dense-match-calibrate = dense_match_ros.evaluation.calibrate:main',
             'dense-match-node = dense_match_ros.ros.node:main',
             'dense-match-replay = dense_match_ros.ros.tools.replay:main',
             'dense-match-make-bag = dense_match_ros.ros.tools.make_bag:main',

@@ -8,7 +8,7 @@ represented; a pixel's match is right when its end-point error is below
 
 Example::
 
-    python -m dense_match_ros.evaluation.calibrate --method neuflow --pairs 60 --write
+    dense-match-calibrate --method neuflow --pairs 60 --write
 """
 from __future__ import annotations
 
