@@ -103,6 +103,11 @@ def test_cli_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
     assert record['command'].startswith('dense-match-train hilm --steps 20')
     assert record['sha256'] == ckpt.sha256_of(out)
     assert [(st['steps'], st['pairs'], st['init_weights']) for st in record['stages']] == [(20, 20 * record['config']['batch_size'], None)]
+    # Re-exporting the same weights keeps a fitted calibration.
+    out.with_suffix('.json').write_text(json.dumps({**record, 'calibration': {'matchability': [0, 1],
+                                                                              'probability': [0, 1]}}))
+    assert main(['export', str(whole), '--out', str(out)]) == 0
+    assert json.loads(out.with_suffix('.json').read_text())['calibration']['probability'] == [0, 1]
     # A later stage started from these weights lists the earlier stage first.
     from dense_match_ros.training.cli import _stages
     later = _stages({'config': {'model': {'init_weights': str(out)}}}, {'steps': 5})

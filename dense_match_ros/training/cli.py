@@ -147,7 +147,13 @@ def export_main(argv: Sequence[str]) -> int:
         'minutes': round(float(state['wall_time_s']) / 60.0, 1),
         'pairs': int(state['step']) * int(state['config'].get('batch_size', 0)) * world,
         'evaluation': record['evaluation']})
+    previous = Path(args.out).with_suffix('.json')
+    previous = json.loads(previous.read_text()) if previous.is_file() else {}
     record = ckpt.export_weights(state, args.out, record, half=not args.fp32)
+    if previous.get('calibration') and previous.get('sha256') == record['sha256']:
+        # Re-exporting the same weights (to embed figures) keeps their fitted calibration.
+        record['calibration'] = previous['calibration']
+        Path(args.out).with_suffix('.json').write_text(json.dumps(record, indent=2) + '\n')
     print(json.dumps({k: record[k] for k in ('file', 'steps', 'dtype', 'bytes', 'sha256')}))
     return 0
 
