@@ -182,3 +182,12 @@ def test_scaled_intrinsics_follow_the_pixel_centre_convention():
     np.testing.assert_allclose(low, grid.rescale_points(full, (640, 480), (160, 120)),
                                atol=1e-9)
     assert small.size == (160, 120) and cam.scaled((640, 480), (640, 480)) is cam
+
+
+def test_unknown_encodings_are_told_the_camera_encodings_only():
+    msg = _img(RGB, 'rgb8')
+    msg.encoding = 'yuv422'
+    with pytest.raises(FrameRejected) as info:
+        convert.image_to_rgb(msg)
+    offered = str(info.value).split('one of')[1]
+    assert 'rgb8' in offered and 'mono16' in offered and '32FC' not in offered

@@ -57,3 +57,27 @@ def test_dis_matchability_low_where_target_is_unrelated():
     _, same = load_matcher('dis', device='cpu').match(src, _translated(src, 1, 1))
     _, diff = load_matcher('dis', device='cpu').match(src, unrelated)
     assert diff.mean() < same.mean() - 0.3
+
+
+def test_dis_refuses_what_would_break_it_with_its_own_errors():
+    with pytest.raises(ValueError, match='fb_sigma'):
+        load_matcher('dis', device='cpu', fb_sigma=0)
+    with pytest.raises(ValueError, match='max_side'):
+        load_matcher('dis', device='cpu', max_side=8)
+    tiny = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match='at least 12 px a side for dis|dis needs images of at least 12 px'):
+        load_matcher('dis', device='cpu').match(tiny, tiny)
+    # Identical frames with the smallest accepted tolerance: finite matchability, no warning.
+    img = (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)
+    m = load_matcher('dis', device='cpu', fb_sigma=0.01).match(img, img).matchability
+    assert np.all(np.isfinite(m))
+
+
+def test_unknown_methods_and_options_are_named_plainly():
+    with pytest.raises(ValueError) as info:
+        load_matcher('foo', device='cpu')
+    assert str(info.value).startswith("unknown method 'foo'; available: ")   # no extra quotes
+    with pytest.raises(ValueError) as info:
+        load_matcher('dis', device='cpu', presett='fast')
+    assert "dis has no option 'presett'" in str(info.value) and 'preset' in str(info.value)
+    assert 'unexpected keyword' not in str(info.value)

@@ -192,3 +192,14 @@ def test_colour_output():
     p.process(frame(shifted(0), 0))
     out = p.process(frame(shifted(3), 1))
     assert out.flow_color.shape == (H, W, 3) and out.flow_color.dtype == np.uint8
+
+
+@pytest.mark.parametrize('field', ['process_width', 'process_height'])
+def test_processing_sizes_below_what_methods_accept_are_refused_and_the_old_value_kept(field):
+    pipe = MatchPipeline(PipelineConfig(method='dis'))
+    for bad in (1, 11, 15):
+        with pytest.raises(ValueError, match=f'{field} must be 0'):
+            pipe.update(**{field: bad})
+        assert getattr(pipe.config, field) == 0
+    pipe.update(**{field: 16})
+    assert getattr(pipe.config, field) == 16

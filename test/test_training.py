@@ -167,3 +167,22 @@ def test_torchrun_data_parallel_with_the_same_command(tmp_path):
     assert [s for s, _ in _losses(run)] == [1, 2, 3, 4]
     state = ckpt.load_training_state(run / 'last.pt')
     assert state['step'] == 4 and state['extra']['world_size'] == 2
+
+
+@pytest.mark.parametrize('content', [b'root:x:0:0:root:/root:/bin/bash\n', b'', b'# README\n\ntext',
+                                     None, 'state'])
+def test_a_file_that_is_not_a_checkpoint_gets_one_clear_error(tmp_path, content):
+    from dense_match_ros.core.checkpoint import CheckpointError
+    from dense_match_ros.core import load_matcher
+    path = tmp_path / 'weights.pt'
+    if content is None:        # a pickle of something else
+        torch.save({'hello': 1}, path)
+    elif content == 'state':   # a training state with keys missing
+        torch.save({'format': ckpt.TRAIN_FORMAT, 'method': 'dgc'}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_matcher('dgc', device='cpu', weights=str(path))
+    text = str(info.value)
+    assert str(path) in text and 'checkpoint' in text and 'weights_only' not in text
+    assert 'expected a dgc checkpoint' in text or 'without its' in text

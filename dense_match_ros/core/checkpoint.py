@@ -22,6 +22,11 @@ TRAIN_FORMAT = 'dense_match_ros.train_state/1'
 WEIGHTS_FORMAT = 'dense_match_ros.weights/1'
 
 
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint of this package; the text names the file, what
+    is wrong with it and which formats are expected."""
+
+
 def sha256_of(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -40,25 +45,39 @@ def load_weights(path: str | Path, method: str, verify: bool = True) -> tuple[di
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'no checkpoint at {path}')
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    expected = (f'expected a {method} checkpoint of this package: shipped weights '
+                f'({WEIGHTS_FORMAT}, e.g. dense_match_ros/weights/{method}_cpu.pt) or a '
+                f"training run's last.pt ({TRAIN_FORMAT})")
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as exc:  # pickle, zip and EOF errors alike: the file is not ours
+        # torch's own message may advise weights_only=False, which must never be followed
+        # for a file of unknown origin, so it is not passed on.
+        raise CheckpointError(f'{path} is not a dense_match_ros checkpoint ({type(exc).__name__} '
+                              f'while reading it); {expected}') from None
     fmt = obj.get('format') if isinstance(obj, dict) else None
-    if fmt == TRAIN_FORMAT:
-        state, model_config, record = obj['model'], obj['config']['model'], {'steps': obj['step']}
-        found = obj['method']
-    elif fmt == WEIGHTS_FORMAT:
-        record_path = path.with_suffix('.json')
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-        if verify:
-            if 'sha256' not in record:
-                raise ValueError(f'{path}: no JSON record with a sha256 beside it ({record_path})')
-            actual = sha256_of(path)
-            if actual != record['sha256']:
-                raise ValueError(f'{path}: sha256 {actual} does not match its record '
-                                 f'{record["sha256"]}; the file is damaged or was replaced')
-        state, model_config, found = obj['state_dict'], obj['model_config'], obj['method']
-    else:
-        raise ValueError(f'{path} is not a dense_match_ros checkpoint (format {fmt!r})')
+    try:
+        if fmt == TRAIN_FORMAT:
+            state, model_config = obj['model'], obj['config']['model']
+            record, found = {'steps': obj['step']}, obj['method']
+        elif fmt == WEIGHTS_FORMAT:
+            state, model_config, found = obj['state_dict'], obj['model_config'], obj['method']
+            record_path = path.with_suffix('.json')
+            record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+            if verify:
+                if 'sha256' not in record:
+                    raise CheckpointError(f'{path}: no JSON record with a sha256 beside it '
+                                          f'({record_path})')
+                actual = sha256_of(path)
+                if actual != record['sha256']:
+                    raise CheckpointError(f'{path}: sha256 {actual} does not match its record '
+                                          f'{record["sha256"]}; the file is damaged or was replaced')
+        else:
+            raise CheckpointError(f'{path} is not a dense_match_ros checkpoint (format {fmt!r}); '
+                                  f'{expected}')
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f'{path} is a {fmt} file without its {exc} entry; {expected}') from None
     if found != method:
-        raise ValueError(f'{path} holds weights for {found!r}, not {method!r}')
+        raise CheckpointError(f'{path} holds weights for {found!r}, not {method!r}')
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     return model_config, state, record

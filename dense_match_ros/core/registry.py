@@ -144,6 +144,30 @@ def resolve_lazy(entry):
     return entry
 
 
+class UnknownMethod(KeyError, ValueError):
+    """An unregistered method name. A KeyError for callers that look names up, a ValueError
+    for those that validate input; its text prints plainly (a KeyError's would be quoted)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ''
+
+
+def _check_options(name: str, factory, options: dict) -> None:
+    """Refuse options the method does not take, listing the ones it does."""
+    import inspect
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    known = [p for p in params if p not in ('self', 'device', 'weights', 'net')]
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise ValueError(f'{name} has no option {", ".join(map(repr, unknown))}; its options: '
+                         f'{", ".join(known) or "none"}')
+
+
 def load_matcher(name: str, device: str = 'auto', weights: str | None = None,
                  **options) -> Matcher:
     """Build the matcher registered as ``name``.
@@ -153,8 +177,9 @@ def load_matcher(name: str, device: str = 'auto', weights: str | None = None,
     launch file is not silently ignored. Extra keyword options go to the method.
     """
     if name not in _REGISTRY:
-        raise KeyError(f'unknown method {name!r}; available: {", ".join(available_methods())}')
+        raise UnknownMethod(f'unknown method {name!r}; available: {", ".join(available_methods())}')
     factory = resolve_lazy(_REGISTRY[name])
+    _check_options(name, factory, options)
     matcher = factory(device=resolve_device(device), weights=weights or None, **options)
     matcher.name = name
     return matcher

@@ -125,6 +125,13 @@ def to_rgb8(pixels: np.ndarray, encoding: str, mono16_max: float = 65535.0) -> n
 
 def image_to_rgb(msg, max_pixels: int = 0, mono16_max: float = 65535.0) -> np.ndarray:
     """sensor_msgs/Image in any colour encoding -> RGB uint8 (H, W, 3)."""
+    encoding = str(msg.encoding)
+    if encoding not in ENCODINGS:
+        # Named here, not in image_to_array, whose list includes the float encodings we
+        # publish (and which are refused as pictures below, 'unsupported_encoding').
+        raise FrameRejected('unknown_encoding',
+                            f'unknown image encoding {encoding!r}; camera images must be one '
+                            f'of {", ".join(COLOUR_ENCODINGS)}')
     pixels = image_to_array(msg, max_pixels=max_pixels)
     return to_rgb8(pixels, str(msg.encoding), mono16_max)
 

@@ -26,7 +26,7 @@ import numpy as np
 from dense_match_ros.core.geometry import grid
 from dense_match_ros.core.geometry import pose as _pose
 from dense_match_ros.core.flowviz import flow_to_color as _flow_to_color
-from dense_match_ros.core.registry import Matcher, available_methods, load_matcher
+from dense_match_ros.core.registry import Matcher, load_matcher
 from dense_match_ros.core.geometry.camera import CameraIntrinsics
 from dense_match_ros.ros.convert import FrameRejected
 
@@ -59,6 +59,10 @@ class Frame:
         return int(self.image.shape[1]), int(self.image.shape[0])
 
 
+MIN_PROCESS_SIDE = 16
+"""Smallest processing width or height: every method works at this size (DIS needs 12)."""
+
+
 @dataclasses.dataclass
 class PipelineConfig:
     """Everything that decides what the pipeline computes (the node's parameters)."""
@@ -89,6 +93,15 @@ class PipelineConfig:
     """Also compute a colour-coded flow image (RGB) for visualisation."""
     max_flow_color: float = 0.0
     """Flow magnitude mapped to full saturation in the colour image (0 = per image)."""
+
+    def __post_init__(self) -> None:
+        # The ROS range (0..8192) cannot say "0 or at least MIN_PROCESS_SIDE"; a size every
+        # method fails on must be refused when set, not discovered frame by frame.
+        for name in ('process_width', 'process_height'):
+            value = int(getattr(self, name))
+            if value != 0 and value < MIN_PROCESS_SIDE:
+                raise ValueError(f'{name} must be 0 (input size) or at least '
+                                 f'{MIN_PROCESS_SIDE} px, got {value}')
 
 
 @dataclasses.dataclass
@@ -202,11 +215,8 @@ class MatchPipeline:
     # ------------------------------------------------------------------ configuration
     @staticmethod
     def _build_matcher(method: str, weights: str, device: str, options: dict) -> Matcher:
-        # The node's start-up and run-time swaps both come here: a ValueError naming the
-        # choices becomes the node's refusal reason (load_matcher would raise a KeyError).
-        if method not in available_methods():
-            raise ValueError(f'unknown method {method!r}; available: '
-                             f'{", ".join(available_methods())}')
+        # The node's start-up and run-time swaps both come here: load_matcher's ValueError
+        # (unknown method, option or weights) becomes the node's refusal reason.
         return load_matcher(method, device=device, weights=weights or None, **(options or {}))
 
     def set_matcher(self, method: str | None = None, weights: str | None = None,

@@ -185,5 +185,7 @@ def forward_backward_consistency(forward: np.ndarray, backward: np.ndarray,
     """``exp(-(e / sigma)^2)`` of the :func:`forward_backward_error` e, float32 in [0, 1]:
     a round trip that misses by ``sigma`` pixels scores 0.37, by 2 ``sigma`` 0.02, one that
     leaves the target 0. The matchability of every method with a two-way check."""
+    if not sigma > 0:
+        raise ValueError(f'the forward-backward tolerance sigma must be > 0 px, got {sigma}')
     error = forward_backward_error(forward, backward)
     return np.exp(-np.square(error / sigma)).astype(np.float32)

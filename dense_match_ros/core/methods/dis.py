@@ -12,6 +12,9 @@ from dense_match_ros.core.geometry import grid
 from dense_match_ros.core.dis_presets import check_preset, create_dis
 from dense_match_ros.core.registry import Matcher
 
+MIN_SIDE = 12  # OpenCV's DIS refuses smaller images (its coarsest patch grid needs them)
+
+
 class DisMatcher(Matcher):
     """DIS flow (grey images) with matchability from forward-backward consistency.
 
@@ -25,6 +28,10 @@ class DisMatcher(Matcher):
         if weights:
             raise ValueError('dis has no weights; leave `weights` empty')
         check_preset(preset)
+        if not fb_sigma > 0:
+            raise ValueError(f'fb_sigma must be > 0 px (the forward-backward tolerance), got {fb_sigma}')
+        if int(max_side) != 0 and int(max_side) < MIN_SIDE:
+            raise ValueError(f'max_side must be 0 (no cap) or at least {MIN_SIDE}, got {max_side}')
         self.device = 'cpu'  # OpenCV's DIS runs on the CPU whatever was asked for.
         self.preset = preset
         self.fb_sigma = float(fb_sigma)
@@ -37,8 +44,11 @@ class DisMatcher(Matcher):
     def _match(self, source: np.ndarray, target: np.ndarray):
         h, w = source.shape[:2]
         th, tw = target.shape[:2]
+        if min(h, w, th, tw) < MIN_SIDE:
+            raise ValueError(f'dis needs images of at least {MIN_SIDE} px a side, got source '
+                             f'{w}x{h} and target {tw}x{th}')
         # Work on one grid: the source's size, optionally capped by max_side.
-        ww, wh = grid.working_size((w, h), self.max_side)
+        ww, wh = grid.working_size((w, h), self.max_side, min_side=MIN_SIDE)
         src = cv2.cvtColor(cv2.resize(source, (ww, wh), interpolation=cv2.INTER_AREA)
                            if (ww, wh) != (w, h) else source, cv2.COLOR_RGB2GRAY)
         tgt = cv2.cvtColor(cv2.resize(target, (ww, wh), interpolation=cv2.INTER_AREA)

@@ -60,6 +60,8 @@ class HilmMatcher(Matcher):
         self.grid_step = max(1, int(grid_step))
         self.radius = radius
         self.fb_threshold = float(fb_threshold)
+        if not fb_sigma > 0:
+            raise ValueError(f'fb_sigma must be > 0 px, got {fb_sigma}')
         self.fb_sigma = float(fb_sigma)
         self.subpixel = bool(subpixel)
         self._interp = cv2.ximgproc.createEdgeAwareInterpolator()
