@@ -234,3 +234,10 @@ def test_cli_levels_and_options(tmp_path, fake_synthetic, capsys):
         assert cli.main(['--method', 'test_shift', '--option', 'bogus=1']) == 2
     finally:
         registry._REGISTRY.pop('test_pyramid', None)
+
+
+def test_nothing_evaluated_is_an_error_that_names_the_way_out(tmp_path, capsys):
+    assert cli.main(['--method', 'dis', '--sets', 'sintel,tum', '--data-root', str(tmp_path),
+                     '--no-progress']) == 1
+    err = capsys.readouterr().err
+    assert 'nothing was evaluated' in err and '--sets synthetic' in err

@@ -242,3 +242,14 @@ def test_throttle_reports_what_it_swallowed():
     time.sleep(0.25)
     throttle.warn('bad_step', 'step too small')
     assert lines[-1] == '[bad_step] step too small (2 more since the last report)'
+
+
+def test_help_prints_the_parameters_instead_of_starting_the_node():
+    import subprocess
+    import sys
+    for flags in (['--help'], ['-h'], ['--ros-args', '--help']):
+        out = subprocess.run([sys.executable, '-m', 'dense_match_ros.ros.node', *flags],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert 'usage: dense-match-node' in out.stdout and 'process_width' in out.stdout
+        assert 'Traceback' not in out.stderr

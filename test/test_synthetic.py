@@ -272,3 +272,11 @@ def test_similarity_kind_covers_wide_rotation_and_zoom():
         zooms.append(np.sqrt(abs(np.linalg.det(a[:, :2]))))
     assert min(angles) < -40 and max(angles) > 40
     assert min(zooms) < 0.75 and max(zooms) > 1.3
+
+
+def test_make_pairs_help_states_each_default_once():
+    from dense_match_ros.data.make_pairs import build_parser
+    text = build_parser().format_help()
+    assert 'default: None' not in text
+    options = text.split('\n  -')[1:]
+    assert options and all(o.count('default') <= 1 for o in options), text

@@ -86,18 +86,17 @@ def load_pairs(folder: str | Path) -> list[SyntheticPair]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='dense-match-make-pairs', description=__doc__.split('\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog='dense-match-make-pairs', description=__doc__.split('\n')[0])
     p.add_argument('out', type=Path, help='output folder (created)')
-    p.add_argument('--n', type=int, default=50, help='number of pairs')
+    p.add_argument('--n', type=int, default=50, help='number of pairs (default: 50)')
     p.add_argument('--size', type=int, nargs=2, default=(240, 240), metavar=('H', 'W'),
-                   help='output image size')
+                   help='output image size, height then width (default: 240 240)')
     p.add_argument('--seed', type=int, default=None,
                    help=f'seed (default: {HELDOUT_SEED} for --split heldout, 0 for train)')
     p.add_argument('--kinds', nargs='+', choices=KINDS, default=list(DEFAULT_KINDS),
-                   help='transform families to draw from')
+                   help=f'transform families to draw from (default: {" ".join(DEFAULT_KINDS)})')
     p.add_argument('--split', choices=('train', 'heldout'), default='train',
-                   help='which photos to use')
+                   help='which photos to use (default: train)')
     p.add_argument('--photos', type=Path, default=None,
                    help='photo folder (default: ../shared/train_images, then fallbacks)')
     p.add_argument('--no-photometric', action='store_true', help='disable photometric jitter')

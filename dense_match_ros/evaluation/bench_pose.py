@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                         help='real pose sets (none: skip real data)')
     parser.add_argument('--data', default=None, help='shared data root (default ../shared/data)')
     parser.add_argument('--threshold-px', type=float, default=PoseConfig.ransac_threshold_px)
-    parser.add_argument('--device', default='cpu', help="torch estimator device ('cpu' for the "
-                        "CPU timing the issue asks for, 'auto' to use CUDA)")
+    parser.add_argument('--device', default='cpu', help="torch estimator device (default 'cpu': "
+                        "times comparable with the CPU estimators; 'auto' uses CUDA)")
     parser.add_argument('--no-refine', action='store_true',
                         help='skip the shared Gauss-Newton polish (raw estimator accuracy)')
     parser.add_argument('--json', default='pose_bench.json', help='output JSON path')

@@ -434,6 +434,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for label, v in zip(summary['level_labels'], summary['aepe_levels']))
             _add_block(record, tables, set_name, rows, summary, table, '')
 
+    if not record['sets']:
+        print(f'dense-match-eval: nothing was evaluated: no data for {", ".join(args.sets)} under '
+              f'{root} (set $DENSE_MATCH_DATA or --data-root); --sets synthetic needs no shared '
+              f'data', file=sys.stderr)
+        return 1
     overview = format_overview(record['sets'])
     if overview:
         print(f'\n== summary: {args.method} on {matcher.device}\n{overview}')

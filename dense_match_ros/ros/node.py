@@ -339,9 +339,28 @@ class DenseMatchNode(Node):
         super().destroy_node()
 
 
+def usage() -> str:
+    """What ``dense-match-node --help`` prints: how to start it and every parameter."""
+    lines = [f'usage: {NODE_NAME.replace("_", "-")} [--ros-args --params-file FILE '
+             '-p NAME:=VALUE -r TOPIC:=NEW ...]', '',
+             'Dense correspondence node: subscribes to image (+ camera_info), or left/ and right/ '
+             'in mode:=pair, and publishes flow, matchability, flow_color, relative_pose, pose, '
+             'match_result and /diagnostics. Parameters (default; * = fixed at start-up):', '']
+    for p in parameter_table():
+        limits = (f' [{p.range[0]}..{p.range[1]}]' if p.range else '') + \
+            (f' ({p.constraints})' if p.constraints else '')
+        lines.append(f'  {p.name}{"*" if p.read_only else ""} = {p.default!r}{limits}')
+        lines.append(f'      {p.description}')
+    return '\n'.join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the node until Ctrl-C / shutdown; ``argv`` as on the command line (--ros-args)."""
     args = sys.argv if argv is None else [sys.argv[0], *argv]
+    if '-h' in args[1:] or '--help' in args[1:]:
+        # Before rclpy.init: its own --ros-args --help parsing ends in a traceback.
+        print(usage())
+        return 0
     rclpy.init(args=args)
     node = None
     try:
