@@ -133,7 +133,7 @@ def test_cli_skips_absent_data(tmp_path, capsys):
     out = tmp_path / 'r.json'
     rc = cli.main(['--method', 'dis', '--sets', 'sintel,hpatches,tum', '--data-root',
                    str(tmp_path / 'nowhere'), '--json', str(out), '--no-progress'])
-    assert rc == 0
+    assert rc == 1          # nothing ran: an error, but the record still says what was skipped
     rec = json.loads(out.read_text())
     assert rec['sets'] == {} and set(rec['skipped']) == {'sintel', 'hpatches', 'tum'}
     assert '[skip] sintel' in capsys.readouterr().out

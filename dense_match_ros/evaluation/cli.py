@@ -434,11 +434,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for label, v in zip(summary['level_labels'], summary['aepe_levels']))
             _add_block(record, tables, set_name, rows, summary, table, '')
 
-    if not record['sets']:
-        print(f'dense-match-eval: nothing was evaluated: no data for {", ".join(args.sets)} under '
-              f'{root} (set $DENSE_MATCH_DATA or --data-root); --sets synthetic needs no shared '
-              f'data', file=sys.stderr)
-        return 1
     overview = format_overview(record['sets'])
     if overview:
         print(f'\n== summary: {args.method} on {matcher.device}\n{overview}')
@@ -472,6 +467,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=1, allow_nan=False))
         print(f'wrote {args.json}')
+    if not record['sets']:
+        print(f'dense-match-eval: nothing was evaluated: no data for {", ".join(args.sets)} under '
+              f'{root} (set $DENSE_MATCH_DATA or --data-root); --sets synthetic needs no shared '
+              f'data', file=sys.stderr)
+        return 1
     return 0
 
 
