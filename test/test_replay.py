@@ -66,6 +66,7 @@ def test_tum_office_ground_truth_covers_most_frames(shared_data):
 # --------------------------------------------------------------------------- scoring
 
 replay = pytest.importorskip('dense_match_ros.ros.tools.replay')
+pose_report = pytest.importorskip('dense_match_ros.ros.tools.pose_report')
 
 
 def test_evaluate_scores_direction_failures_and_missing_ground_truth():
@@ -78,13 +79,13 @@ def test_evaluate_scores_direction_failures_and_missing_ground_truth():
     R_off = Rotation.from_rotvec([0, 0, np.radians(3.0)]).as_matrix() @ T21[:3, :3]
     ns = 1_000_000_000
     records = [
-        replay.PairRecord(1 * ns, 2 * ns, T10[:3, :3], t10, True, 'ok', 100, 90),
-        replay.PairRecord(1 * ns, 2 * ns, T10[:3, :3], -t10, True, 'ok', 100, 90),
-        replay.PairRecord(2 * ns, 3 * ns, R_off, T21[:3, 3], True, 'ok', 100, 80),
-        replay.PairRecord(2 * ns, 3 * ns, T21[:3, :3], T21[:3, 3], False, 'too_few_inliers'),
-        replay.PairRecord(3 * ns, 9 * ns, np.eye(3), np.array([1.0, 0, 0]), True, 'ok'),
+        pose_report.PairRecord(1 * ns, 2 * ns, T10[:3, :3], t10, True, 'ok', 100, 90),
+        pose_report.PairRecord(1 * ns, 2 * ns, T10[:3, :3], -t10, True, 'ok', 100, 90),
+        pose_report.PairRecord(2 * ns, 3 * ns, R_off, T21[:3, 3], True, 'ok', 100, 80),
+        pose_report.PairRecord(2 * ns, 3 * ns, T21[:3, :3], T21[:3, 3], False, 'too_few_inliers'),
+        pose_report.PairRecord(3 * ns, 9 * ns, np.eye(3), np.array([1.0, 0, 0]), True, 'ok'),
     ]
-    rows, summary = replay.evaluate(records, traj, max_dt=0.02)
+    rows, summary = pose_report.evaluate(records, traj, max_dt=0.02)
     assert rows[0]['rotation_error_deg'] == pytest.approx(0, abs=1e-6)
     assert rows[0]['translation_error_deg'] == pytest.approx(0, abs=1e-5)
     assert rows[1]['translation_error_deg'] == pytest.approx(180, abs=1e-5)  # sign matters
@@ -94,7 +95,7 @@ def test_evaluate_scores_direction_failures_and_missing_ground_truth():
     assert rows[1]['gt_baseline_m'] == pytest.approx(0.1)
     assert summary['pairs'] == 5 and summary['pairs_with_gt'] == 4 and summary['valid'] == 4
     # errors 0, 180, 3, inf -> AUC@5 = (area of the 0-error step + the 3-degree step) / 5
-    expected = replay.pose_auc([0.0, 180.0, 3.0, float('inf')], (5, 10, 20))
+    expected = pose_report.pose_auc([0.0, 180.0, 3.0, float('inf')], (5, 10, 20))
     assert summary['auc@5'] == pytest.approx(expected['auc@5'])
     assert 0.25 < summary['auc@5'] < 0.5
 
@@ -108,7 +109,7 @@ def test_relative_pose_message_record_round_trip():
     msg.translation.x = 1.0
     msg.valid, msg.status = True, 'ok'
     msg.header.stamp.sec, msg.source_stamp.sec, msg.source_stamp.nanosec = 5, 4, 500
-    rec = replay.record_from_relative_pose(msg)
+    rec = pose_report.record_from_relative_pose(msg)
     assert (rec.source_stamp_ns, rec.target_stamp_ns) == (4_000_000_500, 5_000_000_000)
     np.testing.assert_allclose(rec.R, R.as_matrix(), atol=1e-12)
     assert rec.valid and rec.t.tolist() == [1.0, 0.0, 0.0]
@@ -268,3 +269,65 @@ def test_replay_launch_starts_node_and_bag_player(tmp_path, monkeypatch):
     assert '/dm/flow' in record and '/dm/relative_pose' in record and '/diagnostics' in record
     # the player and recorder stand-ins exit on their own; the node must still be running
     assert [d for d in died if not d[0].startswith('bag_')] == []
+
+
+def _synthetic_bag(path, n=5, size=(96, 72), info_after=False, corrupt_index=None):
+    """A synthetic moving-camera bag; camera_info after its image when ``info_after``;
+    the image ``corrupt_index`` stored with half of its bytes."""
+    from rclpy.serialization import serialize_message
+    from dense_match_ros.ros import convert
+    from dense_match_ros.ros.tools import bag_io, make_bag
+    frames, intr, _ = make_bag.synthetic_sequence(n, size)
+    with bag_io.BagWriter(path) as w:
+        for i, f in enumerate(frames):
+            img = convert.make_image_msg(f.pixels, 'rgb8', f.stamp_ns, 'cam')
+            info = make_bag.camera_info_msg(intr, f.stamp_ns, 'cam')
+            if not info_after:
+                w.write('/cam/camera_info', info, f.stamp_ns)
+            if i == corrupt_index:
+                raw = serialize_message(img)
+                w.write('/cam/image', raw[:len(raw) // 2], f.stamp_ns, msgtype=bag_io.IMAGE)
+            else:
+                w.write('/cam/image', img, f.stamp_ns)
+            if info_after:
+                w.write('/cam/camera_info', info, f.stamp_ns + 1)
+    return path
+
+
+def test_replay_skips_a_corrupt_message_names_it_and_replays_the_rest(tmp_path):
+    pytest.importorskip('rclpy')
+    bag = _synthetic_bag(tmp_path / 'in', n=5, corrupt_index=2)
+    result = replay.replay(bag, tmp_path / 'out', replay.PipelineConfig(device='cpu'),
+                           progress=False, log=lambda *_: None, report_dir=tmp_path / 'rep')
+    assert result.rejected.get('corrupt_message') == 1
+    assert len(result.corrupt) == 1 and result.corrupt[0]['topic'] == '/cam/image'
+    assert result.corrupt[0]['timestamp_ns'] > 0 and result.corrupt[0]['reason']
+    assert len(result.rows) == 3          # 4 good frames -> 3 pairs
+    report = json.loads((tmp_path / 'rep' / 'report.json').read_text())
+    assert report['corrupt'] == result.corrupt and report['summary']['corrupt_messages'] == 1
+
+
+def test_camera_info_stored_after_its_image_still_gives_every_pair_a_pose_attempt(tmp_path):
+    pytest.importorskip('rclpy')
+    bag = _synthetic_bag(tmp_path / 'in', n=5, info_after=True)
+    result = replay.replay(bag, tmp_path / 'out', replay.PipelineConfig(device='cpu'),
+                           progress=False, log=lambda *_: None)
+    assert len(result.rows) == 4
+    assert all(r['status'] != 'no_camera_info' for r in result.rows), [r['status'] for r in result.rows]
+
+
+def test_unreadable_bags_and_existing_outputs_end_in_one_line(tmp_path, capsys):
+    pytest.importorskip('rclpy')
+    junk = tmp_path / 'junk.mcap'
+    junk.write_bytes(np.random.default_rng(0).integers(0, 255, 4096, dtype=np.uint8).tobytes())
+    assert replay.main([str(junk), '-o', str(tmp_path / 'o1'), '--no-progress']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'junk.mcap' in err and 'Traceback' not in err
+    bag = _synthetic_bag(tmp_path / 'in', n=3)
+    out = tmp_path / 'out'
+    assert replay.main([str(bag), '-o', str(out), '--no-progress', '-p', 'device=cpu']) == 0
+    capsys.readouterr()
+    assert replay.main([str(bag), '-o', str(out), '--no-progress', '-p', 'device=cpu']) == 2
+    assert '--overwrite' in capsys.readouterr().err
+    assert replay.main([str(bag), '-o', str(out), '--no-progress', '-p', 'device=cpu',
+                        '--overwrite']) == 0

@@ -34,7 +34,7 @@ import numpy as np
 
 from dense_match_ros import paths
 from dense_match_ros.ros.parameters import OUTPUTS
-from dense_match_ros.ros.tools import bag_io, make_bag, replay
+from dense_match_ros.ros.tools import bag_io, make_bag, pose_report
 from dense_match_ros.ros.tools.trajectory import DEFAULT_MAX_DT, read_tum, write_tum
 
 # The checkout the demo runs in (None for an installed package without one): its code is
@@ -358,14 +358,14 @@ def analyse(args, out: Path, recorded: list[Recorded], stamps: list[int],
     for rel in rel_msgs:
         stamp = bag_io.header_stamp_ns(rel)
         extra = {'latency_ms': latencies[stamp]} if stamp in latencies else {}
-        records.append(replay.record_from_relative_pose(rel, extra))
+        records.append(pose_report.record_from_relative_pose(rel, extra))
     trajectory = read_tum(gt_path)
-    rows, summary = replay.evaluate(records, trajectory, DEFAULT_MAX_DT)
+    rows, summary = pose_report.evaluate(records, trajectory, DEFAULT_MAX_DT)
     n_out = len(flows)
     no_output = max(0, len(stamps) - 1 - n_out)
 
     print()
-    print(replay.format_table(rows, [('latency_ms', 'lat ms', '.0f')]))
+    print(pose_report.format_table(rows, [('latency_ms', 'lat ms', '.0f')]))
     lat = np.array(sorted(latencies.values()))
     print(f'frames published: {len(stamps)}; outputs (flow) received: {n_out}; '
           f'frames without output: {no_output} (the first frame is only the reference)')
@@ -383,7 +383,7 @@ def analyse(args, out: Path, recorded: list[Recorded], stamps: list[int],
     print(f'poses: {len(records)} ({s["valid"]} valid, {s["pairs_with_gt"]} with ground truth '
           f'within {DEFAULT_MAX_DT * 1e3:.0f} ms)')
     if s['pairs_with_gt']:
-        print('pose ' + ', '.join(f'AUC@{t}: {s[f"auc@{t}"]:.3f}' for t in replay.AUC_THRESHOLDS)
+        print('pose ' + ', '.join(f'AUC@{t}: {s[f"auc@{t}"]:.3f}' for t in pose_report.AUC_THRESHOLDS)
               + (f'; median rotation error {s["median_rotation_error_deg"]:.2f} deg, '
                  f'translation {s["median_translation_error_deg"]:.2f} deg'
                  if s.get('median_rotation_error_deg') is not None else ''))
@@ -412,13 +412,13 @@ def analyse(args, out: Path, recorded: list[Recorded], stamps: list[int],
         cv2.imwrite(str(path), np.ascontiguousarray(bgr))
         files.append(str(path.relative_to(report)))
     if rows and any(r['gt'] for r in rows):
-        files.append(replay.plot_pose_errors(rows, report / 'pose_errors.png',
+        files.append(pose_report.plot_pose_errors(rows, report / 'pose_errors.png',
                                              f'demo: {args.method}, rate {args.rate:g}').name)
     if latencies:
-        files.append(replay.plot_series({'latency': [latencies[k] for k in sorted(latencies)]},
+        files.append(pose_report.plot_series({'latency': [latencies[k] for k in sorted(latencies)]},
                                         report / 'latency.png',
                                         'image publish -> flow receipt', 'ms').name)
-    replay.write_json(report / 'report.json', {
+    pose_report.write_json(report / 'report.json', {
         'input': what, 'rate': args.rate, 'method': args.method, 'device': args.device,
         'node_params': list(args.node_param), 'frames_published': len(stamps),
         'outputs': n_out, 'frames_without_output': no_output, 'node_diagnostics': diag,
