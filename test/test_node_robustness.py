@@ -253,3 +253,28 @@ def test_help_prints_the_parameters_instead_of_starting_the_node():
         assert out.returncode == 0, out.stderr
         assert 'usage: dense-match-node' in out.stdout and 'process_width' in out.stdout
         assert 'Traceback' not in out.stderr
+
+
+def test_unset_stamps_are_explained_and_receipt_stamps_fix_them(robust):
+    node, client, stamps = robust
+    _valid(client, stamps, 2)
+    _burst(client, lambda: image_msg(render(W, H, 0.0), 0, FRAME))   # a driver leaving stamp 0
+    _check_after(node, 'duplicate_stamp', 'stamp_source:=receipt')
+    stamps.ns += 120_000_000_000
+    _valid(client, stamps, 2)
+    # The same stream with stamp_source receipt: every frame gets a new stamp and is matched.
+    node2, client2 = start('/dm_receipt', {'stamp_source': 'receipt'}, prime_size=None)
+    try:
+        client2.wait_connected()
+        for i in range(5):
+            client2.publish(image_msg(render(W, H, 0.03 * i), 0, FRAME))
+            time.sleep(0.6)
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline and len(client2.received['flow']) < 3:
+            time.sleep(0.2)
+        assert len(client2.received['flow']) >= 3, node2.log
+        assert all(convert.stamp_to_ns(m.header.stamp) > 0 for m in client2.received['flow'])
+        assert '[duplicate_stamp]' not in node2.log
+    finally:
+        client2.close()
+        node2.stop()

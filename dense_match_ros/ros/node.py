@@ -48,8 +48,9 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from dense_match_ros.core.geometry.camera import CameraIntrinsics
 from dense_match_ros.ros import convert, messages
 from dense_match_ros.ros.convert import FrameRejected
-from dense_match_ros.ros.parameters import (INPUT_QOS, SYNCHRONIZERS, parameter_table,
-                                            pipeline_config_from_params, runtime_change)
+from dense_match_ros.ros.parameters import (INPUT_QOS, STAMP_SOURCES, SYNCHRONIZERS,
+                                            parameter_table, pipeline_config_from_params,
+                                            runtime_change)
 from dense_match_ros.ros.pipeline import Frame, MatchPipeline, PipelineOutput
 from dense_match_ros.ros.runtime import Mailbox, RateMeter, Throttle
 from dense_match_ros.ros.sync import ApproximateTimeSynchronizer
@@ -79,6 +80,9 @@ class DenseMatchNode(Node):
         self._throttle = Throttle(self.get_logger(), p('warn_throttle_s'))
         self.mode = p('mode')
         self.compressed = p('compressed')
+        self.stamp_source = p('stamp_source')
+        if self.stamp_source not in STAMP_SOURCES:
+            raise ValueError(f'stamp_source must be one of {STAMP_SOURCES}, got {self.stamp_source!r}')
         config = pipeline_config_from_params({param.name: p(param.name) for param in table})
         self.pipeline = MatchPipeline(config, warn=self._throttle.warn)
         self.get_logger().info(
@@ -245,7 +249,11 @@ class DenseMatchNode(Node):
         if intrinsics is None and self._param('estimate_pose'):
             why = camera.error or f'no camera_info received on {camera.topic!r}'
             self._throttle.warn('no_camera_info', f'{why}; publishing flow without pose')
-        return Frame(image=image, stamp_ns=convert.stamp_to_ns(msg.header.stamp),
+        if self.stamp_source == 'receipt':  # node clock at the callback, not at decoding
+            stamp_ns = self.get_clock().now().nanoseconds - int((time.monotonic() - receipt) * 1e9)
+        else:
+            stamp_ns = convert.stamp_to_ns(msg.header.stamp)
+        return Frame(image=image, stamp_ns=stamp_ns,
                      frame_id=str(msg.header.frame_id), intrinsics=intrinsics,
                      receipt_time=receipt)
 

@@ -28,6 +28,7 @@ from dense_match_ros.ros.pipeline import MODEL_FIELDS, PipelineConfig, pose_conf
 OUTPUTS = ('flow', 'matchability', 'flow_color', 'relative_pose', 'pose', 'match_result')
 INPUT_QOS = ('sensor_data', 'reliable', 'system_default')
 SYNCHRONIZERS = ('auto', 'message_filters', 'builtin')
+STAMP_SOURCES = ('header', 'receipt')
 POSE_PREFIX = 'pose.'
 # pose.* fields that the node sets itself (one threshold for the whole node).
 POSE_SHADOWED = ('matchability_threshold',)
@@ -108,6 +109,10 @@ def parameter_table() -> list[Param]:
         Param('mono16_max', 65535.0, 'mono16 value shown as white.', (1.0, 65535.0)),
         Param('max_rate', 0.0, 'Process at most this many frames (pairs) per second; 0: no '
                                'limit.', (0.0, 1000.0)),
+        Param('stamp_source', 'header', 'Frame time: the image header stamp, or (receipt) the '
+                                        "node clock when the frame arrived, for drivers that "
+                                        'leave header.stamp unset (mono mode).',
+              constraints=', '.join(STAMP_SOURCES), read_only=True),
         Param('input_qos', 'sensor_data', 'QoS of the image and camera_info subscriptions.',
               constraints=', '.join(INPUT_QOS), read_only=True),
         Param('input_queue_depth', 5, 'History depth of the input subscriptions.', (1, 1000),

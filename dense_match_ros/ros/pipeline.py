@@ -359,9 +359,12 @@ class MatchPipeline:
                     self.reset('stamp went backwards')
                 elif frame.stamp_ns == self._last_stamp_ns:
                     self.counters.rejected += 1
+                    hint = (' (header.stamp is 0: the camera driver leaves it unset; '
+                            'stamp_source:=receipt stamps frames on arrival)'
+                            if frame.stamp_ns == 0 else '')
                     raise FrameRejected('duplicate_stamp',
                                         f'frame with the same stamp as the previous one '
-                                        f'({frame.stamp_ns} ns) ignored')
+                                        f'({frame.stamp_ns} ns) ignored{hint}')
             if self._key is not None and frame.size != self._key_original_size:
                 old = self._key_original_size
                 self._warn('size_changed', f'image size changed from {old[0]}x{old[1]} to '
