@@ -18,7 +18,7 @@ def test_timed_reports_the_median_of_n_calls():
 
 
 def test_sizes_parse_as_height_by_width():
-    assert bench_match.parse_size('240x320') == (240, 320)
+    assert bench_match.parse_size('320x240') == (240, 320)   # WIDTHxHEIGHT in, (H, W) out
     with pytest.raises(Exception):
         bench_match.parse_size('240')
 
@@ -32,13 +32,13 @@ def test_cli_times_match_and_network(tmp_path, capsys):
                          'model': net.state_dict()}, weights, {'note': 'test'}, half=False)
     out = tmp_path / 'bench.json'
     assert bench_match.main(['--method', 'dis', '--method', 'dgc', '--weights', f'dgc={weights}',
-                             '--random-weights', '--sizes', '24x40,32x32', '--n', '2',
+                             '--random-weights', '--sizes', '40x24,32x32', '--n', '2',
                              '--network', '--threads', '1', '--json', str(out)]) == 0
     rec = json.loads(out.read_text())
     assert set(rec['results']) == {'dis', 'dgc'}
-    assert set(rec['results']['dis']['match']) == {'24x40', '32x32'}
+    assert set(rec['results']['dis']['match']) == {'40x24', '32x32'}
     assert 'network' not in rec['results']['dis']           # no network to time
-    assert set(rec['results']['dgc']['network']) == {'24x40 fp32', '32x32 fp32'}
+    assert set(rec['results']['dgc']['network']) == {'40x24 fp32', '32x32 fp32'}
     assert rec['results']['dgc']['match']['32x32']['median_ms'] > 0
     assert '| dgc | net 32x32 fp32 |' in capsys.readouterr().out
 

@@ -241,3 +241,11 @@ def test_nothing_evaluated_is_an_error_that_names_the_way_out(tmp_path, capsys):
                      '--no-progress']) == 1
     err = capsys.readouterr().err
     assert 'nothing was evaluated' in err and '--sets synthetic' in err
+
+
+def test_the_record_says_which_photos_the_synthetic_set_came_from(tmp_path, fake_synthetic):
+    out = tmp_path / 'r.json'
+    assert cli.main(['--method', 'test_shift', '--sets', 'synthetic', '--synthetic-n', '1',
+                     '--json', str(out), '--no-progress']) == 0
+    photos = json.loads(out.read_text())['synthetic_photos']
+    assert photos['count'] > 0 and photos['root'] and len(photos['keys_sha256']) == 16

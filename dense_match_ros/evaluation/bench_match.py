@@ -16,7 +16,7 @@ of the architecture of a checkpoint (or of the defaults) where none ships.
 
 Example::
 
-    dense-match-bench --method dgc --method dis --sizes 240x240,480x640 --n 100 --json t.json
+    dense-match-bench --method dgc --method dis --sizes 240x240,640x480 --n 100 --json t.json
 """
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ from dense_match_ros.evaluation.cli import parse_options
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """'HxW' -> (H, W)."""
-    h, sep, w = text.lower().partition('x')
+    """'WxH' (width first, as in every size argument of this package) -> (H, W)."""
+    w, sep, h = text.lower().partition('x')
     if not sep:
-        raise argparse.ArgumentTypeError(f'size wants HxW, got {text!r}')
+        raise argparse.ArgumentTypeError(f'size wants WIDTHxHEIGHT, got {text!r}')
     return int(h), int(w)
 
 
@@ -88,7 +88,7 @@ def bench_match(matcher, sizes: Sequence[tuple[int, int]], n: int) -> dict[str, 
     out = {}
     for size in sizes:
         source, target = photo_pair(size)
-        out[f'{size[0]}x{size[1]}'] = timed(lambda: matcher.match(source, target), n,
+        out[f'{size[1]}x{size[0]}'] = timed(lambda: matcher.match(source, target), n,
                                             sync=_sync_for(matcher.device))
     return out
 
@@ -104,7 +104,7 @@ def bench_network(net, device: str, sizes: Sequence[tuple[int, int]], n: int,
     for h, w in sizes:
         a = torch.rand(1, 3, h, w, device=device)
         b = torch.rand(1, 3, h, w, device=device)
-        key = f'{h}x{w}'
+        key = f'{w}x{h}'
         with torch.no_grad():
             out[f'{key} fp32'] = timed(lambda: net(a, b), n, sync=sync)
             if cuda:
@@ -135,7 +135,7 @@ def bench_raft_small(device: str, sizes: Sequence[tuple[int, int]], n: int) -> d
         a = torch.rand(1, 3, hh, ww, device=device) * 2 - 1
         b = torch.rand(1, 3, hh, ww, device=device) * 2 - 1
         with torch.no_grad():
-            out[f'{h}x{w} fp32'] = timed(lambda: net(a, b, num_flow_updates=12), n, sync=sync)
+            out[f'{w}x{h} fp32'] = timed(lambda: net(a, b, num_flow_updates=12), n, sync=sync)
     return out
 
 
@@ -177,9 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--random-weights', action='store_true',
                    help='time an untrained network of the same architecture (dgc; others as they are)')
     p.add_argument('--device', default='cpu', help='cpu, cuda or auto')
-    p.add_argument('--sizes', default='240x240,480x640',
+    p.add_argument('--sizes', default='240x240,640x480',
                    type=lambda s: [parse_size(x) for x in s.split(',') if x.strip()],
-                   help='comma list of HxW (default 240x240,480x640)')
+                   help='comma list of WIDTHxHEIGHT (default 240x240,640x480)')
     p.add_argument('--n', type=int, default=100, help='timed calls per entry (default 100)')
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: default)')
     p.add_argument('--network', action='store_true', help='also the forward pass alone')

@@ -258,6 +258,15 @@ def _versions() -> dict[str, str]:
 # --------------------------------------------------------------------------- main
 
 
+def _heldout_photos() -> dict[str, Any]:
+    """Which photos the held-out synthetic set was drawn from: its figures depend on them."""
+    import hashlib
+    from dense_match_ros.data.photos import PhotoSource
+    photos = PhotoSource(split='heldout')
+    return {'root': str(photos.root), 'count': len(photos),
+            'keys_sha256': hashlib.sha256('\n'.join(photos.keys).encode()).hexdigest()[:16]}
+
+
 def parse_sets(text: str) -> list[str]:
     """'all' or a comma list of known set names, in the order given, without repeats."""
     names = list(ALL_SETS) if text.strip() == 'all' else [
@@ -372,6 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f'dense-match-eval: {exc}', file=sys.stderr)
         return 2
     print(f'method {args.method} on {matcher.device}; data root {root}')
+    if 'synthetic' in args.sets:
+        held = _heldout_photos()
+        print(f'synthetic held-out pairs from {held["count"]} photos under {held["root"]} '
+              f'(keys {held["keys_sha256"]})')
     if args.levels and not matcher.supports(LEVELS):
         print(f'[note] --levels: {args.method} has no pyramid levels; ignored')
         args.levels = False
@@ -384,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         'device': matcher.device,
         'command': 'dense-match-eval ' + shlex.join(argv_list), 'data_root': str(root),
         'versions': _versions(), 'sets': {}, 'skipped': {}, 'rows': [], 'figures': [],
+        'synthetic_photos': _heldout_photos() if 'synthetic' in args.sets else None,
     }
     pose_errors: dict[str, list[float]] = {}
     tables: list[str] = []
