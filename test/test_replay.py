@@ -98,6 +98,10 @@ def test_evaluate_scores_direction_failures_and_missing_ground_truth():
     expected = pose_report.pose_auc([0.0, 180.0, 3.0, float('inf')], (5, 10, 20))
     assert summary['auc@5'] == pytest.approx(expected['auc@5'])
     assert 0.25 < summary['auc@5'] < 0.5
+    # The table says whether each 'ok' was right: the 180-degree one is not.
+    assert [r.get('verdict') for r in rows] == ['right', 'WRONG 180°', 'right', '-', None]
+    table = pose_report.format_table(rows)
+    assert 'WRONG 180°' in table.splitlines()[2] and table.splitlines()[2].endswith('ok')
 
 
 def test_relative_pose_message_record_round_trip():

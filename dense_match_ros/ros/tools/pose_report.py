@@ -20,6 +20,9 @@ from dense_match_ros.ros.tools.trajectory import DEFAULT_MAX_DT, Trajectory
 
 NS = 1_000_000_000
 AUC_THRESHOLDS = (5, 10, 20)
+VERDICT_DEG = 10.0
+"""A valid pose within this max(rotation, translation-direction) error of the ground truth
+is reported 'right', beyond it 'WRONG'."""
 
 
 # --------------------------------------------------------------------------- scoring
@@ -97,6 +100,10 @@ def evaluate(records: Sequence[PairRecord], trajectory: Trajectory | None,
             err = pose_error_deg(r_err, t_err)
             row.update(rotation_error_deg=r_err, translation_error_deg=t_err,
                        pose_error_deg=_finite(err))
+            # The estimator's status says whether its own checks passed; this says whether it
+            # was right. An 'ok' pose 60 deg off must not read as a success.
+            row['verdict'] = ('-' if not rec.valid else
+                              'right' if err <= VERDICT_DEG else f'WRONG {err:.0f}°')
             errors.append(err)
         rows.append(row)
     summary: dict[str, Any] = {
@@ -130,7 +137,7 @@ def format_table(rows: Sequence[dict], extra_cols: Sequence[tuple[str, str, str]
         return '-' if v is None else format(v, spec)
     head = (f'{"#":>3} {"source":>17} {"target":>17} {"dt ms":>6} {"base mm":>7} '
             f'{"rot°":>6} {"trans°":>6} {"inl":>5} ' +
-            ''.join(f'{h:>9} ' for _, h, _ in extra_cols) + 'status')
+            ''.join(f'{h:>9} ' for _, h, _ in extra_cols) + f'{"vs gt":>10} status')
     lines = [head]
     for i, r in enumerate(rows):
         base = r.get('gt_baseline_m')
@@ -140,6 +147,7 @@ def format_table(rows: Sequence[dict], extra_cols: Sequence[tuple[str, str, str]
             f'{fmt(r["rotation_error_deg"], ".2f"):>6} {fmt(r["translation_error_deg"], ".2f"):>6} '
             f'{r["num_inliers"]:>5} ' +
             ''.join(f'{fmt(r.get(k), spec):>9} ' for k, _, spec in extra_cols) +
+            f'{r.get("verdict", "no gt"):>10} ' +
             (r['status'] if r['gt'] else f'{r["status"]} (no ground truth)'))
     return '\n'.join(lines)
 
