@@ -204,3 +204,17 @@ def test_isotonic_calibration_fits_a_monotone_map_that_removes_miscalibration():
     assert calibration.apply_table(m, None) is m
     with pytest.raises(ValueError):
         calibration.fit_table({'count': [1, 2], 'sum_matchability': [0, 0], 'correct': [0, 0]})
+
+
+def test_match_figure_shows_images_flow_with_legend_and_matchability(tmp_path):
+    import cv2
+    from dense_match_ros.evaluation import report
+    rng = np.random.default_rng(0)
+    img = (rng.random((60, 80, 3)) * 255).astype(np.uint8)
+    flow = np.dstack([np.full((30, 40), 3.0), np.zeros((30, 40))]).astype(np.float32)
+    path = report.save_match_figure(tmp_path / 'f.png', 'pair', img, img, flow,
+                                    np.full((30, 40), 0.5, np.float32))
+    fig = cv2.imread(str(path))
+    assert fig.shape[1] > 600 and fig.shape[0] > 300
+    # the flow panel is saturated in the colour of +x motion, and the wheel legend adds more
+    assert len(np.unique(fig.reshape(-1, 3), axis=0)) > 200

@@ -68,6 +68,55 @@ def save_flow_figure(path: str | Path, title: str, source: np.ndarray, target: n
     return save_figure(fig, path, dpi=90)
 
 
+def _wheel_legend(ax, max_flow: float) -> None:
+    """An inset colour wheel: the direction and the magnitude (rim = ``max_flow`` px) each
+    colour stands for, in the flow panel it annotates."""
+    n = 65
+    ys, xs = np.mgrid[-1:1:n * 1j, -1:1:n * 1j]
+    field = np.stack((xs, ys), -1).astype(np.float32) * max_flow
+    inside = np.hypot(xs, ys) <= 1.0
+    wheel = flowviz.flow_to_color(field, max_flow, inside)
+    wheel[~inside] = 255
+    inset = ax.inset_axes([0.78, 0.02, 0.2, 0.2 * ax.bbox.width / max(ax.bbox.height, 1)])
+    inset.imshow(wheel)
+    inset.set_title(f'{max_flow:.1f} px', fontsize=7, pad=1)
+    inset.axis('off')
+
+
+def save_match_figure(path: str | Path, title: str, source: np.ndarray, target: np.ndarray,
+                      flow: np.ndarray, matchability: np.ndarray | None = None) -> Path:
+    """One match without ground truth (the demo's and replay's pairs): source, target, the
+    flow in the Middlebury colour code with a colour-wheel legend and its scale, and the
+    matchability. Images are shown on the flow's grid."""
+    import cv2
+    plt = pyplot()
+    h, w = flow.shape[:2]
+    source, target = (img if img.shape[:2] == (h, w) else
+                      cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+                      for img in (source, target))
+    mag = np.linalg.norm(flow, axis=-1)
+    scale = max(float(np.percentile(mag[np.isfinite(mag)], 99)) if np.isfinite(mag).any() else 1.0,
+                1.0)
+    panels = [('source', source), ('target', target),
+              (f'flow (saturated at {scale:.1f} px)', flowviz.flow_to_color(flow, scale))]
+    if matchability is not None:
+        panels.append((f'matchability (0..1, mean {float(np.mean(matchability)):.2f})',
+                       matchability))
+    cols = 2
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, cols, figsize=(9, rows * 4.5 * h / w + 0.8))
+    for ax, (label, img) in zip(axes.ravel(), panels):
+        ax.imshow(img, cmap='gray', vmin=0.0, vmax=1.0) if img.ndim == 2 else ax.imshow(img)
+        ax.set_title(label, fontsize=9)
+        ax.axis('off')
+        if label.startswith('flow'):
+            _wheel_legend(ax, scale)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis('off')
+    fig.suptitle(title, fontsize=11)
+    return save_figure(fig, path, dpi=90)
+
+
 def _finish_plot(fig, ax, path: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
     """Labels, a [0, 1] y axis, grid, legend and title; then save (one look for every plot)."""
     ax.set_xlabel(xlabel)

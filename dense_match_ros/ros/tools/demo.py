@@ -331,12 +331,25 @@ def run(args) -> int:
     return status
 
 
+def _input_images(bag: Path) -> dict[int, np.ndarray]:
+    """The played frames by stamp, as RGB (the figures' source and target)."""
+    from dense_match_ros.ros import convert
+    images = {}
+    with bag_io.BagReader(bag) as reader:
+        topics = reader.topics_of_type(bag_io.IMAGE, bag_io.COMPRESSED_IMAGE)
+        for m in reader.messages(topics):
+            msg = m.to_ros()
+            images[convert.stamp_to_ns(msg.header.stamp)] = convert.decode_image(
+                msg, m.msgtype == bag_io.COMPRESSED_IMAGE)
+    return images
+
+
 def analyse(args, out: Path, recorded: list[Recorded], stamps: list[int],
             publish_mono: dict[int, int], gt_path: Path, counts: dict[str, int],
             rec_bag: Path, what: str) -> int:
     """Print and write the report; 1 when no output came back."""
     flows: dict[int, Recorded] = {}
-    colors: dict[int, Any] = {}
+    mats: dict[int, Any] = {}
     rel_msgs = []
     diagnostics = None
     for r in recorded:
@@ -346,8 +359,8 @@ def analyse(args, out: Path, recorded: list[Recorded], stamps: list[int],
             diagnostics = msg.to_ros()
         elif name == 'flow':
             flows.setdefault(r.stamp_ns, r)
-        elif name == 'flow_color':
-            colors.setdefault(r.stamp_ns, msg.decode())
+        elif name == 'matchability':
+            mats.setdefault(r.stamp_ns, msg.decode())
         elif name == 'relative_pose':
             rel_msgs.append(msg.decode())
     # Latency of a frame: its image's publish -> receipt of the flow answering it (the
@@ -398,18 +411,20 @@ def analyse(args, out: Path, recorded: list[Recorded], stamps: list[int],
     for old in flow_dir.glob('*.png'):
         old.unlink()
     files = []
-    import cv2
+    from dense_match_ros.evaluation import report as figures
     from dense_match_ros.ros import convert
-    from dense_match_ros.core.flowviz import flow_to_color
+    images = _input_images(out / 'input_bag')
+    sources = {convert.stamp_to_ns(m.header.stamp): convert.stamp_to_ns(m.source_stamp)
+               for m in rel_msgs}
     for i, stamp in enumerate(sorted(flows)):
         path = flow_dir / f'flow_{i:02d}_{stamp}.png'
-        if stamp in colors:  # the node's own colour image (bgr8) when it was recorded
-            bgr = convert.image_to_array(colors[stamp])
-        else:
-            flow = convert.image_to_array(bag_io.BagMessage(
-                flows[stamp].topic, flows[stamp].msgtype, 0, flows[stamp].raw).decode())
-            bgr = flow_to_color(flow)[..., ::-1]
-        cv2.imwrite(str(path), np.ascontiguousarray(bgr))
+        flow = convert.image_to_array(bag_io.BagMessage(
+            flows[stamp].topic, flows[stamp].msgtype, 0, flows[stamp].raw).decode())
+        source, target = images.get(sources.get(stamp)), images.get(stamp)
+        if source is None or target is None:
+            continue
+        match = convert.image_to_array(mats[stamp]) if stamp in mats else None
+        figures.save_match_figure(path, f'{args.method}: pair {i}', source, target, flow, match)
         files.append(str(path.relative_to(report)))
     if rows and any(r['gt'] for r in rows):
         files.append(pose_report.plot_pose_errors(rows, report / 'pose_errors.png',

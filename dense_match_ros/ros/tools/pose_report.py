@@ -195,12 +195,6 @@ def plot_series(series: dict[str, Sequence[float]], path: Path, title: str, ylab
     return report.save_figure(fig, path, dpi=90)
 
 
-def save_flow_png(flow_color_rgb: np.ndarray, path: Path) -> Path:
-    import cv2
-    cv2.imwrite(str(path), cv2.cvtColor(flow_color_rgb, cv2.COLOR_RGB2BGR))
-    return path
-
-
 def _json_default(o):
     if isinstance(o, np.generic):
         return o.item()

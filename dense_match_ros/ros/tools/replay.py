@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dense_match_ros.evaluation import report
 from dense_match_ros.ros import convert
 from dense_match_ros.ros.convert import FrameRejected, stamp_to_ns
 from dense_match_ros.ros.parameters import load_params, pipeline_config_from_params
@@ -34,7 +35,7 @@ from dense_match_ros.ros.pipeline import Frame, MatchPipeline, PipelineConfig
 from dense_match_ros.ros.tools import bag_io
 from dense_match_ros.ros.tools.pose_report import (AUC_THRESHOLDS, PairRecord, evaluate,
                                                    format_table, plot_pose_errors, plot_series,
-                                                   record_from_output, save_flow_png,
+                                                   record_from_output,
                                                    timing_summary, write_json)
 from dense_match_ros.ros.tools.trajectory import DEFAULT_MAX_DT, read_tum
 
@@ -95,6 +96,10 @@ class _InfoByStamp:
         return self.values[max(i, 0)]
 
 
+REPORT_FIGURES = 30
+"""Pairs drawn into the report (source, target, flow with its legend, matchability)."""
+
+
 def _camera_infos(reader, info_topic: str | None, decode, count, rectified: bool) -> _InfoByStamp:
     """Every usable camera_info of the topic (small messages: read in a first pass)."""
     stamped = []
@@ -152,7 +157,8 @@ def replay(bag: Path, out_bag: Path, config: PipelineConfig, *, image_topic: str
     records: list[PairRecord] = []
     decode_s: list[float] = []
     process_s: list[float] = []
-    flow_colors: list[np.ndarray] = []
+    figures: list[tuple] = []          # (source, target, flow, matchability) of early pairs
+    images: dict[int, np.ndarray] = {}  # decoded frames by stamp, while figures are wanted
     t_start = time.perf_counter()
     if Path(out_bag).exists() and not overwrite:
         raise FileExistsError(f'{out_bag} exists; choose another --out or pass --overwrite')
@@ -204,8 +210,11 @@ def replay(bag: Path, out_bag: Path, config: PipelineConfig, *, image_topic: str
                 process_s.append(time.perf_counter() - t0)
                 for name, out_msg in output_messages(out).items():
                     writer.write(f'{ns}/{name}', out_msg, m.timestamp)
-                if out.flow_color is not None:
-                    flow_colors.append(out.flow_color)
+                if len(figures) < REPORT_FIGURES:
+                    images[stamp] = rgb
+                    if out.source_stamp_ns in images:
+                        figures.append((images[out.source_stamp_ns], rgb, out.flow,
+                                        out.matchability))
                 extra = {f'{k}_ms': v * 1e3 for k, v in out.timings.items()}
                 extra['process_ms'] = process_s[-1] * 1e3
                 records.append(record_from_output(out, extra))
@@ -222,12 +231,12 @@ def replay(bag: Path, out_bag: Path, config: PipelineConfig, *, image_topic: str
     summary['corrupt_messages'] = len(corrupt)
     result = ReplayResult(out_bag, rows, summary, counts, rejected, timings, report_dir, corrupt)
     if report_dir is not None:
-        write_report(result, report_dir, bag, config, flow_colors, image_topic)
+        write_report(result, report_dir, bag, config, figures, image_topic)
     return result
 
 
 def write_report(result: ReplayResult, report_dir: Path, bag: Path, config: PipelineConfig,
-                 flow_colors: Sequence[np.ndarray], image_topic: str) -> None:
+                 figures: Sequence[tuple], image_topic: str) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
     title = f'{bag.name}: {config.method}'
     files = []
@@ -239,8 +248,10 @@ def write_report(result: ReplayResult, report_dir: Path, bag: Path, config: Pipe
             report_dir / 'timing.png', f'{title}: time per pair', 'ms').name)
     flows = report_dir / 'flow'
     flows.mkdir(exist_ok=True)
-    for i, img in enumerate(flow_colors):
-        files.append(f'flow/{save_flow_png(img, flows / f"pair_{i:03d}.png").name}')
+    for i, (source, target, flow, matchability) in enumerate(figures):
+        path = report.save_match_figure(flows / f'pair_{i:03d}.png', f'{title}: pair {i}',
+                                        source, target, flow, matchability)
+        files.append(f'flow/{path.name}')
     write_json(report_dir / 'report.json', {
         'bag': str(bag), 'out_bag': str(result.out_bag), 'image_topic': image_topic,
         'config': dataclasses.asdict(config), 'summary': result.summary,
