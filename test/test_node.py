@@ -459,6 +459,7 @@ def test_diagnostics(mono):
     assert int(values['outputs']) >= 9 and int(values['pose_valid']) >= 9
     assert float(values['latency_median_ms']) > 0
     assert 0.5 < float(values['inlier_ratio_mean']) <= 1.0
+    assert values['pose_estimator'] == 'poselib' and values['pose_estimator_note'] == '-'
     for key in ('input_rate_hz', 'output_rate_hz', 'dropped_stale', 'dropped_rate', 'rejected'):
         assert key in values
 

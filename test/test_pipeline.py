@@ -203,3 +203,19 @@ def test_processing_sizes_below_what_methods_accept_are_refused_and_the_old_valu
         assert getattr(pipe.config, field) == 0
     pipe.update(**{field: 16})
     assert getattr(pipe.config, field) == 16
+
+
+def test_missing_poselib_falls_back_to_opencv_with_one_warning(monkeypatch):
+    """A robot install without the pip-only poselib still publishes valid poses."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *a, **k: None if name == 'poselib' else real(name, *a, **k))
+    p, warnings = _pipe(estimate_pose=True, device='cpu')
+    assert p.pose_estimator == 'opencv-magsac'
+    assert [r for r, _ in warnings] == ['pose_estimator_fallback']
+    assert "'poselib' not installed" in p.pose_estimator_note
+    p.process(frame(view(0.0), 0))
+    out = p.process(frame(view(0.1), 1))
+    assert out.pose is not None and out.pose.valid, out.pose_status
+    assert out.pose.t[0] < -0.9

@@ -88,7 +88,7 @@ class DenseMatchNode(Node):
         self.get_logger().info(
             f'mode={self.mode} method={config.method} options={config.method_options} '
             f'device={self.pipeline.matcher.device} '
-            f'pose={"on" if config.estimate_pose else "off"}')
+            f'pose={"on (" + self.pipeline.pose_estimator + ")" if config.estimate_pose else "off"}')
 
         self._mailbox = Mailbox()
         self._in_rate, self._out_rate = RateMeter(), RateMeter()
@@ -331,6 +331,8 @@ class DenseMatchNode(Node):
             'pose_valid': str(c.pose_valid),
             'pose_invalid': str(c.pose_invalid),
             'inlier_ratio_mean': f'{ratios.mean():.3f}' if ratios.size else 'nan',
+            'pose_estimator': self.pipeline.pose_estimator,
+            'pose_estimator_note': self.pipeline.pose_estimator_note or '-',
             'last_warning': self._throttle.last_message,
         }
         age = None if self._last_input is None else now - self._last_input

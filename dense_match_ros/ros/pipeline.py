@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from dense_match_ros.core.geometry import grid
-from dense_match_ros.core.geometry import pose as _pose
+from dense_match_ros.core.geometry import essential_ransac, pose as _pose
 from dense_match_ros.core.flowviz import flow_to_color as _flow_to_color
 from dense_match_ros.core.registry import Matcher, load_matcher
 from dense_match_ros.core.geometry.camera import CameraIntrinsics
@@ -200,6 +200,7 @@ class MatchPipeline:
         if self.config.mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {self.config.mode!r}')
         self._warn_cb = warn
+        self.pose_estimator_note = ''
         self._lock = threading.RLock()
         self.counters = Counters()
         self._pose_config = self._make_pose_config(self.config.pose_options,
@@ -236,13 +237,28 @@ class MatchPipeline:
             self.config.device, self.config.method_options = device, dict(options)
         return matcher
 
-    @staticmethod
-    def _make_pose_config(options: dict, matchability_threshold: float):
+    def _make_pose_config(self, options: dict, matchability_threshold: float):
         # One matchability threshold for the whole node unless the pose options set their own.
         merged = dict(options)
         if 'matchability_threshold' in pose_config_fields():
             merged.setdefault('matchability_threshold', float(matchability_threshold))
-        return make_pose_config(merged)
+        config = make_pose_config(merged)
+        missing = essential_ransac.missing_package(config.estimator)
+        self.pose_estimator_note = ''
+        if missing:
+            # A robot install without the pip-only package must still publish poses: say so
+            # once and use the estimator OpenCV always provides.
+            self.pose_estimator_note = (f'{config.estimator} unavailable (python package '
+                                        f'{missing!r} not installed); using '
+                                        f'{essential_ransac.FALLBACK}')
+            self._warn('pose_estimator_fallback', self.pose_estimator_note)
+            config = dataclasses.replace(config, estimator=essential_ransac.FALLBACK)
+        return config
+
+    @property
+    def pose_estimator(self) -> str:
+        """The estimator actually in use (after any fallback)."""
+        return self._pose_config.estimator
 
     def update(self, **changes: Any) -> None:
         """Apply new values of PipelineConfig fields other than the model's, atomically.

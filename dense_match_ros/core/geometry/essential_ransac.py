@@ -208,6 +208,21 @@ def torch_batched_ransac(x1, x2, settings: RobustSettings, rng, batch: int = 102
     return best_E.cpu().numpy()
 
 
+_REQUIRES = {'poselib': 'poselib', 'kornia': 'kornia'}
+"""Estimators backed by an optional package (pip only: no rosdep key for poselib)."""
+FALLBACK = 'opencv-magsac'
+"""The estimator to use when the chosen one's package is missing (OpenCV is always there)."""
+
+
+def missing_package(name: str) -> str | None:
+    """The package estimator ``name`` needs and cannot import, or None when it can run."""
+    package = _REQUIRES.get(name)
+    if package is None:
+        return None
+    import importlib.util
+    return None if importlib.util.find_spec(package) is not None else package
+
+
 ESTIMATORS: dict[str, Estimator] = {
     'opencv-ransac': opencv_ransac,
     'opencv-magsac': opencv_magsac,
