@@ -278,3 +278,33 @@ def test_unset_stamps_are_explained_and_receipt_stamps_fix_them(robust):
     finally:
         client2.close()
         node2.stop()
+
+
+def test_diagnostics_level_follows_recent_behaviour_not_history():
+    from diagnostic_msgs.msg import DiagnosticStatus
+    from dense_match_ros.ros import messages
+    from dense_match_ros.ros.pipeline import Counters
+    from dense_match_ros.ros.runtime import RecentCount, Throttle
+
+    def level(counters, recent_rejected=0, recent_warning=''):
+        msg = messages.diagnostics_msg('n', 'cpu', {}, counters, 0.1, None, recent_rejected,
+                                       recent_warning)
+        return msg.status[0].level, msg.status[0].message
+    # Stale drops are the newest-frame policy: OK, counted in the message.
+    assert level(Counters(dropped_stale=40)) == (DiagnosticStatus.OK,
+                                                 'ok (40 frames skipped for newer ones)')
+    # Rejections long ago (none recently): OK again; recent ones: WARN.
+    assert level(Counters(rejected=7))[0] == DiagnosticStatus.OK
+    assert level(Counters(rejected=7), recent_rejected=2)[0] == DiagnosticStatus.WARN
+    recent = RecentCount(30.0)
+    assert recent.update(5, now=0.0) == 0 and recent.update(7, now=10.0) == 2
+    assert recent.update(7, now=45.0) == 0           # nothing new for 35 s
+    # The last warning clears after a quiet window.
+    class Log:
+        def warning(self, text):
+            pass
+    throttle = Throttle(Log(), 1.0)
+    throttle.warn('x', 'something')
+    assert throttle.recent(30.0) == 'x: something'
+    throttle._last_time -= 60.0
+    assert throttle.recent(30.0) == ''

@@ -28,6 +28,8 @@ except ImportError:  # pragma: no cover - messages not built: standard topics on
 
 # Seconds without an input message after which /diagnostics says STALE.
 STALE_AFTER_S = 5.0
+# Rejected frames and warnings count towards WARN for this long; then the level recovers.
+RECENT_S = 30.0
 
 
 def output_types() -> dict[str, type | None]:
@@ -129,12 +131,16 @@ def pose_msg(out: PipelineOutput) -> PoseWithCovarianceStamped:
 
 
 def diagnostics_msg(name: str, hardware_id: str, values: dict[str, str], counters: Counters,
-                    input_age_s: float | None, stamp) -> DiagnosticArray:
+                    input_age_s: float | None, stamp, recent_rejected: int = 0,
+                    recent_warning: str = '') -> DiagnosticArray:
     """One DiagnosticStatus in a DiagnosticArray stamped ``stamp`` (the node's clock).
 
-    The level is what an operator's monitor should show: STALE when no input arrived for
-    :data:`STALE_AFTER_S` (``input_age_s`` None: never), WARN once frames were rejected or
-    overwritten unprocessed, OK otherwise; ``values`` go out as they are.
+    The level is what an operator's monitor should show now: STALE when no input arrived
+    for :data:`STALE_AFTER_S` (``input_age_s`` None: never); WARN while frames were rejected
+    or a warning was logged in the last :data:`RECENT_S` (``recent_*``, counted by the node);
+    OK otherwise. Stale drops are the newest-frame policy at work, not a fault: they are
+    counted in the message but never raise the level, and a past problem does not hold WARN
+    forever.
     """
     status = DiagnosticStatus()
     status.name = name
@@ -143,11 +149,14 @@ def diagnostics_msg(name: str, hardware_id: str, values: dict[str, str], counter
     c = counters
     if input_age_s is None or input_age_s > STALE_AFTER_S:
         status.level, status.message = DiagnosticStatus.STALE, 'no input'
-    elif c.rejected or c.dropped_stale:
+    elif recent_rejected or recent_warning:
         status.level = DiagnosticStatus.WARN
-        status.message = f'{c.rejected} rejected, {c.dropped_stale} stale frames dropped'
+        status.message = (f'{recent_rejected} frames rejected in the last {RECENT_S:.0f} s'
+                          if recent_rejected else recent_warning)
     else:
-        status.level, status.message = DiagnosticStatus.OK, 'ok'
+        status.level = DiagnosticStatus.OK
+        status.message = (f'ok ({c.dropped_stale} frames skipped for newer ones)'
+                          if c.dropped_stale else 'ok')
     msg = DiagnosticArray()
     msg.header.stamp = stamp
     msg.status = [status]

@@ -52,7 +52,7 @@ from dense_match_ros.ros.parameters import (INPUT_QOS, STAMP_SOURCES, SYNCHRONIZ
                                             parameter_table, pipeline_config_from_params,
                                             runtime_change)
 from dense_match_ros.ros.pipeline import Frame, MatchPipeline, PipelineOutput
-from dense_match_ros.ros.runtime import Mailbox, RateMeter, Throttle
+from dense_match_ros.ros.runtime import Mailbox, RateMeter, RecentCount, Throttle
 from dense_match_ros.ros.sync import ApproximateTimeSynchronizer
 
 NODE_NAME = 'dense_match_node'
@@ -91,6 +91,7 @@ class DenseMatchNode(Node):
             f'pose={"on (" + self.pipeline.pose_estimator + ")" if config.estimate_pose else "off"}')
 
         self._mailbox = Mailbox()
+        self._recent_rejected = RecentCount(messages.RECENT_S)
         self._in_rate, self._out_rate = RateMeter(), RateMeter()
         self._latencies: collections.deque = collections.deque(maxlen=200)
         self._inlier_ratios: collections.deque = collections.deque(maxlen=50)
@@ -333,12 +334,13 @@ class DenseMatchNode(Node):
             'inlier_ratio_mean': f'{ratios.mean():.3f}' if ratios.size else 'nan',
             'pose_estimator': self.pipeline.pose_estimator,
             'pose_estimator_note': self.pipeline.pose_estimator_note or '-',
-            'last_warning': self._throttle.last_message,
+            'last_warning': self._throttle.recent(messages.RECENT_S) or '-',
         }
         age = None if self._last_input is None else now - self._last_input
         self._pub_diag.publish(messages.diagnostics_msg(
             f'{self.get_fully_qualified_name()}: dense matching', device, values, c, age,
-            self.get_clock().now().to_msg()))
+            self.get_clock().now().to_msg(), self._recent_rejected.update(c.rejected, now),
+            self._throttle.recent(messages.RECENT_S)))
 
     # ------------------------------------------------------------------ lifecycle
     def destroy_node(self) -> None:

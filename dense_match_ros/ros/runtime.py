@@ -26,6 +26,12 @@ class Throttle:
         self._suppressed: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
         self.last_message = ''
+        self._last_time = -float('inf')
+
+    def recent(self, window_s: float) -> str:
+        """The last warning if it was logged within ``window_s``, else '' (a quiet stream
+        clears it)."""
+        return self.last_message if time.monotonic() - self._last_time <= window_s else ''
 
     def warn(self, reason: str, message: str) -> None:
         now = time.monotonic()
@@ -37,8 +43,24 @@ class Throttle:
             self._last[reason] = now
             suppressed = self._suppressed.pop(reason, 0)
             self.last_message = f'{reason}: {message}'
+            self._last_time = now
         extra = f' ({suppressed} more since the last report)' if suppressed else ''
         self._logger.warning(f'[{reason}] {message}{extra}')
+
+
+class RecentCount:
+    """How much a growing counter grew within the last ``window_s`` (samples as it is read)."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._samples: collections.deque = collections.deque()
+
+    def update(self, value: int, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        self._samples.append((now, value))
+        while len(self._samples) > 1 and now - self._samples[1][0] >= self.window_s:
+            self._samples.popleft()
+        return value - self._samples[0][1]
 
 
 class Mailbox:
