@@ -210,7 +210,7 @@ def test_mono_launch_xml_uses_package_share(overlay):
     values = _run_launch(REPO_ROOT / 'launch' / 'mono.launch.xml',
                          {'image': '/lt_xml_cam/image', 'camera_info': '/lt_xml_cam/camera_info',
                           'namespace': ns, 'device': 'cpu'}, check)
-    assert values['method'] == 'dis' and values['input_qos'] == 'sensor_data'
+    assert values['method'] == 'dis' and values['input_qos'] == 'auto'
     # The default params file came from $(find-pkg-share): a missing file would have made
     # the node exit at start (recorded in `died`).
     assert values['pose.estimator'] == 'poselib'

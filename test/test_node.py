@@ -323,7 +323,7 @@ def prime(client: Client, node: NodeProcess, size: tuple[int, int],
 
 
 def start(namespace: str, params: dict | None = None, cameras: tuple[str, ...] = ('',),
-          prime_size: tuple[int, int] | None = (64, 48)):
+          prime_size: tuple[int, int] | None = (64, 48), client_qos=RELIABLE):
     """A node process and a client for it, with one round trip through it already done.
 
     ``prime_size`` is the size of the priming frames: another size than a test's first frame
@@ -332,7 +332,7 @@ def start(namespace: str, params: dict | None = None, cameras: tuple[str, ...] =
     """
     node = NodeProcess(namespace, params)
     compressed = str((params or {}).get('compressed', '')).lower() == 'true'
-    client = Client(namespace, cameras, compressed=compressed)
+    client = Client(namespace, cameras, compressed=compressed, input_qos=client_qos)
     try:
         client.wait_connected()
         if prime_size is not None:
@@ -739,3 +739,41 @@ def test_parameter_table_drives_the_config_and_run_time_changes():
         runtime_change({'weights': '/nonexistent/w.pt'}, config)
     with pytest.raises(ValueError, match='device'):
         runtime_change({'device': 'tpu'}, config)
+
+
+def test_default_input_qos_follows_a_reliable_camera_and_warns_when_frames_are_lost():
+    """Default parameters (input_qos: auto): a reliable 640x480 publisher at 1 Hz gets 9 of 9
+    flows; a best-effort one either gets its frames or the [no_frames] warning within 10 s."""
+    from rclpy.qos import qos_profile_sensor_data
+    node, client = start('/dm_qos', {'input_qos': 'auto'}, prime_size=None)
+    try:
+        client.wait_connected()
+        assert node.wait_for_log('input QoS: reliable', timeout=10.0), node.log
+        stamps = Stamps()
+        sent = []
+        client.publish_info(camera_info(640, 480, stamps.ns, 'cam'))
+        for i in range(10):
+            sent.append(stamps.next())
+            client.publish(image_msg(render(640, 480, 0.03 * i), sent[-1], 'cam'))
+            time.sleep(1.0)
+        got = [s for s in sent[1:] if client.wait_stamp('flow', s, timeout=5.0)]
+        assert len(got) == 9, (len(got), node.log)
+    finally:
+        client.close()
+        node.stop()
+    node, client = start('/dm_qos_be', {'input_qos': 'auto'}, prime_size=None,
+                         client_qos=qos_profile_sensor_data)
+    try:
+        client.wait_connected()
+        assert node.wait_for_log('input QoS: best effort', timeout=10.0), node.log
+        stamps = Stamps()
+        t_end = time.monotonic() + 10.0
+        while time.monotonic() < t_end:
+            client.publish(image_msg(render(640, 480, 0.0), stamps.next(), 'cam'))
+            time.sleep(0.5)
+            if len(client.received['flow']) >= 3 or '[no_frames]' in node.log:
+                break
+        assert len(client.received['flow']) >= 3 or node.wait_for_log('[no_frames]', 2.0), node.log
+    finally:
+        client.close()
+        node.stop()

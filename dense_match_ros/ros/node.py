@@ -68,6 +68,10 @@ class _CameraState:
     received: int = 0
 
 
+FRAMES_LOST_AFTER_S = 5.0
+"""A matched publisher that delivers no frame for this long gets the 'no_frames' warning."""
+
+
 class DenseMatchNode(Node):
     """ROS wrapper of :class:`MatchPipeline` (see the module docstring for topics)."""
 
@@ -143,8 +147,11 @@ class DenseMatchNode(Node):
         return SetParametersResult(successful=True)
 
     # ------------------------------------------------------------------ inputs
-    def _input_qos(self) -> QoSProfile:
+    def _input_qos(self, reliable: bool | None = None) -> QoSProfile:
+        """The subscriptions' QoS; for 'auto', ``reliable`` says what the publishers offer."""
         kind, depth = self._param('input_qos'), self._param('input_queue_depth')
+        if kind == 'auto':
+            kind = 'reliable' if reliable else 'sensor_data'
         if kind == 'sensor_data':
             qos = QoSProfile(depth=depth)
             qos.reliability = qos_profile_sensor_data.reliability
@@ -158,16 +165,71 @@ class DenseMatchNode(Node):
             return QoSProfile(depth=depth)
         raise ValueError(f'input_qos must be one of {INPUT_QOS}, got {kind!r}')
 
+    def _publishers_reliable(self, topic: str) -> bool:
+        """True when the topic has publishers and every one of them is reliable (a reliable
+        subscription would not match a best-effort publisher)."""
+        infos = self.get_publishers_info_by_topic(topic)
+        return bool(infos) and all(i.qos_profile.reliability == ReliabilityPolicy.RELIABLE
+                                   for i in infos)
+
+    def _subscribe_mono(self, reliable: bool | None) -> None:
+        """(Re)create the mono subscriptions with the QoS for ``reliable`` publishers."""
+        for sub in getattr(self, '_mono_subs', []):
+            self.destroy_subscription(sub)
+        qos = self._input_qos(reliable)
+        image_type = CompressedImage if self.compressed else Image
+        suffix = '/compressed' if self.compressed else ''
+        self._mono_subs = [
+            self.create_subscription(image_type, 'image' + suffix, self._on_image, qos),
+            self.create_subscription(CameraInfo, 'camera_info',
+                                     lambda m: self._on_camera_info(0, m), qos)]
+        self._input_reliable = bool(reliable)
+        if self._param('input_qos') == 'auto':
+            self.get_logger().info(
+                f'input QoS: {"reliable" if reliable else "best effort"} (auto, matching '
+                f'{len(self.get_publishers_info_by_topic(self._mono_subs[0].topic_name))} '
+                f'publisher(s) on {self._mono_subs[0].topic_name})')
+
+    def _recheck_input_qos(self) -> None:
+        """Once a second: with 'auto', follow the publishers, as `ros2 bag record` does when
+        they come and go; always, say when a publisher is matched but no frame arrives."""
+        topic = self._mono_subs[0].topic_name
+        publishers = self.get_publishers_info_by_topic(topic)
+        now = time.monotonic()
+        if not publishers:
+            self._publisher_seen = None
+            return
+        if self._param('input_qos') == 'auto':
+            reliable = self._publishers_reliable(topic)
+            if reliable != self._input_reliable:
+                self._subscribe_mono(reliable)
+                self._publisher_seen = now
+        if self._publisher_seen is None:
+            self._publisher_seen = now
+        last = max(self._publisher_seen, self._last_input or -float('inf'))
+        if now - last > FRAMES_LOST_AFTER_S:
+            best_effort = not self._input_reliable
+            self._throttle.warn(
+                'no_frames', f'{len(publishers)} publisher(s) on {topic} but no frame for '
+                f'{now - last:.0f} s. '
+                + ('Large best-effort images over Fast DDS travel as fragmented UDP and are '
+                   'lost whole on a busy host: publish reliably (input_qos:=auto follows), set '
+                   'input_qos:=reliable, use compressed images, or run both processes with '
+                   'FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA.' if best_effort else
+                   'Check that the publisher is sending and that the QoS settings match.'))
+
     def _subscribe(self) -> None:
-        qos = self._input_qos()
         image_type = CompressedImage if self.compressed else Image
         suffix = '/compressed' if self.compressed else ''
         if self.mode == 'mono':
             self._cameras = [_CameraState('camera_info')]
-            self.create_subscription(image_type, 'image' + suffix, self._on_image, qos)
-            self.create_subscription(CameraInfo, 'camera_info',
-                                     lambda m: self._on_camera_info(0, m), qos)
+            self._publisher_seen = None
+            self._subscribe_mono(None)
+            self._recheck_input_qos()
+            self._qos_timer = self.create_timer(1.0, self._recheck_input_qos)
             return
+        qos = self._input_qos(self._publishers_reliable(
+            self.resolve_topic_name(f'left/image{suffix}')))
         # pair (MatchPipeline has refused any other mode)
         self._cameras = [_CameraState('left/camera_info'), _CameraState('right/camera_info')]
         for i, side in enumerate(('left', 'right')):

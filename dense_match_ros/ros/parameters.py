@@ -26,7 +26,7 @@ from dense_match_ros.ros.pipeline import MODEL_FIELDS, PipelineConfig, pose_conf
 
 # Output topics, relative to the node's namespace; each has a publish_<name> switch.
 OUTPUTS = ('flow', 'matchability', 'flow_color', 'relative_pose', 'pose', 'match_result')
-INPUT_QOS = ('sensor_data', 'reliable', 'system_default')
+INPUT_QOS = ('auto', 'sensor_data', 'reliable', 'system_default')
 SYNCHRONIZERS = ('auto', 'message_filters', 'builtin')
 STAMP_SOURCES = ('header', 'receipt')
 POSE_PREFIX = 'pose.'
@@ -113,7 +113,10 @@ def parameter_table() -> list[Param]:
                                         "node clock when the frame arrived, for drivers that "
                                         'leave header.stamp unset (mono mode).',
               constraints=', '.join(STAMP_SOURCES), read_only=True),
-        Param('input_qos', 'sensor_data', 'QoS of the image and camera_info subscriptions.',
+        Param('input_qos', 'auto', 'QoS of the image and camera_info subscriptions; auto: '
+                                   'reliable when every publisher on the image topic is '
+                                   'reliable, else best effort, re-checked as publishers '
+                                   'come and go (mono mode; pair mode decides at start-up).',
               constraints=', '.join(INPUT_QOS), read_only=True),
         Param('input_queue_depth', 5, 'History depth of the input subscriptions.', (1, 1000),
               read_only=True),
