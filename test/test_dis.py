@@ -81,3 +81,17 @@ def test_unknown_methods_and_options_are_named_plainly():
         load_matcher('dis', device='cpu', presett='fast')
     assert "dis has no option 'presett'" in str(info.value) and 'preset' in str(info.value)
     assert 'unexpected keyword' not in str(info.value)
+
+
+def test_threads_setting_reaches_torch_and_opencv():
+    import cv2
+    import torch
+    from dense_match_ros.core.device import set_threads
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        assert set_threads(1) == 1 and cv2.getNumThreads() == 1
+        with pytest.raises(ValueError):
+            set_threads(-1)
+    finally:
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])

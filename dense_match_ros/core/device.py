@@ -50,3 +50,26 @@ def autocast_dtype(device_type: str, enabled: bool = True):
     if device_type == 'cpu' and cpu_has_bf16():
         return torch.bfloat16
     return None
+
+
+DEFAULT_THREADS = 1
+"""CPU threads for torch and OpenCV when nothing is said. One thread: on a small, busy
+robot computer a matcher that spreads over every core fights the other processes for them
+(measured on 2 cores: README, "CPU threads")."""
+
+
+def set_threads(threads: int) -> int:
+    """Use ``threads`` CPU threads in torch and OpenCV (0: leave the libraries' defaults).
+
+    Returns the count torch now uses. Both libraries matter: DIS and the image conversions
+    run in OpenCV's pool, the networks in torch's.
+    """
+    threads = int(threads)
+    if threads < 0:
+        raise ValueError(f'threads must be >= 0 (0: library defaults), got {threads}')
+    import cv2
+    import torch
+    if threads > 0:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
+    return torch.get_num_threads()

@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from dense_match_ros.core.device import resolve_device
+from dense_match_ros.core.device import DEFAULT_THREADS, set_threads
 from dense_match_ros.core.registry import load_matcher
 from dense_match_ros.evaluation.cli import parse_options
 
@@ -181,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                    type=lambda s: [parse_size(x) for x in s.split(',') if x.strip()],
                    help='comma list of WIDTHxHEIGHT (default 240x240,640x480)')
     p.add_argument('--n', type=int, default=100, help='timed calls per entry (default 100)')
-    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: default)')
+    p.add_argument('--threads', type=int, default=DEFAULT_THREADS,
+                   help=f'torch and OpenCV CPU threads (default {DEFAULT_THREADS}; 0: library defaults)')
     p.add_argument('--network', action='store_true', help='also the forward pass alone')
     p.add_argument('--no-compile', action='store_true', help='skip torch.compile on CUDA')
     p.add_argument('--raft-small', action='store_true', help='also torchvision RAFT-small')
@@ -207,8 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.device = resolve_device(args.device)  # the one device choice (registry, training, here)
     import torch
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     record: dict[str, Any] = {
         'command': 'dense-match-bench ' + ' '.join(sys.argv[1:] if argv is None else argv),
         'device': args.device, 'batch': 1, 'n': args.n, 'torch_threads': torch.get_num_threads(),

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from dense_match_ros.core.device import DEFAULT_THREADS, set_threads
 from dense_match_ros.core.geometry import grid
 from dense_match_ros.core.registry import LEVELS, available_methods, load_matcher
 from dense_match_ros.data import shared_sets, synthetic
@@ -287,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='auto', help="auto, cpu, cuda or cuda:N")
     p.add_argument('--sets', type=parse_sets, default=parse_sets('sintel,hpatches240'),
                    help=f'comma list of {",".join(ALL_SETS)}, or all (default: sintel,hpatches240)')
+    p.add_argument('--threads', type=int, default=DEFAULT_THREADS,
+                   help=f'torch and OpenCV CPU threads (default {DEFAULT_THREADS}; 0: library defaults)')
     p.add_argument('--data-root', type=Path, default=None,
                    help='shared data folder (default: $DENSE_MATCH_DATA or ../shared/data)')
     p.add_argument('--synthetic-n', type=int, default=50, help='held-out synthetic pairs')
@@ -373,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = args.data_root if args.data_root is not None else shared_sets.data_root()
     from tqdm import tqdm
 
+    set_threads(args.threads)
     try:
         options = parse_options(args.options)
         matcher = load_matcher(args.method, device=args.device, weights=args.weights, **options)
@@ -397,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         'device': matcher.device,
         'command': 'dense-match-eval ' + shlex.join(argv_list), 'data_root': str(root),
         'versions': _versions(), 'sets': {}, 'skipped': {}, 'rows': [], 'figures': [],
+        'threads': args.threads,
         'synthetic_photos': _heldout_photos() if 'synthetic' in args.sets else None,
     }
     pose_errors: dict[str, list[float]] = {}

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from dense_match_ros.core.device import resolve_device
+from dense_match_ros.core.device import DEFAULT_THREADS, resolve_device
 from dense_match_ros.core.registry import available_methods
 from dense_match_ros.ros.pipeline import MODEL_FIELDS, PipelineConfig, pose_config_fields
 
@@ -109,6 +109,9 @@ def parameter_table() -> list[Param]:
         Param('mono16_max', 65535.0, 'mono16 value shown as white.', (1.0, 65535.0)),
         Param('max_rate', 0.0, 'Process at most this many frames (pairs) per second; 0: no '
                                'limit.', (0.0, 1000.0)),
+        Param('threads', DEFAULT_THREADS, 'CPU threads for torch and OpenCV (0: the libraries '
+                                          'own defaults, usually every core).', (0, 256),
+              read_only=True),
         Param('stamp_source', 'header', 'Frame time: the image header stamp, or (receipt) the '
                                         "node clock when the frame arrived, for drivers that "
                                         'leave header.stamp unset (mono mode).',

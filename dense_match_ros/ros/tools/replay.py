@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dense_match_ros.core.device import DEFAULT_THREADS, set_threads
 from dense_match_ros.evaluation import report
 from dense_match_ros.ros import convert
 from dense_match_ros.ros.convert import FrameRejected, stamp_to_ns
@@ -319,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report_dir = args.report or out.with_name(out.name + '_report')
     try:
         params = load_params(args.params, overrides)
+        set_threads(int(params.get('threads', DEFAULT_THREADS)))
         config = pipeline_config_from_params(params)
         result = replay(bag, out, config, image_topic=args.image_topic,
                         info_topic=args.camera_info_topic, output_ns=args.output_ns,
