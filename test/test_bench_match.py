@@ -52,3 +52,14 @@ def test_options_reach_the_matcher_and_the_record(tmp_path):
     with pytest.raises(ValueError, match='preset must be one of'):
         bench_match.main(['--method', 'dis', '--option', 'preset=slow', '--sizes', '24x40',
                           '--n', '1'])
+
+
+def test_busy_processes_slow_down_is_measured_and_they_are_stopped(tmp_path):
+    out = tmp_path / 'b.json'
+    assert bench_match.main(['--method', 'dis', '--sizes', '64x48', '--n', '3', '--busy', '1',
+                             '--json', str(out)]) == 0
+    rec = json.loads(out.read_text())['results']['dis']
+    assert set(rec['match_busy1']) == {'64x48'} and rec['slowdown_busy']['64x48'] > 0
+    import subprocess
+    left = subprocess.run(['pgrep', '-f', 'a = \\(a @ a\\)'], capture_output=True, text=True)
+    assert left.stdout.strip() == ''

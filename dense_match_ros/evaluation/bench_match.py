@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                    type=lambda s: [parse_size(x) for x in s.split(',') if x.strip()],
                    help='comma list of WIDTHxHEIGHT (default 240x240,640x480)')
     p.add_argument('--n', type=int, default=100, help='timed calls per entry (default 100)')
+    p.add_argument('--busy', type=int, default=0, metavar='N',
+                   help='also time match() while N competing busy processes run (BLAS on every '
+                        'core) and report the slow-down')
     p.add_argument('--threads', type=int, default=DEFAULT_THREADS,
                    help=f'torch and OpenCV CPU threads (default {DEFAULT_THREADS}; 0: library defaults)')
     p.add_argument('--network', action='store_true', help='also the forward pass alone')
@@ -192,6 +195,33 @@ def build_parser() -> argparse.ArgumentParser:
                         'refine=dis (repeatable)')
     p.add_argument('--json', default=None, help='write the record here')
     return p
+
+
+BUSY_CODE = ('import numpy as np\n'
+             'a = np.random.default_rng(0).random((700, 700))\n'
+             'while True:\n    a = (a @ a) / 700.0\n')
+"""A competing busy process: BLAS matrix products on every core, as a second perception or
+planning process would load a small robot computer."""
+
+
+class BusyProcesses:
+    """``count`` competing busy processes while the context is open."""
+
+    def __init__(self, count: int) -> None:
+        self.count = int(count)
+        self._procs: list = []
+
+    def __enter__(self) -> 'BusyProcesses':
+        import subprocess
+        self._procs = [subprocess.Popen([sys.executable, '-c', BUSY_CODE])
+                       for _ in range(self.count)]
+        time.sleep(1.0 if self.count else 0.0)   # let them reach full load
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self._procs:
+            proc.kill()
+            proc.wait()
 
 
 def _table(rows: list[tuple[str, str, dict]]) -> str:
@@ -230,6 +260,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             kwargs.pop('weights', None)
         matcher = load_matcher(method, **kwargs)
         res = {'match': bench_match(matcher, args.sizes, args.n)}
+        if args.busy > 0:
+            with BusyProcesses(args.busy):
+                busy = bench_match(matcher, args.sizes, args.n)
+            res[f'match_busy{args.busy}'] = busy
+            res['slowdown_busy'] = {k: busy[k]['median_ms'] / res['match'][k]['median_ms']
+                                    for k in busy}
+            rows += [(method, f'match {k} with {args.busy} busy processes', v)
+                     for k, v in busy.items()]
+            print(f'{method}: slow-down with {args.busy} busy processes: ' + ', '.join(
+                f'{k} {v:.2f}x' for k, v in res['slowdown_busy'].items()))
         net = getattr(matcher, 'net', None)
         if args.network and isinstance(net, torch.nn.Module):
             res['network'] = bench_network(net, matcher.device, args.sizes, args.n,
