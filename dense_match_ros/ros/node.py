@@ -100,6 +100,7 @@ class DenseMatchNode(Node):
         self._recent_rejected = RecentCount(messages.RECENT_S)
         self._in_rate, self._out_rate = RateMeter(), RateMeter()
         self._latencies: collections.deque = collections.deque(maxlen=200)
+        self._stages: collections.deque = collections.deque(maxlen=200)
         self._inlier_ratios: collections.deque = collections.deque(maxlen=50)
         self._last_accept = 0.0
         self._last_input = None
@@ -328,13 +329,17 @@ class DenseMatchNode(Node):
             if job is None:
                 continue
             kind, msgs, intrinsics, receipt = job
+            stages = {'queue': time.monotonic() - receipt}
             try:
+                t0 = time.perf_counter()
                 if kind == 'mono':
                     frame = self._decode(msgs, intrinsics, receipt, self._cameras[0])
+                    stages['decode'] = time.perf_counter() - t0
                     out = self.pipeline.process(frame)
                 else:
                     left = self._decode(msgs[0], intrinsics[0], receipt, self._cameras[0])
                     right = self._decode(msgs[1], intrinsics[1], receipt, self._cameras[1])
+                    stages['decode'] = time.perf_counter() - t0
                     out = self.pipeline.process_pair(left, right)
             except FrameRejected as exc:  # already counted, by _decode or the pipeline
                 self._throttle.warn(exc.reason, f'frame dropped: {exc}')
@@ -347,7 +352,7 @@ class DenseMatchNode(Node):
             if out is None:
                 continue
             try:
-                self._publish(out)
+                self._publish(out, stages)
             except Exception as exc:
                 if not self._running or not rclpy.ok(context=self.context):
                     return
@@ -357,13 +362,22 @@ class DenseMatchNode(Node):
     def _on(self, name: str) -> bool:
         return bool(self._param(f'publish_{name}'))
 
-    def _publish(self, out: PipelineOutput) -> None:
+    def _publish(self, out: PipelineOutput, stages: dict[str, float] | None = None) -> None:
+        t0 = time.perf_counter()
         if (out.flow_color is None and self._on('flow_color')
                 and self._outputs['flow_color'].get_subscription_count() > 0):
             out.flow_color = self.pipeline.flow_color(out.flow)  # only for someone watching
-        for name, msg in messages.output_messages(out).items():
+        built = messages.output_messages(out)
+        t1 = time.perf_counter()
+        for name, msg in built.items():
             if name in self._outputs and self._on(name):
                 self._outputs[name].publish(msg)
+        if stages is not None:
+            # Where a frame's time goes, stage by stage (/diagnostics: stage_<name>_ms).
+            stages.update({k: v for k, v in out.timings.items() if k != 'total'})
+            stages.update(messages=t1 - t0, publish=time.perf_counter() - t1)
+            with self._stats_lock:
+                self._stages.append(stages)
         if out.pose is not None:
             self._inlier_ratios.append(out.inlier_ratio)
         if out.receipt_time is not None:
@@ -376,6 +390,7 @@ class DenseMatchNode(Node):
         c = self.pipeline.counters
         with self._stats_lock:
             lat = np.array(self._latencies, dtype=np.float64)
+            stages = list(self._stages)
         ratios = np.array(self._inlier_ratios, dtype=np.float64)
         device = str(getattr(self.pipeline.matcher, 'device', ''))
         values = {
@@ -396,6 +411,8 @@ class DenseMatchNode(Node):
             'pose_valid': str(c.pose_valid),
             'pose_invalid': str(c.pose_invalid),
             'inlier_ratio_mean': f'{ratios.mean():.3f}' if ratios.size else 'nan',
+            **{f'stage_{k}_ms': f'{np.median([st.get(k, np.nan) for st in stages]) * 1e3:.1f}'
+               for k in (stages[-1] if stages else {})},
             'pose_estimator': self.pipeline.pose_estimator,
             'pose_estimator_note': self.pipeline.pose_estimator_note or '-',
             'last_warning': self._throttle.recent(messages.RECENT_S) or '-',
