@@ -125,7 +125,8 @@ def _tiny_matcher(**options) -> NeuFlowMatcher:
 
 def test_matcher_contract_and_option_checks():
     src, tgt, _ = affine_photo_pair(72, 50, 3.0, 1.0, (2.0, 1.0))
-    for options in ({'fuse': 'none', 'refine': 'none'}, {'fuse': 'dis'}, {'max_side': 32}):
+    for options in ({'fuse': 'none', 'refine': 'none'}, {'fuse': 'dis'}, {'max_side': 32},
+                    {'fb_check': 'working'}):
         flow, matchability = _tiny_matcher(**options).match(src, tgt)
         assert flow.shape == (50, 72, 2) and flow.dtype == np.float32
         assert matchability.shape == (50, 72) and 0 <= matchability.min() <= matchability.max() <= 1
@@ -133,7 +134,7 @@ def test_matcher_contract_and_option_checks():
     flow, _ = _tiny_matcher(fuse='none', refine='none').match(src, tgt[:40, :60])
     assert flow.shape == (50, 72, 2)
     for bad in ({'fuse': 'raft'}, {'fb_sigma': 0}, {'precision': 'fp8'}, {'max_side': 8},
-                {'refine': 'sift'}, {'iterations': -1}):
+                {'refine': 'sift'}, {'iterations': -1}, {'fb_check': 'half'}):
         with pytest.raises(ValueError):
             _tiny_matcher(**bad)
 

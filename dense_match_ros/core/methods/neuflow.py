@@ -39,6 +39,9 @@ WEIGHTS = _weights.LearnedWeights('neuflow', lambda cfg: NeuFlowNet(config_from_
                                   TRAIN_HINT)
 FUSIONS = ('none', 'dis')
 PRECISIONS = ('auto', 'fp32', 'bf16')
+FB_CHECKS = ('full', 'working')
+"""Where the network's forward-backward error is taken: on the full grid after refining both
+directions (two DIS residuals), or on the working grid before refinement (one: faster)."""
 _PHOTO_PX_PER_GREY = 1.0 / 20.0  # photometric error of 20 grey levels weighs like 1 px of FB error
 _FB_CAP = 20.0                    # FB errors beyond this are all 'wrong'
 
@@ -49,12 +52,15 @@ class NeuFlowMatcher(Matcher):
     def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
                  max_side: int = 512, iterations: int | None = None, refine: str = 'dis',
                  refine_preset: str = 'medium', fuse: str = 'dis', dis_preset: str = 'medium',
-                 fb_sigma: float = 1.0, precision: str = 'auto', calibrated: bool = True,
+                 fb_sigma: float = 1.0, fb_check: str = 'full', precision: str = 'auto',
+                 calibrated: bool = True,
                  net: NeuFlowNet | None = None) -> None:
         _refine.check_refiner(refine, refine_preset)
         check_preset(dis_preset, 'dis_preset')
         if fuse not in FUSIONS:
             raise ValueError(f'fuse must be one of {FUSIONS}, got {fuse!r}')
+        if fb_check not in FB_CHECKS:
+            raise ValueError(f'fb_check must be one of {FB_CHECKS}, got {fb_check!r}')
         if precision not in PRECISIONS:
             raise ValueError(f'precision must be one of {PRECISIONS}, got {precision!r}')
         if not fb_sigma > 0:
@@ -68,7 +74,7 @@ class NeuFlowMatcher(Matcher):
         self.max_side = int(max_side)
         self.iterations = None if iterations is None else int(iterations)
         self.refine, self.refine_preset = refine, refine_preset
-        self.fuse, self.fb_sigma = fuse, float(fb_sigma)
+        self.fuse, self.fb_sigma, self.fb_check = fuse, float(fb_sigma), fb_check
         self._dis = create_dis(dis_preset) if fuse == 'dis' else None
         device_type = 'cuda' if str(device).startswith('cuda') else 'cpu'
         self._amp = (None if precision == 'fp32' else
@@ -116,13 +122,20 @@ class NeuFlowMatcher(Matcher):
         th, tw = target.shape[:2]
         forward, backward, visibility = self.network_flows(source, target)
         wh, ww = forward.shape[:2]
+        if self.fb_check == 'working':
+            # The round trip on the working grid, in source pixels: the check needs no
+            # full-resolution backward flow, so only the forward one is refined.
+            error = grid.forward_backward_error(forward, backward) * (w / ww)
+            error = cv2.resize(np.minimum(error, 1e6), (w, h), interpolation=cv2.INTER_LINEAR)
         # Back to each image's own grid and pixels (the backward flow lives on the target).
         forward, visibility = grid.to_source_grid(forward, visibility, (w, h), (ww, wh), (tw, th))
-        backward, _ = grid.to_source_grid(backward, None, (tw, th), (ww, wh), (w, h))
         if self.refine == 'dis':
             forward = _refine.dis_residual(source, target, forward, self.refine_preset)
-            backward = _refine.dis_residual(target, source, backward, self.refine_preset)
-        error = grid.forward_backward_error(forward, backward)
+        if self.fb_check == 'full':
+            backward, _ = grid.to_source_grid(backward, None, (tw, th), (ww, wh), (w, h))
+            if self.refine == 'dis':
+                backward = _refine.dis_residual(target, source, backward, self.refine_preset)
+            error = grid.forward_backward_error(forward, backward)
         if self.fuse == 'dis':
             forward, error = self._fuse_with_dis(source, target, forward, error)
         consistency = np.exp(-np.square(error / self.fb_sigma)).astype(np.float32)
