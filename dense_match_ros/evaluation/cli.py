@@ -31,6 +31,8 @@ from dense_match_ros.core.geometry import grid
 from dense_match_ros.core.registry import LEVELS, available_methods, load_matcher
 from dense_match_ros.data import shared_sets, synthetic
 from dense_match_ros.evaluation import metrics, pose_eval
+from dense_match_ros.evaluation.tables import (FLOW_COLUMNS, POSE_COLUMNS, fmt,
+                                               format_overview, format_table)
 
 FLOW_SET_NAMES = ('sintel', 'hpatches240', 'hpatches', 'hpatches_viewpoint', 'synthetic')
 POSE_SET_NAMES = ('tum', 'middlebury')
@@ -39,19 +41,6 @@ SYNTHETIC_SIZE = (240, 240)
 SYNTHETIC_SEED = 2026
 PCK_CURVE_THRESHOLDS = tuple(float(t) for t in np.linspace(0.0, 20.0, 41))
 POSE_AUC_THRESHOLDS = (5, 10, 20)
-
-# Columns of the printed table: (key in a row, header, width, format spec).
-_FLOW_COLUMNS = (('aepe', 'AEPE', 8, '.3f'), ('pck@1', 'PCK@1', 6, '.3f'),
-                 ('pck@3', 'PCK@3', 6, '.3f'), ('pck@5', 'PCK@5', 6, '.3f'),
-                 ('pck@10', 'PCK@10', 6, '.3f'), ('fl', 'Fl', 6, '.3f'),
-                 ('noc_aepe', 'nocAEPE', 8, '.3f'), ('jaccard', 'Jacc', 6, '.3f'),
-                 ('match_time_s', 'time_s', 7, '.3f'))
-_POSE_COLUMNS = (('rotation_error_deg', 'R_err', 7, '.2f'),
-                 ('translation_error_deg', 't_err', 7, '.2f'),
-                 ('num_correspondences', 'corresp', 8, '.0f'),
-                 ('num_inliers', 'inliers', 8, '.0f'), ('status', 'status', 20, ''),
-                 ('match_time_s', 'time_s', 7, '.3f'))
-
 
 class SetUnavailable(Exception):
     """A set cannot be evaluated here (its data is absent)."""
@@ -188,61 +177,6 @@ def summarise_pose(rows: Sequence[dict]) -> dict:
     for k in ('num_correspondences', 'num_inliers', 'estimate_time_s', 'match_time_s'):
         out[k] = _mean(r.get(k) for r in rows)
     return out
-
-
-# --------------------------------------------------------------------------- printing
-
-
-def _fmt(value: Any, width: int, spec: str) -> str:
-    """One right-aligned cell; '-' for a missing or non-finite number."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return '-'.rjust(width)
-    if isinstance(value, str):
-        value = value.split(':')[0]  # the reason after ':' does not fit a table cell
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and spec:
-        return format(value, spec).rjust(width)
-    return str(value)[:width].rjust(width)
-
-
-def format_table(rows: Sequence[dict], columns, summary: dict | None, name_width: int = 50,
-                 summary_label: str = 'mean', summary_keys: dict[str, str] | None = None
-                 ) -> str:
-    """Fixed-width text table: one line per pair, then the set summary.
-
-    ``summary_keys`` renames columns for the summary line (pose sets show median errors).
-    """
-    summary_keys = summary_keys or {}
-    head = 'pair'.ljust(name_width) + ' '.join(h.rjust(w) for _, h, w, _ in columns)
-    lines = [head, '-' * len(head)]
-    for r in rows:
-        lines.append(r['pair'][-name_width:].ljust(name_width)
-                     + ' '.join(_fmt(r.get(k), w, f) for k, _, w, f in columns))
-    if summary is not None:
-        lines.append('-' * len(head))
-        lines.append(summary_label.ljust(name_width) + ' '.join(
-            _fmt(summary.get(summary_keys.get(k, k)) if k != 'status' else '', w, f)
-            for k, _, w, f in columns))
-    return '\n'.join(lines)
-
-
-def format_overview(sets: dict[str, dict]) -> str:
-    """One line per evaluated set: the headline numbers side by side."""
-    lines = []
-    for name, summ in sets.items():
-        n = summ.get('num_pairs', 0)
-        if name.split('/')[0] in POSE_SET_NAMES:
-            body = '  '.join(f'{k.upper()} {_fmt(summ.get(k), 5, ".3f")}'
-                             for k in ('auc@5', 'auc@10', 'auc@20'))
-            body += (f'  median R {_fmt(summ.get("median_rotation_error_deg"), 6, ".2f")} deg'
-                     f'  t {_fmt(summ.get("median_translation_error_deg"), 6, ".2f")} deg')
-        else:
-            body = '  '.join(f'{label} {_fmt(summ.get(k), width, spec)}' for k, label, width, spec in
-                             (('aepe', 'AEPE', 7, '.3f'), ('pck@1', 'PCK@1', 5, '.3f'),
-                              ('pck@5', 'PCK@5', 5, '.3f'), ('fl', 'Fl', 5, '.3f'),
-                              ('jaccard', 'Jacc', 5, '.3f')))
-        body += f'  {_fmt(summ.get("match_time_s"), 6, ".3f")} s/pair'
-        lines.append(f'{name:<14} {n:4d} pairs  {body}')
-    return '\n'.join(lines)
 
 
 def _versions() -> dict[str, str]:
@@ -435,25 +369,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows = _run_pose_set(matcher, name, pairs, progress, evaluate)
                 summary = summarise_pose(rows)
                 pose_errors[name] = _pose_errors(rows)
-                table = format_table(rows, _POSE_COLUMNS, summary,
+                table = format_table(rows, POSE_COLUMNS, summary,
                                      summary_label='median errors (valid pairs), mean others',
                                      summary_keys={k: f'median_{k}' for k in
                                                    ('rotation_error_deg', 'translation_error_deg')})
-                aucs = '  '.join(f'{k.upper()} {_fmt(summary.get(k), 5, ".3f")}'
+                aucs = '  '.join(f'{k.upper()} {fmt(summary.get(k), 5, ".3f")}'
                                  for k in summary if k.startswith('auc@'))
                 _add_block(record, tables, name, rows, summary, table, aucs)
         else:
             rows = _run_flow_set(matcher, set_name, pairs, progress, args, report_dir,
                                  record['figures'])
             summary = summarise_flow(rows)
-            table = format_table(rows, _FLOW_COLUMNS, summary)
+            table = format_table(rows, FLOW_COLUMNS, summary)
             if summary.get('aepe_levels'):
                 table += '\nAEPE per level: ' + '  '.join(
-                    f'{label} {_fmt(v, 1, ".3f")}'
+                    f'{label} {fmt(v, 1, ".3f")}'
                     for label, v in zip(summary['level_labels'], summary['aepe_levels']))
             _add_block(record, tables, set_name, rows, summary, table, '')
 
-    overview = format_overview(record['sets'])
+    overview = format_overview(record['sets'], POSE_SET_NAMES)
     if overview:
         print(f'\n== summary: {args.method} on {matcher.device}\n{overview}')
         tables.append(f'\n== summary\n{overview}')
