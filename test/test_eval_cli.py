@@ -249,3 +249,14 @@ def test_the_record_says_which_photos_the_synthetic_set_came_from(tmp_path, fake
                      '--json', str(out), '--no-progress']) == 0
     photos = json.loads(out.read_text())['synthetic_photos']
     assert photos['count'] > 0 and photos['root'] and len(photos['keys_sha256']) == 16
+
+
+def test_pose_options_reach_the_record_and_typos_are_refused(tmp_path, fake_synthetic, capsys):
+    out = tmp_path / 'r.json'
+    assert cli.main(['--method', 'test_shift', '--sets', 'synthetic', '--synthetic-n', '1',
+                     '--pose-option', 'rank_by_matchability=true', '--json', str(out),
+                     '--no-progress']) == 0
+    assert json.loads(out.read_text())['pose_options'] == {'rank_by_matchability': True}
+    assert cli.main(['--method', 'test_shift', '--sets', 'synthetic', '--pose-option',
+                     'rank_by_matchabilty=true', '--no-progress']) == 2
+    assert 'rank_by_matchabilty' in capsys.readouterr().err

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -28,6 +29,7 @@ import numpy as np
 
 from dense_match_ros.core.device import DEFAULT_THREADS, set_threads
 from dense_match_ros.core.geometry import grid
+from dense_match_ros.core.geometry.pose import PoseConfig
 from dense_match_ros.core.registry import LEVELS, available_methods, load_matcher
 from dense_match_ros.data import shared_sets, synthetic
 from dense_match_ros.evaluation import metrics, pose_eval
@@ -234,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='flow figures per set with --report (default 3)')
     p.add_argument('--option', dest='options', action='append', default=[], metavar='KEY=VALUE',
                    help='matcher option passed to load_matcher, e.g. mode=pyramid (repeatable)')
+    p.add_argument('--pose-option', dest='pose_options', action='append', default=[],
+                   metavar='KEY=VALUE', help='PoseConfig field for the pose sets, e.g. '
+                   'rank_by_matchability=true (as the node\'s pose.* parameters)')
     p.add_argument('--levels', action='store_true',
                    help='also the AEPE of every pyramid level (coarse-to-fine matchers: dgc)')
     p.add_argument('--no-progress', action='store_true', help='no tqdm progress bar')
@@ -313,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_threads(args.threads)
     try:
         options = parse_options(args.options)
+        pose_config = PoseConfig(**parse_options(args.pose_options))
         matcher = load_matcher(args.method, device=args.device, weights=args.weights, **options)
     except (KeyError, ValueError, TypeError, FileNotFoundError) as exc:
         # Unknown method, bad device, or weights that do not fit: a usage error, not a crash.
@@ -335,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         'device': matcher.device,
         'command': 'dense-match-eval ' + shlex.join(argv_list), 'data_root': str(root),
         'versions': _versions(), 'sets': {}, 'skipped': {}, 'rows': [], 'figures': [],
-        'threads': args.threads,
+        'threads': args.threads, 'pose_options': parse_options(args.pose_options),
         'synthetic_photos': _heldout_photos() if 'synthetic' in args.sets else None,
     }
     pose_errors: dict[str, list[float]] = {}
@@ -344,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for set_name in args.sets:
         is_pose = set_name in POSE_SET_NAMES
         try:
-            evaluate_pose = pose_eval.evaluate_pose_pair if is_pose else None
+            evaluate_pose = (functools.partial(pose_eval.evaluate_pose_pair, config=pose_config)
+                             if is_pose else None)
             pairs = (_pose_pairs(set_name, root) if is_pose
                      else _flow_pairs(set_name, root, args.synthetic_n))
         except SetUnavailable as exc:
