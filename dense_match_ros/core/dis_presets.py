@@ -1,8 +1,10 @@
-"""OpenCV's DIS optical flow presets by name, read by the ``dis`` method and by the DIS
-refinement of learned flows (:mod:`.refine`), so neither imports the other."""
+"""OpenCV's DIS optical flow: presets by name and the two-way call, shared by the ``dis``
+method, the DIS refinement of learned flows (:mod:`.refine`) and ``neuflow``'s fusion with
+DIS, so no method imports another."""
 from __future__ import annotations
 
 import cv2
+import numpy as np
 
 PRESETS = {
     'ultrafast': cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
@@ -21,3 +23,13 @@ def create_dis(preset: str = 'medium') -> cv2.DISOpticalFlow:
     """A DIS instance of the named preset."""
     check_preset(preset)
     return cv2.DISOpticalFlow_create(PRESETS[preset])
+
+
+def two_way_flow(dis: cv2.DISOpticalFlow, source: np.ndarray, target: np.ndarray,
+                 size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(forward, backward) DIS flows between two RGB images brought to one working ``size``
+    (W, H): forward on the source's working grid, backward on the target's."""
+    grey = [cv2.cvtColor(img if img.shape[1::-1] == tuple(size) else
+                         cv2.resize(img, tuple(size), interpolation=cv2.INTER_AREA),
+                         cv2.COLOR_RGB2GRAY) for img in (source, target)]
+    return dis.calc(grey[0], grey[1], None), dis.calc(grey[1], grey[0], None)

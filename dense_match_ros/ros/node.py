@@ -168,14 +168,14 @@ class DenseMatchNode(Node):
             return QoSProfile(depth=depth)
         raise ValueError(f'input_qos must be one of {INPUT_QOS}, got {kind!r}')
 
-    def _publishers_reliable(self, topic: str) -> bool:
-        """True when the topic has publishers and every one of them is reliable (a reliable
+    @staticmethod
+    def _publishers_reliable(infos) -> bool:
+        """True when there are publishers and every one of them is reliable (a reliable
         subscription would not match a best-effort publisher)."""
-        infos = self.get_publishers_info_by_topic(topic)
         return bool(infos) and all(i.qos_profile.reliability == ReliabilityPolicy.RELIABLE
                                    for i in infos)
 
-    def _subscribe_mono(self, reliable: bool | None) -> None:
+    def _subscribe_mono(self, reliable: bool | None, publishers: int = 0) -> None:
         """(Re)create the mono subscriptions with the QoS for ``reliable`` publishers."""
         for sub in getattr(self, '_mono_subs', []):
             self.destroy_subscription(sub)
@@ -190,8 +190,7 @@ class DenseMatchNode(Node):
         if self._param('input_qos') == 'auto':
             self.get_logger().info(
                 f'input QoS: {"reliable" if reliable else "best effort"} (auto, matching '
-                f'{len(self.get_publishers_info_by_topic(self._mono_subs[0].topic_name))} '
-                f'publisher(s) on {self._mono_subs[0].topic_name})')
+                f'{publishers} publisher(s) on {self._mono_subs[0].topic_name})')
 
     def _recheck_input_qos(self) -> None:
         """Once a second: with 'auto', follow the publishers, as `ros2 bag record` does when
@@ -203,9 +202,9 @@ class DenseMatchNode(Node):
             self._publisher_seen = None
             return
         if self._param('input_qos') == 'auto':
-            reliable = self._publishers_reliable(topic)
+            reliable = self._publishers_reliable(publishers)
             if reliable != self._input_reliable:
-                self._subscribe_mono(reliable)
+                self._subscribe_mono(reliable, len(publishers))
                 self._publisher_seen = now
         if self._publisher_seen is None:
             self._publisher_seen = now
@@ -231,8 +230,8 @@ class DenseMatchNode(Node):
             self._recheck_input_qos()
             self._qos_timer = self.create_timer(1.0, self._recheck_input_qos)
             return
-        qos = self._input_qos(self._publishers_reliable(
-            self.resolve_topic_name(f'left/image{suffix}')))
+        qos = self._input_qos(self._publishers_reliable(self.get_publishers_info_by_topic(
+            self.resolve_topic_name(f'left/image{suffix}'))))
         # pair (MatchPipeline has refused any other mode)
         self._cameras = [_CameraState('left/camera_info'), _CameraState('right/camera_info')]
         for i, side in enumerate(('left', 'right')):

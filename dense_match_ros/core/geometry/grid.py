@@ -185,7 +185,11 @@ def forward_backward_consistency(forward: np.ndarray, backward: np.ndarray,
     """``exp(-(e / sigma)^2)`` of the :func:`forward_backward_error` e, float32 in [0, 1]:
     a round trip that misses by ``sigma`` pixels scores 0.37, by 2 ``sigma`` 0.02, one that
     leaves the target 0. The matchability of every method with a two-way check."""
+    return consistency_from_error(forward_backward_error(forward, backward), sigma)
+
+
+def consistency_from_error(error: np.ndarray, sigma: float) -> np.ndarray:
+    """``exp(-(e / sigma)^2)`` of round-trip errors e in pixels (infinite: 0), float32."""
     if not sigma > 0:
         raise ValueError(f'the forward-backward tolerance sigma must be > 0 px, got {sigma}')
-    error = forward_backward_error(forward, backward)
     return np.exp(-np.square(error / sigma)).astype(np.float32)

@@ -5,11 +5,10 @@ network exists, and it is the baseline every learned method has to beat.
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 from dense_match_ros.core.geometry import grid
-from dense_match_ros.core.dis_presets import check_preset, create_dis
+from dense_match_ros.core.dis_presets import check_preset, create_dis, two_way_flow
 from dense_match_ros.core.registry import Matcher
 
 MIN_SIDE = 12  # OpenCV's DIS refuses smaller images (its coarsest patch grid needs them)
@@ -38,9 +37,6 @@ class DisMatcher(Matcher):
         self.max_side = int(max_side)
         self._dis = create_dis(preset)
 
-    def _flow(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return self._dis.calc(a, b, None)
-
     def _match(self, source: np.ndarray, target: np.ndarray):
         h, w = source.shape[:2]
         th, tw = target.shape[:2]
@@ -49,11 +45,6 @@ class DisMatcher(Matcher):
                              f'{w}x{h} and target {tw}x{th}')
         # Work on one grid: the source's size, optionally capped by max_side.
         ww, wh = grid.working_size((w, h), self.max_side, min_side=MIN_SIDE)
-        src = cv2.cvtColor(cv2.resize(source, (ww, wh), interpolation=cv2.INTER_AREA)
-                           if (ww, wh) != (w, h) else source, cv2.COLOR_RGB2GRAY)
-        tgt = cv2.cvtColor(cv2.resize(target, (ww, wh), interpolation=cv2.INTER_AREA)
-                           if (ww, wh) != (tw, th) else target, cv2.COLOR_RGB2GRAY)
-        forward = self._flow(src, tgt)
-        backward = self._flow(tgt, src)
+        forward, backward = two_way_flow(self._dis, source, target, (ww, wh))
         matchability = grid.forward_backward_consistency(forward, backward, self.fb_sigma)
         return grid.to_source_grid(forward, matchability, (w, h), (ww, wh), (tw, th))

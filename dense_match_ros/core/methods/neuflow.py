@@ -26,7 +26,7 @@ import torch
 
 from dense_match_ros.core import calibration, refine as _refine
 from dense_match_ros.core.device import autocast_dtype
-from dense_match_ros.core.dis_presets import check_preset, create_dis
+from dense_match_ros.core.dis_presets import check_preset, create_dis, two_way_flow
 from dense_match_ros.core.geometry import grid
 from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.networks.neuflow import NeuFlowNet, config_from_dict
@@ -144,7 +144,7 @@ class NeuFlowMatcher(Matcher):
             error = grid.forward_backward_error(forward, backward)
         if self.fuse == 'dis':
             forward, error = self._fuse_with_dis(source, target, forward, error)
-        consistency = np.exp(-np.square(error / self.fb_sigma)).astype(np.float32)
+        consistency = grid.consistency_from_error(error, self.fb_sigma)
         consistency[~grid.in_bounds(forward, (tw, th))] = 0.0
         return forward, calibration.apply_table(visibility * consistency, self.calibration)
 
@@ -152,18 +152,14 @@ class NeuFlowMatcher(Matcher):
                        error: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per pixel, the network's or DIS's flow: whichever has the smaller forward-backward
         plus photometric error (DIS wins ties: it is the more precise where both agree)."""
+        h, w = source.shape[:2]
+        th, tw = target.shape[:2]
+        # DIS on the source's grid, as the dis method runs it (the target resized to it).
+        d_fwd, d_bwd = two_way_flow(self._dis, source, target, (w, h))
+        d_error = grid.forward_backward_error(d_fwd, d_bwd)
+        d_fwd, _ = grid.to_source_grid(d_fwd, None, (w, h), (w, h), (tw, th))
         grey_s = cv2.cvtColor(source, cv2.COLOR_RGB2GRAY)
         grey_t = cv2.cvtColor(target, cv2.COLOR_RGB2GRAY)
-        if grey_t.shape != grey_s.shape:
-            dis_t = cv2.resize(grey_t, grey_s.shape[::-1], interpolation=cv2.INTER_AREA)
-        else:
-            dis_t = grey_t
-        th, tw = grey_t.shape
-        d_fwd = self._dis.calc(grey_s, dis_t, None)
-        d_bwd = self._dis.calc(dis_t, grey_s, None)
-        d_error = grid.forward_backward_error(d_fwd, d_bwd)
-        h, w = grey_s.shape
-        d_fwd, _ = grid.to_source_grid(d_fwd, None, (w, h), (w, h), (tw, th))
 
         def cost(candidate: np.ndarray, fb: np.ndarray) -> np.ndarray:
             warped = grid.warp(grey_t, candidate, border_mode=cv2.BORDER_REPLICATE)
