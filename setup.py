@@ -36,6 +36,7 @@ setup(
             'dense-match-replay = dense_match_ros.ros.tools.replay:main',
             'dense-match-make-bag = dense_match_ros.ros.tools.make_bag:main',
             'dense-match-demo = dense_match_ros.ros.tools.demo:main',
+            'dense-match-soak = dense_match_ros.ros.tools.soak:main',
         ],
     },
 )

@@ -10,7 +10,8 @@ silently overridden.
 import os
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
+from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
@@ -31,6 +32,13 @@ ARGUMENTS = [
     ('compressed', 'false', 'subscribe to <image>/compressed instead'),
     ('use_sim_time', 'false', 'use /clock (bag replay)'),
     ('log_level', 'info', 'node log level'),
+    ('large_data', 'false',
+     'true: start the node with FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA, '
+     'the large-data transport of Fast DDS (shared memory and TCP), for best-effort '
+     'raw images larger than its 512 KiB shared-memory segment, which otherwise travel '
+     'as UDP fragments and get lost. Both ends must use it: start the camera driver '
+     'process (or whatever publishes the images) with the same variable. '
+     'false: the environment is left as it is'),
 ]
 
 
@@ -53,6 +61,9 @@ def _node(context):
 
 
 def generate_launch_description():
+    large_data = SetEnvironmentVariable(  # before the node: it copies the environment
+        'FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA',
+        condition=IfCondition(LaunchConfiguration('large_data')))
     return LaunchDescription(
         [DeclareLaunchArgument(name, default_value=default, description=text)
-         for name, default, text in ARGUMENTS] + [OpaqueFunction(function=_node)])
+         for name, default, text in ARGUMENTS] + [large_data, OpaqueFunction(function=_node)])

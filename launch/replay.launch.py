@@ -15,7 +15,9 @@ import os
 
 from launch import LaunchDescription
 from launch.actions import (DeclareLaunchArgument, EmitEvent, ExecuteProcess, LogInfo,
-                            OpaqueFunction, RegisterEventHandler, TimerAction)
+                            OpaqueFunction, RegisterEventHandler, SetEnvironmentVariable,
+                            TimerAction)
+from launch.conditions import IfCondition
 from launch.event_handlers import OnProcessExit
 from launch.events import Shutdown
 from launch.substitutions import LaunchConfiguration
@@ -44,6 +46,13 @@ ARGUMENTS = (
     ('record', 'false', 'also record the outputs with ros2 bag record'),
     ('record_path', 'dense_match_outputs', 'output bag of record:=true'),
     ('shutdown_after_play', 'false', 'end the launch 3 s after the player exits'),
+    ('large_data', 'false',
+     'true: start the node, ros2 bag play and ros2 bag record with '
+     'FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA, the large-data transport of Fast DDS (shared '
+     'memory and TCP), for best-effort raw images larger than its 512 KiB shared-memory '
+     'segment, which otherwise travel as UDP fragments and get lost. Both ends must use '
+     'it: any other process that exchanges images with these (a camera driver, a viewer) '
+     'needs the same variable. false: the environment is left as it is'),
 )
 
 
@@ -86,4 +95,7 @@ def generate_launch_description() -> LaunchDescription:
     declared = [DeclareLaunchArgument(name, description=desc) if default is None else
                 DeclareLaunchArgument(name, default_value=default, description=desc)
                 for name, default, desc in ARGUMENTS]
-    return LaunchDescription(declared + [OpaqueFunction(function=_actions)])
+    large_data = SetEnvironmentVariable(  # before the processes: they copy the environment
+        'FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA',
+        condition=IfCondition(LaunchConfiguration('large_data')))
+    return LaunchDescription(declared + [large_data, OpaqueFunction(function=_actions)])

@@ -52,17 +52,23 @@ def overlay(tmp_path, monkeypatch):
     return prefix
 
 
-def _run_launch(path: Path, arguments: dict, check, timeout: float = 60.0):
-    """Run ``path`` with ``arguments``; ``check()`` runs in a thread and its result returns."""
+def _run_launch(path: Path, arguments: dict, check, timeout: float = 60.0,
+                started: list | None = None):
+    """Run ``path`` with ``arguments``; ``check()`` runs in a thread and its result returns.
+
+    ``started`` receives (process name, pid) of each process the launch starts."""
     from launch import LaunchDescription, LaunchService
     from launch.actions import (IncludeLaunchDescription, RegisterEventHandler, Shutdown,
                                 TimerAction)
-    from launch.event_handlers import OnProcessExit
+    from launch.event_handlers import OnProcessExit, OnProcessStart
     from launch.launch_description_sources import AnyLaunchDescriptionSource
 
     died = []
+    started = [] if started is None else started
     ls = LaunchService(argv=[], noninteractive=True)
     ls.include_launch_description(LaunchDescription([
+        RegisterEventHandler(OnProcessStart(
+            on_start=lambda ev, ctx: started.append((ev.process_name, ev.pid)))),
         RegisterEventHandler(OnProcessExit(
             on_exit=lambda ev, ctx: None if ctx.is_shutdown
             else died.append((ev.process_name, ev.returncode)))),
@@ -214,3 +220,95 @@ def test_mono_launch_xml_uses_package_share(overlay):
     # The default params file came from $(find-pkg-share): a missing file would have made
     # the node exit at start (recorded in `died`).
     assert values['pose.estimator'] == 'poselib'
+
+
+# ------------------------------------------------------------------ large_data:=true
+
+TRANSPORTS = 'FASTDDS_BUILTIN_TRANSPORTS'
+
+
+@pytest.fixture
+def no_transports_env(monkeypatch):
+    """FASTDDS_BUILTIN_TRANSPORTS unset here, and restored afterwards.
+
+    ``set_env`` writes into this process's os.environ (launch has no per-include
+    environment), so the launch of one test would leak it into the next: the setenv
+    records the original state, which teardown restores after undoing the delenv."""
+    if not Path('/proc/self/environ').is_file():
+        pytest.skip('no /proc/<pid>/environ to read')
+    monkeypatch.setenv(TRANSPORTS, 'placeholder')
+    monkeypatch.delenv(TRANSPORTS)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    """The environment ``pid`` was started with."""
+    raw = Path(f'/proc/{pid}/environ').read_bytes().decode(errors='replace')
+    return dict(item.split('=', 1) for item in raw.split('\0') if '=' in item)
+
+
+def _node_environ(started: list, timeout: float = 30.0) -> dict[str, str]:
+    """The environment of the started dense_match_node, read while it runs."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        pids = [pid for name, pid in list(started) if name.startswith('dense_match_node')]
+        if pids:
+            return _environ(pids[0])
+        time.sleep(0.05)
+    raise AssertionError(f'dense_match_node not started within {timeout} s: {started}')
+
+
+@pytest.mark.parametrize('large_data', [None, 'false', 'true'])
+@pytest.mark.parametrize('launch_file',
+                         ['mono.launch.py', 'mono.launch.xml', 'stereo.launch.py'])
+def test_large_data_sets_the_fast_dds_transport_of_the_node(overlay, no_transports_env,
+                                                            launch_file, large_data):
+    """large_data:=true starts the node with FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA; the
+    default and false leave its environment alone."""
+    started: list = []
+    arguments = {'namespace': '/lt_ld', 'device': 'cpu', 'method': 'dis'}
+    if large_data is not None:
+        arguments['large_data'] = large_data
+    env = _run_launch(REPO_ROOT / 'launch' / launch_file, arguments,
+                      lambda: _node_environ(started), started=started)
+    if large_data == 'true':
+        assert env.get(TRANSPORTS) == 'LARGE_DATA'
+    else:
+        assert TRANSPORTS not in env
+    assert env.get('PYTHONPATH') == str(REPO_ROOT)  # the node's environment, read right
+
+
+@pytest.mark.parametrize('large_data', [None, 'true'])
+def test_replay_launch_large_data_reaches_node_player_and_recorder(overlay, no_transports_env,
+                                                                  tmp_path, monkeypatch,
+                                                                  large_data):
+    """replay.launch.py large_data:=true: the node, ``ros2 bag play`` and ``ros2 bag record``
+    all start with FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA (a stand-in ``ros2`` on PATH
+    records the value it was started with); by default none of them has it."""
+    seen = tmp_path / 'ros2_env.txt'
+    bindir = tmp_path / 'bin'
+    bindir.mkdir()
+    fake = bindir / 'ros2'
+    fake.write_text(f'#!/bin/sh\necho "$2 ${{{TRANSPORTS}:-unset}}" >> "{seen}"\n'
+                    'exec sleep 30\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv('PATH', f'{bindir}{os.pathsep}{os.environ["PATH"]}')
+    started: list = []
+
+    def check():
+        env = _node_environ(started)
+        end = time.monotonic() + 30
+        while time.monotonic() < end and (not seen.is_file()
+                                          or len(seen.read_text().splitlines()) < 2):
+            time.sleep(0.05)
+        return env, sorted(seen.read_text().splitlines()) if seen.is_file() else []
+
+    arguments = {'bag': str(tmp_path / 'no_bag'), 'start_delay': '0.2', 'device': 'cpu',
+                 'method': 'dis', 'record': 'true', 'record_path': str(tmp_path / 'out'),
+                 'namespace': 'lt_ld_rp'}
+    if large_data is not None:
+        arguments['large_data'] = large_data
+    env, lines = _run_launch(REPO_ROOT / 'launch' / 'replay.launch.py', arguments, check,
+                             started=started)
+    expected = 'LARGE_DATA' if large_data == 'true' else None
+    assert env.get(TRANSPORTS) == expected
+    assert lines == [f'play {expected or "unset"}', f'record {expected or "unset"}']

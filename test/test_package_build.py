@@ -65,7 +65,7 @@ def test_install_layout_has_messages_sources_and_executables(install_prefix):
     # Our __init__ (with the path extension), not rosidl's empty one.
     assert 'extend_path' in (pkg / '__init__.py').read_text()
     for exe in ('dense_match_node', 'dense_match_replay', 'dense_match_make_bag', 'dense_match_eval',
-                'dense_match_demo'):
+                'dense_match_demo', 'dense_match_soak'):
         path = install_prefix / 'lib' / 'dense_match_ros' / exe
         assert path.is_file() and os.access(path, os.X_OK), exe
     share = install_prefix / 'share' / 'dense_match_ros'

@@ -158,6 +158,30 @@ def test_pose_from_parallax_and_without_intrinsics():
     assert out.flow.shape == (H, W, 2)
 
 
+def test_flow_is_handed_over_before_the_pose_is_estimated():
+    """on_flow sees flow and matchability while the pose is pending; the returned result is
+    the same object, completed (the node publishes flow first: its latency has no pose)."""
+    p, _ = _pipe(estimate_pose=True)
+    seen = []
+
+    def on_flow(out):
+        seen.append((out, out.pose, out.pose_status, 'pose' in out.timings,
+                     out.flow.copy(), out.counters))
+    assert p.process(frame(view(0.0), 0), on_flow=on_flow) is None
+    assert seen == []                                  # nothing to match yet
+    out = p.process(frame(view(0.1), 1), on_flow=on_flow)
+    (early, pose, status, had_pose_time, flow, counters), = seen
+    assert early is out and pose is None and status == 'pending' and not had_pose_time
+    assert counters == {}                              # counted once the result is complete
+    np.testing.assert_array_equal(flow, out.flow)
+    assert out.pose.valid and out.pose_status == 'ok' and 'pose' in out.timings
+    assert out.counters['outputs'] == 1 and out.counters['pose_valid'] == 1
+    seen.clear()
+    p2, _ = _pipe(mode='pair', estimate_pose=True)
+    out = p2.process_pair(frame(view(0.0), 0), frame(view(0.1), 0), on_flow=on_flow)
+    assert len(seen) == 1 and seen[0][0] is out and seen[0][2] == 'pending' and out.pose.valid
+
+
 def test_pose_with_downscaled_processing_uses_scaled_intrinsics():
     p, _ = _pipe(estimate_pose=True, process_width=W // 2)
     p.process(frame(view(0.0), 0))

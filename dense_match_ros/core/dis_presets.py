@@ -26,10 +26,17 @@ def create_dis(preset: str = 'medium') -> cv2.DISOpticalFlow:
 
 
 def two_way_flow(dis: cv2.DISOpticalFlow, source: np.ndarray, target: np.ndarray,
-                 size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+                 size: tuple[int, int], backward_dis: cv2.DISOpticalFlow | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """(forward, backward) DIS flows between two RGB images brought to one working ``size``
-    (W, H): forward on the source's working grid, backward on the target's."""
+    (W, H): forward on the source's working grid, backward on the target's.
+
+    ``backward_dis`` (default: ``dis``) computes the backward flow: when that flow only
+    serves a consistency check, a faster preset buys most of the check for a fraction of a
+    forward call.
+    """
     grey = [cv2.cvtColor(img if img.shape[1::-1] == tuple(size) else
                          cv2.resize(img, tuple(size), interpolation=cv2.INTER_AREA),
                          cv2.COLOR_RGB2GRAY) for img in (source, target)]
-    return dis.calc(grey[0], grey[1], None), dis.calc(grey[1], grey[0], None)
+    return (dis.calc(grey[0], grey[1], None),
+            (backward_dis or dis).calc(grey[1], grey[0], None))

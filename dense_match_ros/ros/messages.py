@@ -8,7 +8,7 @@ T_target_source in the target camera frame.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -41,26 +41,34 @@ def output_types() -> dict[str, type | None]:
     return {name: types[name] for name in OUTPUTS}
 
 
-def output_messages(out: PipelineOutput) -> dict[str, Any]:
-    """The messages for one result, by topic name (relative).
+FLOW_OUTPUTS = ('flow', 'matchability', 'flow_color', 'match_result')
+"""The outputs that exist as soon as the flow does (the node publishes them before the pose)."""
+POSE_OUTPUTS = ('relative_pose', 'pose')
+
+
+def output_messages(out: PipelineOutput, which: Collection[str] = OUTPUTS) -> dict[str, Any]:
+    """The messages for one result, by topic name (relative), for the topics in ``which``.
 
     ``flow_color`` is present only when ``out.flow_color`` was computed, ``relative_pose``
     unless pose estimation is disabled, ``pose`` only for a valid estimate.
     """
     stamp, frame_id = out.target_stamp_ns, out.source_frame_id
-    msgs: dict[str, Any] = {
-        'flow': convert.make_image_msg(out.flow, '32FC2', stamp, frame_id),
-        'matchability': convert.make_image_msg(out.matchability, '32FC1', stamp, frame_id)}
-    if out.flow_color is not None:
+    msgs: dict[str, Any] = {}
+    if {'flow', 'match_result'} & set(which):
+        msgs['flow'] = convert.make_image_msg(out.flow, '32FC2', stamp, frame_id)
+    if {'matchability', 'match_result'} & set(which):
+        msgs['matchability'] = convert.make_image_msg(out.matchability, '32FC1', stamp, frame_id)
+    if out.flow_color is not None and 'flow_color' in which:
         bgr = np.ascontiguousarray(out.flow_color[..., ::-1])  # RGB -> BGR
         msgs['flow_color'] = convert.make_image_msg(bgr, 'bgr8', stamp, frame_id)
     if dm_msg is not None:
-        msgs['match_result'] = match_result_msg(out, msgs['flow'], msgs['matchability'])
-        if out.pose_status != STATUS_DISABLED:
+        if 'match_result' in which:
+            msgs['match_result'] = match_result_msg(out, msgs['flow'], msgs['matchability'])
+        if out.pose_status != STATUS_DISABLED and 'relative_pose' in which:
             msgs['relative_pose'] = relative_pose_msg(out)
-    if out.pose is not None and out.pose.valid:
+    if out.pose is not None and out.pose.valid and 'pose' in which:
         msgs['pose'] = pose_msg(out)
-    return msgs
+    return {name: msg for name, msg in msgs.items() if name in which}
 
 
 def _pair_header(msg, out: PipelineOutput):

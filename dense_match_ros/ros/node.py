@@ -334,12 +334,12 @@ class DenseMatchNode(Node):
                 if kind == 'mono':
                     frame = self._decode(msgs, intrinsics, receipt, self._cameras[0])
                     stages['decode'] = time.perf_counter() - t0
-                    out = self.pipeline.process(frame)
+                    out = self.pipeline.process(frame, on_flow=self._publish_flow)
                 else:
                     left = self._decode(msgs[0], intrinsics[0], receipt, self._cameras[0])
                     right = self._decode(msgs[1], intrinsics[1], receipt, self._cameras[1])
                     stages['decode'] = time.perf_counter() - t0
-                    out = self.pipeline.process_pair(left, right)
+                    out = self.pipeline.process_pair(left, right, on_flow=self._publish_flow)
             except FrameRejected as exc:  # already counted, by _decode or the pipeline
                 self._throttle.warn(exc.reason, f'frame dropped: {exc}')
                 continue
@@ -361,28 +361,48 @@ class DenseMatchNode(Node):
     def _on(self, name: str) -> bool:
         return bool(self._param(f'publish_{name}'))
 
-    def _publish(self, out: PipelineOutput, stages: dict[str, float] | None = None) -> None:
-        t0 = time.perf_counter()
-        if (out.flow_color is None and self._on('flow_color')
-                and self._outputs['flow_color'].get_subscription_count() > 0):
-            out.flow_color = self.pipeline.flow_color(out.flow)  # only for someone watching
-        built = messages.output_messages(out)
-        t1 = time.perf_counter()
-        for name, msg in built.items():
-            if name in self._outputs and self._on(name):
+    def _wanted(self, names) -> list[str]:
+        """The outputs among ``names`` that are switched on and have a subscriber: a
+        640x480 flow message is 2.4 MB to build and serialise, for nobody otherwise."""
+        return [n for n in names if n in self._outputs and self._on(n)
+                and self._outputs[n].get_subscription_count() > 0]
+
+    def _publish_flow(self, out: PipelineOutput) -> None:
+        """The flow outputs, as soon as the matcher is done (the pose comes after)."""
+        try:
+            t0 = time.perf_counter()
+            wanted = self._wanted(messages.FLOW_OUTPUTS)
+            if out.flow_color is None and 'flow_color' in wanted:
+                out.flow_color = self.pipeline.flow_color(out.flow)  # only for someone watching
+            built = messages.output_messages(out, wanted)
+            t1 = time.perf_counter()
+            for name, msg in built.items():
                 self._outputs[name].publish(msg)
-        if stages is not None:
-            # Where a frame's time goes, stage by stage (/diagnostics: stage_<name>_ms).
-            stages.update({k: v for k, v in out.timings.items() if k != 'total'})
-            stages.update(messages=t1 - t0, publish=time.perf_counter() - t1)
-            with self._stats_lock:
-                self._stages.append(stages)
-        if out.pose is not None:
-            self._inlier_ratios.append(out.inlier_ratio)
+            out.timings.update(flow_messages=t1 - t0, flow_publish=time.perf_counter() - t1)
+        except Exception as exc:  # the pose outputs still go out
+            if self._running and rclpy.ok(context=self.context):
+                self._throttle.warn('publish_error', f'{type(exc).__name__}: {exc}')
+            return
         if out.receipt_time is not None:
             with self._stats_lock:
                 self._latencies.append(time.monotonic() - out.receipt_time)
         self._out_rate.tick(time.monotonic())
+
+    def _publish(self, out: PipelineOutput, stages: dict[str, float] | None = None) -> None:
+        """The pose outputs of a result whose flow outputs went out already."""
+        t0 = time.perf_counter()
+        built = messages.output_messages(out, self._wanted(messages.POSE_OUTPUTS))
+        t1 = time.perf_counter()
+        for name, msg in built.items():
+            self._outputs[name].publish(msg)
+        if stages is not None:
+            # Where a frame's time goes, stage by stage (/diagnostics: stage_<name>_ms).
+            stages.update({k: v for k, v in out.timings.items() if k != 'total'})
+            stages.update(pose_messages=t1 - t0, pose_publish=time.perf_counter() - t1)
+            with self._stats_lock:
+                self._stages.append(stages)
+        if out.pose is not None:
+            self._inlier_ratios.append(out.inlier_ratio)
 
     def _publish_diagnostics(self) -> None:
         now = time.monotonic()

@@ -35,9 +35,11 @@ _log = logging.getLogger(__name__)
 MODES = ('mono', 'pair')
 # PipelineConfig fields that make up the model: changed with set_matcher(), not update().
 MODEL_FIELDS = ('method', 'weights', 'device', 'method_options')
-# PipelineOutput.pose_status with pose estimation switched off. The other statuses are
+# PipelineOutput.pose_status with pose estimation switched off, and while the pose is still
+# being estimated (what an on_flow callback sees). The other statuses are
 # core.geometry.pose.STATUS_* (the strings of RelativePose.STATUS_*).
 STATUS_DISABLED = 'disabled'
+STATUS_PENDING = 'pending'
 
 
 @dataclasses.dataclass
@@ -358,10 +360,14 @@ class MatchPipeline:
             intrinsics = intrinsics.scaled(calib, target)
         return dataclasses.replace(frame, image=image, intrinsics=intrinsics)
 
-    def process(self, frame: Frame) -> PipelineOutput | None:
+    def process(self, frame: Frame, on_flow: Callable[[PipelineOutput], None] | None = None
+                ) -> PipelineOutput | None:
         """Mono mode: match the reference frame against ``frame``.
 
         Returns None for the first frame of a sequence (nothing to match against yet).
+        ``on_flow`` is called with the result as soon as flow and matchability exist, before
+        the pose is estimated (its pose is None, its status :data:`STATUS_PENDING`; the same
+        object is completed and returned).
         Raises FrameRejected for an unusable frame; the reference frame is kept then.
         """
         with self._lock:
@@ -394,7 +400,8 @@ class MatchPipeline:
             if self._key is None:
                 self._set_key(current, frame.size)
                 return None
-            out = self._match(self._key, current, self._key_original_size, frame.size, t_prep)
+            out = self._match(self._key, current, self._key_original_size, frame.size, t_prep,
+                              on_flow)
             self._frames_since_key += 1
             stride = max(1, int(self.config.keyframe_stride))
             if (self._frames_since_key >= stride
@@ -407,16 +414,20 @@ class MatchPipeline:
         self._key_original_size = original_size
         self._frames_since_key = 0
 
-    def process_pair(self, source: Frame, target: Frame) -> PipelineOutput:
-        """Pair mode: match ``source`` (left camera) against ``target`` (right camera)."""
+    def process_pair(self, source: Frame, target: Frame,
+                     on_flow: Callable[[PipelineOutput], None] | None = None) -> PipelineOutput:
+        """Pair mode: match ``source`` (left camera) against ``target`` (right camera);
+        ``on_flow`` as for :meth:`process`."""
         with self._lock:
             self._receive(source, target)
             t0 = time.perf_counter()
             src, tgt = self._prepare(source), self._prepare(target)
-            return self._match(src, tgt, source.size, target.size, time.perf_counter() - t0)
+            return self._match(src, tgt, source.size, target.size, time.perf_counter() - t0,
+                               on_flow)
 
     def _match(self, source: Frame, target: Frame, source_input_size: tuple[int, int],
-               target_input_size: tuple[int, int], t_prep: float) -> PipelineOutput:
+               target_input_size: tuple[int, int], t_prep: float,
+               on_flow: Callable[[PipelineOutput], None] | None = None) -> PipelineOutput:
         timings = {'prepare': t_prep}
         t0 = time.perf_counter()
         result = self.matcher.match(source.image, target.image)
@@ -425,50 +436,57 @@ class MatchPipeline:
         self.counters.processed += 1
         matchable = float(np.mean(matchability >= self.config.matchability_threshold))
 
-        pose, status = None, _pose.STATUS_OK
-        t0 = time.perf_counter()
-        if not self.config.estimate_pose:
-            status = STATUS_DISABLED
-        elif source.intrinsics is None or target.intrinsics is None:
-            status = _pose.STATUS_NO_CAMERA_INFO
-        else:
-            src_k, tgt_k = source.intrinsics, target.intrinsics
-            try:
-                pose = _pose.estimate_relative_pose(
-                    flow, matchability, src_k.K, tgt_k.K,
-                    dist_source=src_k.D if src_k.has_distortion else None,
-                    dist_target=tgt_k.D if tgt_k.has_distortion else None,
-                    config=self._pose_config)
-                status = (_pose.STATUS_OK if pose.valid
-                          else pose.status or _pose.STATUS_ESTIMATION_FAILED)
-            except Exception as exc:  # a pose failure must not lose the flow output
-                pose = None
-                status = f'{_pose.STATUS_ESTIMATION_FAILED}: {type(exc).__name__}: {exc}'
-                self._warn('pose_error', f'pose estimation raised {type(exc).__name__}: {exc}')
-        timings['pose'] = time.perf_counter() - t0
-        if pose is not None:
-            if pose.valid:
-                self.counters.pose_valid += 1
-            else:
-                self.counters.pose_invalid += 1
-
         t0 = time.perf_counter()
         out_size = source_input_size if self.config.full_resolution_output else source.size
         scale = (source_input_size[0] / out_size[0], source_input_size[1] / out_size[1])
+        out_flow, out_matchability = flow, matchability
         if self.config.full_resolution_output:
             # The target goes back to its own input size too (in pair mode it may have been
             # scaled differently from the source).
-            flow, matchability = grid.to_source_grid(flow, matchability, out_size, target.size,
-                                                     target_input_size)
-        color = self.flow_color(flow) if self.config.color_output else None
+            out_flow, out_matchability = grid.to_source_grid(flow, matchability, out_size,
+                                                             target.size, target_input_size)
+        color = self.flow_color(out_flow) if self.config.color_output else None
         timings['output'] = time.perf_counter() - t0
-        timings['total'] = sum(timings.values())
-        self.counters.outputs += 1
-        return PipelineOutput(
+        out = PipelineOutput(
             source_stamp_ns=source.stamp_ns, source_frame_id=source.frame_id,
             target_stamp_ns=target.stamp_ns, target_frame_id=target.frame_id,
-            flow=flow, matchability=matchability, scale=scale, pose=pose, pose_status=status,
-            matchable_fraction=matchable, timings=timings,
-            counters=dataclasses.asdict(self.counters), method=self.matcher.name or
-            self.config.method, device=str(getattr(self.matcher, 'device', '')),
-            flow_color=color, receipt_time=target.receipt_time)
+            flow=out_flow, matchability=out_matchability, scale=scale, pose=None,
+            pose_status=STATUS_PENDING, matchable_fraction=matchable, timings=timings,
+            counters={}, method=self.matcher.name or self.config.method,
+            device=str(getattr(self.matcher, 'device', '')), flow_color=color,
+            receipt_time=target.receipt_time)
+        if on_flow is not None:
+            on_flow(out)  # flow consumers need not wait for the pose
+
+        t0 = time.perf_counter()
+        out.pose, out.pose_status = self._estimate_pose(flow, matchability, source, target)
+        timings['pose'] = time.perf_counter() - t0
+        if out.pose is not None:
+            if out.pose.valid:
+                self.counters.pose_valid += 1
+            else:
+                self.counters.pose_invalid += 1
+        timings['total'] = sum(timings.values())
+        self.counters.outputs += 1
+        out.counters = dataclasses.asdict(self.counters)
+        return out
+
+    def _estimate_pose(self, flow: np.ndarray, matchability: np.ndarray, source: Frame,
+                       target: Frame) -> tuple[Any | None, str]:
+        """(estimate or None, status) on the processing grid; never raises."""
+        if not self.config.estimate_pose:
+            return None, STATUS_DISABLED
+        if source.intrinsics is None or target.intrinsics is None:
+            return None, _pose.STATUS_NO_CAMERA_INFO
+        src_k, tgt_k = source.intrinsics, target.intrinsics
+        try:
+            pose = _pose.estimate_relative_pose(
+                flow, matchability, src_k.K, tgt_k.K,
+                dist_source=src_k.D if src_k.has_distortion else None,
+                dist_target=tgt_k.D if tgt_k.has_distortion else None,
+                config=self._pose_config)
+        except Exception as exc:  # a pose failure must not lose the flow output
+            self._warn('pose_error', f'pose estimation raised {type(exc).__name__}: {exc}')
+            return None, f'{_pose.STATUS_ESTIMATION_FAILED}: {type(exc).__name__}: {exc}'
+        return pose, (_pose.STATUS_OK if pose.valid
+                      else pose.status or _pose.STATUS_ESTIMATION_FAILED)

@@ -175,7 +175,8 @@ def forward_backward_error(forward: np.ndarray, backward: np.ndarray) -> np.ndar
     # Replicated borders: bilinear sampling on the last row or column weighs in the pixel
     # beyond it (with weight 0), and a NaN border there would make the edge unmatched.
     back_at_target = warp(backward, forward, border_mode=cv2.BORDER_REPLICATE)
-    err = np.linalg.norm(forward + back_at_target, axis=-1)
+    loop = forward + back_at_target
+    err = cv2.magnitude(np.ascontiguousarray(loop[..., 0]), np.ascontiguousarray(loop[..., 1]))
     err[~in_bounds(forward, (tw, th)) | ~np.isfinite(err)] = np.inf
     return err.astype(np.float32)
 

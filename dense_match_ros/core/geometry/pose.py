@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from dense_match_ros.core.geometry import essential, essential_ransac, grid
+from dense_match_ros.core.geometry import essential, essential_ransac
 
 # The strings of msg/RelativePose.msg (STATUS_*), so the node can copy them verbatim.
 STATUS_OK = 'ok'
@@ -183,18 +183,19 @@ def select_correspondences(flow: np.ndarray, matchability: np.ndarray,
     """(points_source, points_target) Nx2 pixels from a dense flow: confident, spread, capped."""
     flow = np.asarray(flow, dtype=np.float32)
     h, w = flow.shape[:2]
-    target_map = grid.flow_to_map(flow)
-    source = grid.pixel_coords(h, w)
-    conf = np.asarray(matchability, dtype=np.float32)
     # Neighbouring pixels of a dense flow carry nearly the same information: thin the grid
     # to a lattice of ~16 candidates per correspondence kept (random phase) before the spread
-    # sampling, whose sort would otherwise dominate the cost (160 ms at 640x480).
+    # sampling, whose sort would otherwise dominate the cost (160 ms at 640x480); only the
+    # lattice's coordinates are ever made.
     stride = max(1, int(np.sqrt(h * w / (16.0 * max(1, config.max_correspondences)))))
+    oy = ox = 0
     if stride > 1:
         oy, ox = (int(v) for v in rng.integers(0, stride, size=2))
-        target_map = target_map[oy::stride, ox::stride]
-        source = source[oy::stride, ox::stride]
-        conf = conf[oy::stride, ox::stride]
+    xs = np.arange(ox, w, stride, dtype=np.float32)
+    ys = np.arange(oy, h, stride, dtype=np.float32)
+    source = np.stack(np.meshgrid(xs, ys), axis=-1)
+    target_map = source + flow[oy::stride, ox::stride]
+    conf = np.asarray(matchability, dtype=np.float32)[oy::stride, ox::stride]
     target_map, source, conf = target_map.reshape(-1, 2), source.reshape(-1, 2), conf.reshape(-1)
     ok = np.isfinite(target_map).all(axis=1) & (conf >= config.matchability_threshold)
     idx = np.flatnonzero(ok)

@@ -19,14 +19,19 @@ class DisMatcher(Matcher):
 
     Matchability is ``exp(-(e / sigma)^2)`` of the forward-backward error e in pixels,
     zero where the match leaves the target; ``sigma`` = 1 px by default, so a pixel whose
-    round trip misses by 1 px scores 0.37 and one that misses by 2 px 0.02.
+    round trip misses by 1 px scores 0.37 and one that misses by 2 px 0.02. ``fb_preset``
+    names the DIS preset of the backward flow (empty: ``preset``); the forward flow, the
+    output, always uses ``preset``.
     """
 
     def __init__(self, device: str = 'cpu', weights: str | None = None,
-                 preset: str = 'medium', fb_sigma: float = 1.0, max_side: int = 0) -> None:
+                 preset: str = 'medium', fb_sigma: float = 1.0, max_side: int = 0,
+                 fb_preset: str = '') -> None:
         if weights:
             raise ValueError('dis has no weights; leave `weights` empty')
         check_preset(preset)
+        if fb_preset:
+            check_preset(fb_preset, 'fb_preset')
         if not fb_sigma > 0:
             raise ValueError(f'fb_sigma must be > 0 px (the forward-backward tolerance), got {fb_sigma}')
         if int(max_side) != 0 and int(max_side) < MIN_SIDE:
@@ -36,6 +41,9 @@ class DisMatcher(Matcher):
         self.fb_sigma = float(fb_sigma)
         self.max_side = int(max_side)
         self._dis = create_dis(preset)
+        # The backward flow only feeds the consistency check (matchability, pose selection).
+        self.fb_preset = fb_preset or preset
+        self._dis_backward = create_dis(self.fb_preset) if self.fb_preset != preset else None
 
     def _match(self, source: np.ndarray, target: np.ndarray):
         h, w = source.shape[:2]
@@ -45,6 +53,6 @@ class DisMatcher(Matcher):
                              f'{w}x{h} and target {tw}x{th}')
         # Work on one grid: the source's size, optionally capped by max_side.
         ww, wh = grid.working_size((w, h), self.max_side, min_side=MIN_SIDE)
-        forward, backward = two_way_flow(self._dis, source, target, (ww, wh))
+        forward, backward = two_way_flow(self._dis, source, target, (ww, wh), self._dis_backward)
         matchability = grid.forward_backward_consistency(forward, backward, self.fb_sigma)
         return grid.to_source_grid(forward, matchability, (w, h), (ww, wh), (tw, th))

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import random
-import signal
 import subprocess
 import sys
 import threading
@@ -34,12 +31,10 @@ import numpy as np
 
 from dense_match_ros import paths
 from dense_match_ros.ros.parameters import OUTPUTS
-from dense_match_ros.ros.tools import bag_io, make_bag, pose_report
+from dense_match_ros.ros.tools import bag_io, make_bag, node_process, pose_report
 from dense_match_ros.ros.tools.trajectory import DEFAULT_MAX_DT, read_tum, write_tum
 
-# The checkout the demo runs in (None for an installed package without one): its code is
-# what the node subprocess must run, whatever copy is installed in the venv.
-REPO_ROOT = paths.repo_root()
+REPO_ROOT = node_process.REPO_ROOT
 NS = 1_000_000_000
 IMAGE_TOPIC = '/camera/image'
 INFO_TOPIC = '/camera/camera_info'
@@ -126,71 +121,32 @@ def build_input(out: Path, synthetic: bool, frames: int, size: str,
     return bag, gt, what
 
 
-def _ros_env(out: Path, domain: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
-               ROS_LOG_DIR=str(out / 'ros_log'), PYTHONUNBUFFERED='1')
-    # The node must run this checkout's code, whatever is installed in the venv.
-    if REPO_ROOT is not None:
-        env['PYTHONPATH'] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get(
-            'PYTHONPATH', '').split(os.pathsep) if p])
-    return env
-
-
 def start_node(out: Path, env: dict[str, str], method: str, device: str,
                params: Sequence[str]) -> tuple[subprocess.Popen, Path]:
-    cmd = [sys.executable, '-m', 'dense_match_ros.ros.node', '--ros-args',
-           '-r', f'__ns:={OUTPUT_NS}', '-r', f'image:={IMAGE_TOPIC}',
-           '-r', f'camera_info:={INFO_TOPIC}', '-p', f'method:={method}', '-p', f'device:={device}']
+    defaults = []
     if not any(p.startswith('input_qos:=') for p in params):
         # Best-effort (sensor_data) samples larger than Fast DDS's 512 KiB shared-memory
         # segment go over fragmented UDP and are lost whole: 640x480 rgb8 (900 KiB) never
         # arrives. A reliable subscription still only ever takes the newest frame.
-        cmd += ['-p', 'input_qos:=reliable']
+        defaults.append('input_qos:=reliable')
     if not any(p.startswith('keyframe_stride:=') for p in params):
         # Consecutive frames of the TUM clip are 1-2 mm apart, below what an essential matrix
         # can resolve (the pose module refuses them as degenerate_motion); matching every
         # frame against the first one (a keyframe the short clip never replaces) gives the
         # later pairs a measurable baseline. -p keyframe_stride:=1 shows frame-to-frame.
-        cmd += ['-p', f'keyframe_stride:={DEMO_KEYFRAME_STRIDE}']
-    for p in params:
-        cmd += ['-p', p]
-    log_path = out / 'node.log'
-    log_file = open(log_path, 'w')  # noqa: SIM115 - handed to the child, closed on exit
-    proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT or Path.cwd()), env=env, stdout=log_file,
-                            stderr=subprocess.STDOUT)
-    log_file.close()
-    return proc, log_path
-
-
-def stop_node(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
-    """SIGINT like Ctrl-C, then SIGKILL; the return code, or None when it had to be killed."""
-    if proc.poll() is not None:
-        return proc.returncode
-    proc.send_signal(signal.SIGINT)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return None
-
-
-def _tail(path: Path, n: int = 15) -> str:
-    try:
-        return '\n'.join(path.read_text(errors='replace').splitlines()[-n:])
-    except OSError:
-        return ''
+        defaults.append(f'keyframe_stride:={DEMO_KEYFRAME_STRIDE}')
+    return node_process.start_node(
+        out, env, [f'method:={method}', f'device:={device}', *defaults, *params],
+        remaps=[f'__ns:={OUTPUT_NS}', f'image:={IMAGE_TOPIC}', f'camera_info:={INFO_TOPIC}'])
 
 
 def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    domain = args.domain or random.randint(1, 100)
-    env = _ros_env(out, domain)
-    os.environ.update({k: env[k] for k in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE',
-                                           'ROS_LOG_DIR')})
+    env = node_process.ros_env(out, args.domain)
+    domain = env['ROS_DOMAIN_ID']
+    node_process.adopt_ros_env(env)
     # The node needs seconds to import and build its model: start it first and prepare the
     # bag meanwhile.
     proc, node_log = start_node(out, env, args.method, args.device, args.node_param)
@@ -206,7 +162,7 @@ def run(args) -> int:
         print(f'bag: {bag} ({len(images)} images over {span:.2f} s; playing at rate '
               f'{args.rate:g} -> {span / args.rate:.2f} s)')
     except BaseException:
-        stop_node(proc)
+        node_process.stop_node(proc)
         raise
 
     import rclpy
@@ -243,7 +199,7 @@ def run(args) -> int:
         spinner.start()
 
     except BaseException:
-        stop_node(proc)
+        node_process.stop_node(proc)
         rclpy.try_shutdown()
         raise
 
@@ -308,7 +264,7 @@ def run(args) -> int:
                 time.sleep(0.1)
     finally:
         alive = proc.poll() is None
-        code = stop_node(proc)
+        code = node_process.stop_node(proc)
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
@@ -325,7 +281,7 @@ def run(args) -> int:
     status = analyse(args, out, recorded, stamps, publish_mono, gt_path, counts, rec_bag, what)
     print(f'total time {time.monotonic() - t_start:.1f} s')
     if failure:
-        print(f'dense-match-demo: FAILED: {failure}\n--- node log tail ---\n{_tail(node_log)}',
+        print(f'dense-match-demo: FAILED: {failure}\n--- node log tail ---\n{node_process.log_tail(node_log)}',
               file=sys.stderr)
         return 1
     return status
