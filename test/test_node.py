@@ -114,14 +114,15 @@ class NodeProcess:
     """The node under test as a subprocess, its log collected line by line."""
 
     def __init__(self, namespace: str, params: dict | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, pythonpath: str = '') -> None:
         args = [sys.executable, '-m', 'dense_match_ros.ros.node', '--ros-args',
                 '-r', f'__ns:={namespace}', '-p', 'input_qos:=reliable',
                 '-p', 'output_queue_depth:=50', '-p', 'input_queue_depth:=20']
         for key, value in (params or {}).items():
             args += ['-p', f'{key}:={value}']
         args += extra_args or []
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED='1',
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pythonpath, str(REPO_ROOT)) if p),
+                   PYTHONUNBUFFERED='1',
                    RCUTILS_LOGGING_BUFFERED_STREAM='0', RCUTILS_COLORIZED_OUTPUT='0')
         self.proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
@@ -323,14 +324,15 @@ def prime(client: Client, node: NodeProcess, size: tuple[int, int],
 
 
 def start(namespace: str, params: dict | None = None, cameras: tuple[str, ...] = ('',),
-          prime_size: tuple[int, int] | None = (64, 48), client_qos=RELIABLE):
+          prime_size: tuple[int, int] | None = (64, 48), client_qos=RELIABLE,
+          pythonpath: str = ''):
     """A node process and a client for it, with one round trip through it already done.
 
     ``prime_size`` is the size of the priming frames: another size than a test's first frame
     makes that frame a reference only (a [size_changed] reset), the same size makes it match
     the last priming frame; None skips priming.
     """
-    node = NodeProcess(namespace, params)
+    node = NodeProcess(namespace, params, pythonpath=pythonpath)
     compressed = str((params or {}).get('compressed', '')).lower() == 'true'
     client = Client(namespace, cameras, compressed=compressed, input_qos=client_qos)
     try:
@@ -783,6 +785,43 @@ def test_default_input_qos_follows_a_reliable_camera_and_warns_when_frames_are_l
             if len(client.received['flow']) >= 3 or '[no_frames]' in node.log:
                 break
         assert len(client.received['flow']) >= 3 or node.wait_for_log('[no_frames]', 2.0), node.log
+    finally:
+        client.close()
+        node.stop()
+
+
+def test_node_without_poselib_publishes_valid_poses_with_the_opencv_fallback(tmp_path):
+    """A robot install where pip never put poselib: `import poselib` fails in the node
+    process (a sitecustomize blocks it), the node says so once, names the fallback in
+    /diagnostics and still publishes valid poses."""
+    (tmp_path / 'sitecustomize.py').write_text(
+        "import sys\nsys.modules['poselib'] = None  # import poselib -> ImportError\n")
+    node, client = start('/dm_no_poselib', {'pose.max_correspondences': 300},
+                         pythonpath=str(tmp_path))
+    try:
+        assert node.wait_for_log('[pose_estimator_fallback]', timeout=10.0), node.log
+        assert node.count('[pose_estimator_fallback]') == 1
+        assert 'pose=on (opencv-magsac)' in node.log, node.log
+        stamps = Stamps()
+        sent, _ = _send_sequence(client, stamps, [render(160, 120, 0.1 * i) for i in range(4)],
+                                 'cam')
+        for s in sent[1:]:
+            assert client.wait_stamp('relative_pose', s, timeout=10.0), node.log
+        rels = [m for m in client.received['relative_pose']
+                if convert.stamp_to_ns(m.header.stamp) in sent]
+        assert [(m.valid, m.status) for m in rels] == [(True, 'ok')] * 3
+        assert client.wait_stamp('pose', sent[-1], timeout=5.0)
+        end = time.monotonic() + 5.0
+        values = {}
+        while time.monotonic() < end and values.get('pose_estimator') != 'opencv-magsac':
+            for m in client.diagnostics:
+                for st in m.status:
+                    if st.name.startswith('/dm_no_poselib/'):
+                        values = {kv.key: kv.value for kv in st.values}
+            time.sleep(0.2)
+        assert values.get('pose_estimator') == 'opencv-magsac', values
+        assert "'poselib' not installed" in values['pose_estimator_note']
+        assert 'ImportError' not in node.log
     finally:
         client.close()
         node.stop()

@@ -219,8 +219,12 @@ def missing_package(name: str) -> str | None:
     package = _REQUIRES.get(name)
     if package is None:
         return None
-    import importlib.util
-    return None if importlib.util.find_spec(package) is not None else package
+    import importlib
+    try:  # importing, not just finding: a broken install fails here, not at the first pose
+        importlib.import_module(package)
+    except ImportError:
+        return package
+    return None
 
 
 ESTIMATORS: dict[str, Estimator] = {
