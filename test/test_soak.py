@@ -64,6 +64,7 @@ def test_two_minute_soak_keeps_answering_through_bad_inputs_and_holds_memory(tmp
     assert summary['rss_mb']['growth_after_warmup_pct'] < 5
     assert 0 < summary['latency_ms']['p50'] < summary['latency_ms']['p99'] < 5000
     assert summary['dis_medium_call_ms'] > 0 and summary['latency_over_dis_call'] > 1
+    assert summary['dis_medium_call_default_threads_ms'] > 0
     assert {'match', 'pose', 'flow_publish'} <= set(summary['stages_ms'])
     assert (out / 'soak.png').stat().st_size > 10_000
     assert 'latency (publish -> flow receipt' in proc.stdout
