@@ -114,6 +114,8 @@ _BUILTIN = {
     'hilm': 'dense_match_ros.core.methods.hilm:HilmMatcher',
     'dgc': 'dense_match_ros.core.methods.dgc:DgcMatcher',
     'neuflow': 'dense_match_ros.core.methods.neuflow:NeuFlowMatcher',
+    'cnngeo': 'dense_match_ros.core.methods.cnngeo:CnnGeoMatcher',
+    'cnngeo-affine': 'dense_match_ros.core.methods.cnngeo:CnnGeoAffineMatcher',
 }
 
 

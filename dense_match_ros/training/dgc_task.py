@@ -21,7 +21,7 @@ import torch
 
 from dense_match_ros.training import losses
 from dense_match_ros.core.networks.dgc import PYRAMID, DgcNet, DgcNetConfig, config_from_dict
-from dense_match_ros.training.tasks import TrainTask, fill, split_model
+from dense_match_ros.training.tasks import TrainTask, fill, load_backbone_init, split_model
 
 TRAINING_KEYS = ('backbone_init', 'freeze_backbone', 'init_weights')
 """Model-section keys that shape training, not the architecture (kept in the config record)."""
@@ -48,13 +48,7 @@ def build_network(model_config: dict) -> DgcNet:
     net = DgcNet(config_from_dict(arch))
     init = train_keys.get('backbone_init')
     if init:
-        obj = torch.load(init, map_location='cpu', weights_only=True)
-        state = obj.get('state_dict') or obj.get('model') or obj
-        trunk = {k[len('backbone.'):]: v.float() if v.is_floating_point() else v
-                 for k, v in state.items() if k.startswith('backbone.')}
-        if not trunk:
-            raise ValueError(f'{init} holds no backbone.* weights')
-        net.backbone.load_state_dict(trunk)
+        load_backbone_init(net.backbone, init)
     whole = train_keys.get('init_weights')
     if whole:
         # A second stage (e.g. unfreezing the trunk after the decoders learned on it) starts

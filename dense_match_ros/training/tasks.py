@@ -55,6 +55,22 @@ def fill(cls: type, values: dict, what: str) -> Any:
                   for k, v in values.items()})
 
 
+def load_backbone_init(backbone: nn.Module, path: str, what: str = '') -> None:
+    """Start a network's trunk from the ``backbone.*`` weights of another checkpoint (a trained
+    ``hilm`` of the same width): without ImageNet weights, the only trained trunk there is."""
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+    state = obj.get('state_dict') or obj.get('model') or obj
+    trunk = {k[len('backbone.'):]: v.float() if v.is_floating_point() else v
+             for k, v in state.items() if k.startswith('backbone.')}
+    if not trunk:
+        raise ValueError(f'{path} holds no backbone.* weights')
+    try:
+        backbone.load_state_dict(trunk)
+    except RuntimeError as exc:
+        raise ValueError(f'{path}: its trunk does not fit {what or "this network"}: '
+                         f'{str(exc)[:300]}') from None
+
+
 def split_model(values: dict, cls: type, training_keys: Sequence[str], what: str) -> tuple[dict, dict]:
     """(architecture keys of ``cls``, training-only keys) of a model section; others are an error."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -69,6 +85,8 @@ _TASKS: dict[str, Any] = {
     'hilm': 'dense_match_ros.training.hilm_task:HilmTask',
     'dgc': 'dense_match_ros.training.dgc_task:DgcTask',
     'neuflow': 'dense_match_ros.training.neuflow_task:NeuFlowTask',
+    'cnngeo-affine': 'dense_match_ros.training.cnngeo_task:CnnGeoAffineTask',
+    'cnngeo-tps': 'dense_match_ros.training.cnngeo_task:CnnGeoTpsTask',
 }
 
 

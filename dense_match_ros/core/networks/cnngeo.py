@@ -1,0 +1,249 @@
+"""CNNGeo (Rocco et al., CVPR 2017): a global correlation regressed to a geometric transform.
+
+Structure (for the paper's 240x240 input):
+
+1. features: the project's VGG trunk (:mod:`.backbone`) cut at pool4 (240 -> 15 px),
+   L2-normalised per position, one trunk for both images and both stages;
+2. matching: every source position against every target position (225 channels on the
+   source grid, :func:`.correlation.global_correlation`), then ReLU and L2 normalisation over
+   the channels (``normalize_matches=False`` leaves them raw: the paper's ablation);
+3. regression (paper Fig. 4): two *unpadded* stride-1 conv-BN-ReLU blocks (7x7 -> 128,
+   5x5 -> 64 channels: 15 -> 9 -> 5 px) and a fully connected layer to 6 (affine) or 18
+   (TPS) parameters, initialised to output the identity exactly (zero weights, identity
+   bias), so an untrained stage passes its input on instead of warping it at random;
+4. hierarchy (paper Sec. 3.4): the affine stage's transform renders the target on the
+   source grid (the *target* is the image that gets warped), the TPS stage regresses on
+   (source, aligned target), and the result is their composition, one TPS
+   (:func:`core.geometry.parametric.compose_affine_tps_torch`).
+
+Direction: every transform maps source points to target points (:mod:`core.geometry.transforms`):
+``grid_sample(target, T)`` renders the source, and ``T(x) - x`` is the flow. No inversion
+anywhere, which is why the target, not the source, is warped between the stages.
+
+Precision: the trunk and the regression convolutions may run under bf16 autocast; the
+correlation and the final linear layer run in float32, since bf16 (8 bits of mantissa)
+would resolve a parameter only to ~0.4 % -- half a pixel at 240 px.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dense_match_ros.core.geometry import parametric, transforms as tf
+from dense_match_ros.core.networks.backbone import VGGBackbone, VGGConfig
+from dense_match_ros.core.networks.correlation import global_correlation, normalize_correlation
+
+STAGES = ('affine', 'tps')
+
+
+@dataclasses.dataclass
+class CnnGeoConfig:
+    """Architecture of :class:`CnnGeoNet` (stored in checkpoints; plain types only)."""
+
+    width: float = 1.0
+    """Trunk channel multiplier (1.0: VGG-16's; 0.25 on a CPU)."""
+    batch_norm: bool = True
+    """BatchNorm in the trunk (as the project's trunks are trained)."""
+    input_size: tuple[int, int] = (240, 240)
+    """(H, W) both images are resized to; the correlation is input / 16 a side."""
+    normalize_matches: bool = True
+    """ReLU + L2 normalisation of the correlation over its channels (off: ablation)."""
+    tps: bool = True
+    """Build the TPS stage (False: the affine stage alone, as ``cnngeo-affine`` trains it)."""
+    channels: tuple[int, int] = (128, 64)
+    """Output channels of the two regression blocks (the paper's)."""
+    kernel_sizes: tuple[int, int] = (7, 5)
+    """Kernels of the two unpadded regression blocks (the paper's; tests use smaller)."""
+
+
+class CnnGeoOutput(NamedTuple):
+    affine: torch.Tensor
+    """(B, 6) float32: the affine stage, source -> target, CNNGeo's layout."""
+    tps: torch.Tensor | None
+    """(B, 18) float32: the TPS stage, source -> affine-aligned target (None: no TPS stage)."""
+    composed: torch.Tensor | None
+    """(B, 18) float32: ``affine(tps(x))``, source -> target (None: no TPS stage)."""
+
+
+class Regressor(nn.Module):
+    """Two unpadded conv-BN-ReLU blocks and a linear layer that starts at ``identity``."""
+
+    def __init__(self, in_channels: int, corr_size: tuple[int, int], channels: Sequence[int],
+                 kernel_sizes: Sequence[int], identity: Sequence[float]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        h, w = corr_size
+        for out_ch, k in zip(channels, kernel_sizes):
+            layers += [nn.Conv2d(in_channels, out_ch, k, padding=0, bias=False),
+                       nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+            in_channels, h, w = out_ch, h - k + 1, w - k + 1
+        if h < 1 or w < 1:
+            raise ValueError(f'a {corr_size[0]}x{corr_size[1]} correlation is too small for '
+                             f'unpadded kernels {tuple(kernel_sizes)}: make input_size larger '
+                             f'(at least 16 x (1 + sum(kernel - 1)) px a side)')
+        self.convs = nn.Sequential(*layers)
+        self.linear = nn.Linear(in_channels * h * w, len(identity))
+        for m in self.convs:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        nn.init.zeros_(self.linear.weight)
+        with torch.no_grad():
+            self.linear.bias.copy_(torch.as_tensor(identity, dtype=torch.float32))
+
+    def forward(self, correlation: torch.Tensor) -> torch.Tensor:
+        x = self.convs(correlation).flatten(1)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.linear(x.float())
+
+
+class CnnGeoNet(nn.Module):
+    """Affine, or affine then TPS, parameters of the transform taking source to target."""
+
+    def __init__(self, config: CnnGeoConfig | None = None) -> None:
+        super().__init__()
+        self.config = c = config or CnnGeoConfig()
+        h, w = c.input_size
+        if h < 16 or w < 16 or h % 16 or w % 16:
+            raise ValueError(f'input_size must be multiples of 16, got {tuple(c.input_size)}')
+        if len(c.channels) != len(c.kernel_sizes):
+            raise ValueError('channels and kernel_sizes need one entry per regression block')
+        self.corr_size = (h // 16, w // 16)
+        self.backbone = VGGBackbone(VGGConfig(width=c.width, batch_norm=c.batch_norm))
+        corr_channels = self.corr_size[0] * self.corr_size[1]
+        self.affine = Regressor(corr_channels, self.corr_size, c.channels, c.kernel_sizes,
+                                tf.AFFINE_IDENTITY.tolist())
+        self.tps = (Regressor(corr_channels, self.corr_size, c.channels, c.kernel_sizes,
+                              tf.tps_identity().tolist()) if c.tps else None)
+        self.frozen: set[str] = set()
+        self.folded = False
+
+    # ------------------------------------------------------------------ freezing
+
+    def freeze(self, parts: Sequence[str]) -> None:
+        """Stop training ``parts`` ('backbone', 'affine', 'tps'): weights and BN statistics."""
+        for part in parts:
+            module = getattr(self, part, None)
+            if module is None:
+                raise ValueError(f'no part {part!r} to freeze in this network')
+            for p in module.parameters():
+                p.requires_grad_(False)
+            self.frozen.add(part)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> 'CnnGeoNet':
+        if mode and self.folded:
+            raise RuntimeError('this network has its BatchNorm folded (inference only)')
+        super().train(mode)
+        for part in self.frozen:
+            getattr(self, part).eval()  # frozen means frozen BatchNorm statistics too
+        return self
+
+    def fold_batch_norm(self) -> 'CnnGeoNet':
+        """Fold every BatchNorm into the convolution before it, for inference only.
+
+        In eval mode a BatchNorm is a per-channel affine map, so it merges into the
+        convolution's weights and bias exactly (up to rounding); on a CPU the separate
+        normalisation pass costs about a fifth of the trunk's time. A folded network
+        cannot be trained any more (it has no statistics left), so :meth:`train` refuses it.
+        """
+        self.eval()
+        for module in [*self.backbone.blocks, self.affine.convs] + ([self.tps.convs] if self.tps else []):
+            layers = list(module)
+            folded: list[nn.Module] = []
+            i = 0
+            while i < len(layers):
+                layer = layers[i]
+                if (isinstance(layer, nn.Conv2d) and i + 1 < len(layers)
+                        and isinstance(layers[i + 1], nn.BatchNorm2d)):
+                    folded.append(_fold(layer, layers[i + 1]))
+                    i += 2
+                else:
+                    folded.append(layer)
+                    i += 1
+            for name in list(module._modules):
+                del module._modules[name]
+            for j, layer in enumerate(folded):
+                module.add_module(str(j), layer)
+        self.folded = True
+        return self
+
+    # ------------------------------------------------------------------ pieces
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """pool4 features of RGB (B, 3, H, W) in [0, 1], L2-normalised per position (float32)."""
+        return F.normalize(self.backbone(images, levels=('pool4',))['pool4'].float(), dim=1)
+
+    def correlation(self, source_feat: torch.Tensor, target_feat: torch.Tensor) -> torch.Tensor:
+        """(B, Ht*Wt, Hs, Ws) float32 matches, normalised over channels unless switched off."""
+        with torch.autocast(source_feat.device.type, enabled=False):  # bmm would go bf16
+            corr = global_correlation(source_feat.float(), target_feat.float())
+            return normalize_correlation(corr) if self.config.normalize_matches else corr
+
+    def _check(self, images: torch.Tensor, what: str) -> None:
+        if tuple(images.shape[-2:]) != tuple(self.config.input_size):
+            raise ValueError(f'{what} is {tuple(images.shape[-2:])}, the network runs at '
+                             f'input_size {tuple(self.config.input_size)} (resize first)')
+
+    def regress(self, source: torch.Tensor, target: torch.Tensor, source_feat: torch.Tensor,
+                target_feat: torch.Tensor, stages: str = 'tps') -> CnnGeoOutput:
+        """Both stages from images and their already computed features (the matcher
+        computes each image's features once for both directions)."""
+        affine = self.affine(self.correlation(source_feat, target_feat))
+        if stages == 'affine' or self.tps is None:
+            return CnnGeoOutput(affine, None, None)
+        # The target rendered on the source grid by the affine: the TPS stage sees a pair
+        # that differs only by what the affine could not model. The warp is not trained
+        # through (the affine stage is trained on its own loss).
+        grid = parametric.dense_map('affine', affine.detach(), (source.shape[-1], source.shape[-2]))
+        aligned = F.grid_sample(target.float(), grid, mode='bilinear', padding_mode='zeros',
+                                align_corners=False).to(target.dtype)
+        tps = self.tps(self.correlation(source_feat, self.features(aligned)))
+        return CnnGeoOutput(affine, tps, parametric.compose_affine_tps_torch(affine, tps))
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor, stages: str = 'tps') -> CnnGeoOutput:
+        """``source``, ``target``: RGB (B, 3, H, W) in [0, 1] at ``input_size``.
+        ``stages='affine'`` stops after the affine stage."""
+        if stages not in STAGES:
+            raise ValueError(f'stages must be one of {STAGES}, got {stages!r}')
+        self._check(source, 'source')
+        self._check(target, 'target')
+        b = source.shape[0]
+        feats = self.features(torch.cat([source, target], dim=0))  # one pass: shared BN batch
+        return self.regress(source, target, feats[:b], feats[b:], stages)
+
+    def two_way(self, image_a: torch.Tensor, image_b: torch.Tensor, stages: str = 'tps') -> CnnGeoOutput:
+        """(a -> b, b -> a) as one batch of two: each image's features are computed once."""
+        self._check(image_a, 'source')
+        self._check(image_b, 'target')
+        images = torch.cat([image_a, image_b], dim=0)
+        feats = self.features(images)
+        n = len(image_a)
+        swapped = torch.cat([image_b, image_a], dim=0)
+        return self.regress(images, swapped, feats, torch.cat([feats[n:], feats[:n]]), stages)
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """One convolution computing ``bn(conv(x))`` of an eval-mode BatchNorm."""
+    scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                      conv.padding, conv.dilation, conv.groups, bias=True)
+    bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros_like(scale)
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight.detach().float() * scale[:, None, None, None])
+        fused.bias.copy_((bias - bn.running_mean.float()) * scale + bn.bias.detach().float())
+    return fused.to(conv.weight.device)
+
+
+def config_from_dict(values: dict) -> CnnGeoConfig:
+    """Rebuild a config from a checkpoint's dict, ignoring keys it does not know
+    (training-only keys such as the trunk's initialisation live beside it)."""
+    names = {f.name for f in dataclasses.fields(CnnGeoConfig)}
+    kwargs = {k: v for k, v in values.items() if k in names}
+    for key in ('input_size', 'channels', 'kernel_sizes'):
+        if key in kwargs:
+            kwargs[key] = tuple(int(v) for v in kwargs[key])
+    return CnnGeoConfig(**kwargs)

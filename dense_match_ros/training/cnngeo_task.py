@@ -1,0 +1,266 @@
+"""Training CNNGeo (:mod:`core.networks.cnngeo`): the ``cnngeo-affine`` and ``cnngeo-tps`` tasks.
+
+Two stages, as in the paper, each a task of the shared loop (:mod:`.loop`):
+
+1. ``dense-match-train cnngeo-affine --config config/train_cnngeo_affine_cpu.yaml``: the
+   trunk and the affine regressor (``model.tps`` is false);
+2. ``dense-match-train cnngeo-tps --config config/train_cnngeo_tps_cpu.yaml --set
+   model.affine_weights=runs/cnngeo_affine_cpu/last.pt``: the whole network with the
+   affine stage (and the trunk) of stage 1 frozen; only the TPS regressor learns, on the
+   pair the affine stage aligned, which is the pair it meets at run time.
+
+Loss (the paper's grid loss): the mean squared distance between a ``grid_points`` x
+``grid_points`` grid on [-1, 1] mapped by the predicted and by the true transform. The
+true points come from the synthetic pair's own parameters (any kind: affine, TPS,
+homography, similarity), so the affine stage learns the best affine of a TPS or
+homography in this sense; stage 2's loss is on the *composed* transform, what ``cnngeo``
+returns. Points are normalised coordinates (1 px = 2 / size).
+
+The trunk starts from random initialisation or, with ``model.backbone_init``, from another
+method's checkpoint of the same width (the shipped ``hilm`` trunk, trained here from
+random init), frozen with ``model.freeze_backbone`` or fine-tuned.
+
+``python -m dense_match_ros.training.cnngeo_task sigma --weights W --write`` fits the
+matchability's round-trip sigma on held-out synthetic pairs (held-out photos, a seed other
+than the evaluation set's) and stores it in W's record (``--method cnngeo-affine``: the
+affine stage's own sigma).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from dense_match_ros.core.geometry import grid, parametric, transforms as tf
+from dense_match_ros.core.networks.cnngeo import CnnGeoConfig, CnnGeoNet, config_from_dict
+from dense_match_ros.training.tasks import TrainTask, fill, load_backbone_init, split_model
+
+TRAINING_KEYS = ('backbone_init', 'freeze_backbone', 'init_weights', 'affine_weights')
+"""Model-section keys that shape training, not the architecture (kept in the config record)."""
+STAGE_METHODS = ('cnngeo-affine', 'cnngeo-tps')
+
+
+@dataclasses.dataclass
+class CnnGeoLossConfig:
+    grid_points: int = 21
+    """Loss points per side of the regular grid on [-1, 1] (the paper's 21)."""
+
+
+def _load_state(path: str, what: str) -> tuple[dict, dict]:
+    """(model config, float32 state) of a cnngeo checkpoint of either stage."""
+    from dense_match_ros.training import checkpoint as ckpt
+    from dense_match_ros.core.methods.cnngeo import checkpoint_method
+    found = checkpoint_method(path)
+    model_config, state, _ = ckpt.load_weights(path, found if found in STAGE_METHODS
+                                               else ' or '.join(STAGE_METHODS))
+    return model_config, state
+
+
+def _check_same(model_config: dict, other: dict, path: str, keys: Sequence[str]) -> None:
+    """Refuse a checkpoint whose architecture differs, naming what was expected and found."""
+    mine, theirs = config_from_dict(model_config), config_from_dict(other)
+    for key in keys:
+        a, b = getattr(mine, key), getattr(theirs, key)
+        if a != b:
+            raise ValueError(f'{path}: expected {key} {a}, found {b} in the checkpoint')
+
+
+def build_network(model_config: dict, stage: str) -> CnnGeoNet:
+    """The network of a model config, initialised and frozen as the config and stage ask."""
+    arch, train_keys = split_model(model_config, CnnGeoConfig, TRAINING_KEYS, 'cnngeo model')
+    net = CnnGeoNet(config_from_dict(arch))
+    init = train_keys.get('backbone_init')
+    if init:
+        load_backbone_init(net.backbone, init, f'width {net.config.width} '
+                                               f'(batch_norm {net.config.batch_norm})')
+    affine = train_keys.get('affine_weights')
+    if affine:
+        # Stage 2 starts from stage 1: trunk and affine regressor (the TPS regressor, absent
+        # from an affine run, keeps its identity initialisation).
+        other, state = _load_state(affine, 'affine_weights')
+        _check_same(arch, other, affine, ('width', 'batch_norm', 'input_size', 'normalize_matches',
+                                          'channels', 'kernel_sizes'))
+        state = {k: v for k, v in state.items() if not k.startswith('tps.')}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith('tps.') for k in missing):
+            raise ValueError(f'{affine}: does not fit this network (missing {missing[:3]}, '
+                             f'unexpected {unexpected[:3]})')
+    whole = train_keys.get('init_weights')
+    if whole:
+        other, state = _load_state(whole, 'init_weights')
+        _check_same(arch, other, whole, ('width', 'input_size', 'tps'))
+        net.load_state_dict(state)
+    frozen = ['backbone'] if train_keys.get('freeze_backbone') else []
+    if stage == 'tps':
+        frozen = ['backbone', 'affine']
+    if frozen:
+        net.freeze(frozen)
+    return net
+
+
+def true_points(pairs: list, n: int) -> np.ndarray:
+    """(B, n*n, 2) float32: the loss grid mapped by each pair's true transform."""
+    points = parametric.grid_points(n, dtype=torch.float64).numpy()
+    out = []
+    for pair in pairs:
+        kind, theta = pair.params['kind'], np.asarray(pair.params['theta'])
+        out.append(tf.apply_transform(kind, theta, points))
+    return np.nan_to_num(np.stack(out), nan=0.0).astype(np.float32)
+
+
+def predicted_points(out, stage: str, points: torch.Tensor) -> torch.Tensor:
+    """(B, N, 2) the loss grid mapped by the stage's prediction (the composition for 'tps')."""
+    if stage == 'affine':
+        return parametric.transform_points_torch('affine', out.affine.float(), points)
+    return parametric.transform_points_torch('tps', out.composed.float(), points)
+
+
+def grid_loss(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Mean over points (and batch) of the squared distance: the paper's grid loss."""
+    return (predicted.float() - truth.float()).square().sum(-1).mean()
+
+
+class _CnnGeoTask(TrainTask):
+    stage = 'affine'
+
+    def model_config(self, values: dict) -> dict:
+        arch, train_keys = split_model(values, CnnGeoConfig, TRAINING_KEYS, 'cnngeo model')
+        wants_tps = self.stage == 'tps'
+        if 'tps' in arch and bool(arch['tps']) != wants_tps:
+            raise ValueError(f'{self.name} trains model.tps={wants_tps}; remove model.tps')
+        full = dataclasses.asdict(config_from_dict({**arch, 'tps': wants_tps}))
+        for key in ('input_size', 'channels', 'kernel_sizes'):
+            full[key] = list(full[key])
+        full.update({'backbone_init': None, 'freeze_backbone': False, 'init_weights': None,
+                     'affine_weights': None, **train_keys})
+        if wants_tps and not (full['affine_weights'] or full['init_weights']):
+            raise ValueError(f'{self.name} starts from a trained affine stage: set '
+                             f'model.affine_weights=RUN/last.pt (a cnngeo-affine run)')
+        return full
+
+    def loss_config(self, values: dict) -> dict:
+        cfg = fill(CnnGeoLossConfig, values, 'cnngeo loss')
+        if cfg.grid_points < 2:
+            raise ValueError(f'loss.grid_points must be >= 2, got {cfg.grid_points}')
+        return dataclasses.asdict(cfg)
+
+    def build_model(self, model_config: dict) -> CnnGeoNet:
+        return build_network(model_config, self.stage)
+
+    def extra_batch(self, pairs: list, rng: np.random.Generator, loss_config: dict) -> dict:
+        return {'points': true_points(pairs, int(loss_config.get('grid_points', 21)))}
+
+    def loss(self, model, batch, loss_config):
+        net = model.module if hasattr(model, 'module') else model
+        src = batch['source'].float() / 255.0
+        tgt = batch['target'].float() / 255.0
+        out = model(src, tgt, stages=self.stage)
+        points = parametric.grid_points(int(loss_config['grid_points']), device=src.device)
+        truth = batch['points'].float()
+        pred = predicted_points(out, self.stage, points)
+        loss = grid_loss(pred, truth)
+        with torch.no_grad():
+            half = torch.tensor([s / 2.0 for s in reversed(net.config.input_size)], device=src.device)
+            dist_px = ((pred.float() - truth) * half).norm(dim=-1).mean()
+            metrics = {'grid_px': float(dist_px)}
+            if self.stage == 'tps':
+                affine = parametric.transform_points_torch('affine', out.affine.float(), points)
+                metrics['grid_px_affine'] = float(((affine - truth) * half).norm(dim=-1).mean())
+        return loss, metrics
+
+
+class CnnGeoAffineTask(_CnnGeoTask):
+    """``cnngeo-affine``: trunk (unless frozen) and affine regressor."""
+
+    name = 'cnngeo-affine'
+    stage = 'affine'
+
+
+class CnnGeoTpsTask(_CnnGeoTask):
+    """``cnngeo-tps``: the TPS regressor on the pair aligned by a frozen affine stage."""
+
+    name = 'cnngeo-tps'
+    stage = 'tps'
+
+
+# ======================================================================================
+# the matchability's sigma
+# ======================================================================================
+
+SIGMA_SEED = 7  # the calibration seed of evaluation.calibrate, not the evaluation set's 2026
+SIGMAS_PX = tuple(float(s) for s in np.geomspace(0.25, 64.0, 33))
+
+
+def fit_sigma(matcher, pairs: Sequence, sigmas: Sequence[float] = SIGMAS_PX) -> dict:
+    """The round-trip sigma maximising the mean matchability Jaccard index (matchability >
+    0.5 against the pixels whose true match lies in the target) over ``pairs``.
+
+    The round-trip error of each pair is computed once; only the threshold moves.
+    """
+    scores = np.zeros(len(sigmas))
+    for pair in pairs:
+        h, w = pair.source.shape[:2]
+        th, tw = pair.target.shape[:2]
+        kind, theta, _ = matcher.predict(pair.source, pair.target)
+        theta = theta.cpu()
+        error = matcher.round_trip(kind, theta, (w, h))
+        inside = parametric.inside(parametric.dense_map(kind, theta[:1], (w, h))[0]).numpy()
+        truth = np.asarray(pair.valid, bool) & grid.in_bounds(pair.flow, (tw, th))
+        for i, sigma in enumerate(sigmas):
+            # exp(-e^2 / 2 sigma^2) > 0.5  <=>  e < sigma sqrt(2 ln 2)
+            pred = inside & (error < sigma * np.sqrt(2.0 * np.log(2.0)))
+            union = np.count_nonzero(pred | truth)
+            scores[i] += np.count_nonzero(pred & truth) / union if union else 1.0
+    scores /= max(1, len(pairs))
+    best = int(np.argmax(scores))
+    return {'sigma_px': float(sigmas[best]), 'jaccard': float(scores[best]),
+            'curve': {'sigma_px': list(map(float, sigmas)), 'jaccard': scores.tolist()}}
+
+
+def sigma_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog='python -m dense_match_ros.training.cnngeo_task sigma',
+                                description='fit the cnngeo matchability sigma on held-out '
+                                'synthetic pairs (held-out photos, seed 7)')
+    p.add_argument('--method', default='cnngeo', choices=('cnngeo', 'cnngeo-affine'))
+    p.add_argument('--weights', default=None)
+    p.add_argument('--pairs', type=int, default=40)
+    p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--write', action='store_true',
+                   help="store it as calibration.sigma_px in the checkpoint's JSON record")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    from dense_match_ros.core.methods.cnngeo import SIGMA_KEYS
+    from dense_match_ros.core.registry import load_matcher
+    from dense_match_ros.data.photos import PhotoSource
+    from dense_match_ros.data.synthetic import SyntheticPairGenerator
+    matcher = load_matcher(args.method, device='cpu', weights=args.weights)
+    gen = SyntheticPairGenerator(PhotoSource(split='heldout'), size=(240, 240))
+    pairs = [gen.pair(SIGMA_SEED, i) for i in range(args.pairs)]
+    fit = fit_sigma(matcher, pairs)
+    print(json.dumps({k: fit[k] for k in ('sigma_px', 'jaccard')}))
+    if args.write:
+        path = Path(matcher.weights).with_suffix('.json')
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        key = SIGMA_KEYS[matcher.stages]
+        calibration = dict(record.get('calibration') or {})
+        calibration[key] = fit['sigma_px']
+        calibration.setdefault('fits', {})[args.method] = {
+            **fit, 'pairs': args.pairs, 'seed': SIGMA_SEED,
+            'command': 'python -m dense_match_ros.training.cnngeo_task sigma '
+                       + ' '.join(argv if argv is not None else sys.argv[2:])}
+        record['calibration'] = calibration
+        path.write_text(json.dumps(record, indent=2) + '\n')
+        print(f'wrote calibration.{key} into {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    if sys.argv[1:2] != ['sigma']:
+        raise SystemExit('usage: python -m dense_match_ros.training.cnngeo_task sigma [options]')
+    sys.exit(sigma_main(sys.argv[2:]))

@@ -1,0 +1,423 @@
+"""CNNGeo: transform math, network, grid loss, matcher contract and checks, two-stage training."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dense_match_ros.core.checkpoint import CheckpointError
+from dense_match_ros.core.geometry import parametric, transforms as tf
+from dense_match_ros.core.methods import cnngeo as cnngeo_method
+from dense_match_ros.core.methods.cnngeo import CnnGeoAffineMatcher, CnnGeoMatcher
+from dense_match_ros.core.networks.cnngeo import CnnGeoConfig, CnnGeoNet, CnnGeoOutput
+from dense_match_ros.core.registry import available_methods, load_matcher
+from dense_match_ros.data.synthetic import SyntheticPairGenerator
+from dense_match_ros.training import checkpoint as ckpt
+from dense_match_ros.training.cli import main
+from dense_match_ros.training.cnngeo_task import (CnnGeoAffineTask, CnnGeoTpsTask, fit_sigma,
+                                                  grid_loss, predicted_points, true_points)
+
+torch.set_num_threads(1)
+TINY = CnnGeoConfig(width=0.125, input_size=(64, 64), channels=(16, 8), kernel_sizes=(3, 1))
+TINY_CLI = ['--set', 'data.image_size=[64,64]', '--set', 'model.input_size=[64,64]',
+            '--set', 'model.width=0.125', '--set', 'model.channels=[16,8]',
+            '--set', 'model.kernel_sizes=[3,1]', '--set', 'batch_size=2',
+            '--set', 'loss.grid_points=5', '--set', 'optim.warmup_steps=5', '--set', 'log_every=1',
+            '--set', 'threads=1', '--set', 'checkpoint_every=1000', '--no-progress']
+
+
+def _net(seed: int = 0, **kw) -> CnnGeoNet:
+    torch.manual_seed(seed)
+    return CnnGeoNet(CnnGeoConfig(**{**TINY.__dict__, **kw}))
+
+
+def _photo(seed: int = 1, size: int = 96) -> np.ndarray:
+    """A smooth random photo: texture at every scale the tiny networks see."""
+    rng = np.random.default_rng(seed)
+    small = rng.random((size // 8, size // 8, 3)).astype(np.float32)
+    import cv2
+    return (cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 1) * 255).astype(np.uint8)
+
+
+def _pairs(kinds, n: int = 3, size=(48, 56)):
+    gen = SyntheticPairGenerator([_photo()], size=size, kinds=kinds, photometric=False)
+    return [gen.pair(0, i) for i in range(n)]
+
+
+def _random_affine(rng) -> np.ndarray:
+    return tf.affine_theta(rng.uniform(-0.3, 0.3), rng.uniform(-0.4, 0.4), *rng.uniform(0.8, 1.2, 2),
+                           *rng.uniform(-0.15, 0.15, 2))
+
+
+def _random_tps(rng, jitter: float = 0.15) -> np.ndarray:
+    return tf.tps_identity() + rng.uniform(-jitter, jitter, 18)
+
+
+class _Fixed(CnnGeoMatcher):
+    """The matcher around fixed transforms (forward, backward): what the network would say."""
+
+    def __init__(self, kind, forward, backward=None, affine=None, **kw):
+        super().__init__(net=_net(), **kw)
+        if backward is None:   # not the forward one: a swapped direction must show
+            backward = tf.AFFINE_IDENTITY if kind == 'affine' else tf.tps_identity()
+        theta = torch.tensor(np.stack([forward, backward]), dtype=torch.float32)
+        aff = torch.tensor(np.stack([affine if affine is not None else tf.AFFINE_IDENTITY] * 2),
+                           dtype=torch.float32)
+        self._fixed = (kind, theta, aff)
+
+    def predict(self, source, target):
+        return self._fixed
+
+
+# ------------------------------------------------------------------------------ geometry
+
+
+def test_grid_loss_is_zero_at_the_true_parameters_and_grows_away_from_them():
+    points = parametric.grid_points(21)
+    assert points.shape == (441, 2) and points.min() == -1 and points.max() == 1
+    for kinds, stage in ((('affine', 'similarity'), 'affine'), (('tps',), 'tps')):
+        pairs = _pairs(kinds)
+        truth = torch.from_numpy(true_points(pairs, 21))
+        theta = torch.tensor(np.stack([p.params['theta'] for p in pairs]), dtype=torch.float32)
+        out = CnnGeoOutput(theta, None, None) if stage == 'affine' else CnnGeoOutput(
+            torch.zeros(3, 6), theta, theta)
+        assert float(grid_loss(predicted_points(out, stage, points), truth)) < 1e-10
+        off = theta + 0.01
+        out = CnnGeoOutput(off, None, None) if stage == 'affine' else CnnGeoOutput(off[:, :6], off, off)
+        assert float(grid_loss(predicted_points(out, stage, points), truth)) > 1e-5
+    # Homographies too: the truth is the homography at the grid points.
+    pair = _pairs(('homography',), 1)[0]
+    expected = tf.apply_transform('homography', np.asarray(pair.params['theta']),
+                                  points.double().numpy())
+    np.testing.assert_allclose(true_points([pair], 21)[0], expected, atol=1e-6)
+
+
+def test_composed_transform_equals_warping_twice():
+    rng = np.random.default_rng(0)
+    affine, tps = _random_affine(rng), _random_tps(rng)
+    composed = parametric.compose_affine_tps(affine, tps)
+    pts = rng.uniform(-1.2, 1.2, (200, 2))
+    np.testing.assert_allclose(tf.apply_tps(composed, pts), tf.apply_affine(affine, tf.apply_tps(tps, pts)),
+                               atol=1e-12)
+    torch_composed = parametric.compose_affine_tps_torch(torch.tensor(affine)[None], torch.tensor(tps)[None])
+    np.testing.assert_allclose(torch_composed[0].numpy(), composed, atol=1e-12)
+    # As images: the target warped by the affine onto the source grid, that warped by the TPS,
+    # is the target warped once by the composition (a smooth image: bilinear twice ~ once).
+    h, w = 60, 80
+    ys, xs = np.mgrid[0:h, 0:w] / 40.0
+    target = torch.tensor(np.stack([np.sin(2 * xs + ys), np.cos(xs - 3 * ys), np.sin(xs * ys)]),
+                          dtype=torch.float64)[None]
+
+    def warp(image, kind, theta):
+        grid = parametric.dense_map(kind, torch.tensor(theta)[None], (w, h))
+        return F.grid_sample(image, grid, align_corners=False, padding_mode='border'), grid
+
+    aligned, _ = warp(target, 'affine', affine)
+    twice, inner = warp(aligned, 'tps', tps)
+    once, grid = warp(target, 'tps', composed)
+    ok = (parametric.inside(grid * 1.1) & parametric.inside(inner * 1.1))[0]   # away from edges
+    assert ok.sum() > 0.3 * h * w
+    err = (twice - once).abs().amax(1)[0][ok]
+    assert float(err.max()) < 0.03, float(err.max())
+
+
+def test_densified_flow_equals_warping_by_the_parameters():
+    """Native size, different source and target sizes: the flow is T at every source pixel."""
+    rng = np.random.default_rng(1)
+    affine, tps = _random_affine(rng), _random_tps(rng)
+    source = rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    target = (rng.random((45, 45, 3)) * 255).astype(np.uint8)
+    target = np.ascontiguousarray(np.repeat(np.repeat(target, 2, 0), 2, 1))   # 90x90
+    pix = np.stack(np.meshgrid(np.arange(70.0), np.arange(50.0)), axis=-1)
+    for kind, theta in (('tps', tps), ('affine', affine)):
+        m = _Fixed(kind, theta)
+        flow, _ = m.match(source, target)
+        mapped = tf.to_pixels(tf.apply_transform(kind, theta, tf.to_normalized(pix, (70, 50))), (90, 90))
+        np.testing.assert_allclose(flow, mapped - pix, atol=2e-3)
+        # Sampling the target along the flow renders what grid_sample renders with the parameters.
+        import cv2
+        by_flow = cv2.remap(target.astype(np.float32), *(pix + flow).astype(np.float32).transpose(2, 0, 1),
+                            cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        grid = parametric.dense_map(kind, torch.tensor(theta)[None].float(), (70, 50))
+        by_theta = F.grid_sample(torch.from_numpy(target).permute(2, 0, 1)[None].float(), grid,
+                                 align_corners=False, padding_mode='zeros')[0].permute(1, 2, 0).numpy()
+        inner = parametric.inside(grid * 1.05)[0].numpy()
+        assert np.abs(by_flow - by_theta)[inner].max() < 0.5
+
+
+def test_flow_is_the_transform_without_inversion_on_a_synthetic_pair():
+    """The generator renders source(x) = target(T(x)); fed (source, target), T *is* the flow."""
+    for kind in ('tps', 'affine'):
+        pair = _pairs((kind,), 1, size=(60, 80))[0]
+        flow, _ = _Fixed(kind, np.asarray(pair.params['theta'])).match(pair.source, pair.target)
+        np.testing.assert_allclose(flow[pair.valid], pair.flow[pair.valid], atol=2e-3)
+
+
+def test_least_squares_fits_recover_exact_transforms():
+    rng = np.random.default_rng(2)
+    pts = rng.uniform(-1, 1, (300, 2))
+    affine, tps = _random_affine(rng), _random_tps(rng)
+    np.testing.assert_allclose(parametric.fit_affine(pts, tf.apply_affine(affine, pts)), affine, atol=1e-9)
+    np.testing.assert_allclose(parametric.fit_tps(pts, tf.apply_tps(tps, pts)), tps, atol=1e-8)
+    lean = parametric.apply_tps_lean(torch.tensor(tps)[None], torch.tensor(pts)[None])
+    np.testing.assert_allclose(lean[0].numpy(), tf.apply_tps(tps, pts), atol=1e-12)
+    on_grid = parametric.dense_map('tps', torch.tensor(tps)[None], (7, 5))
+    base = tf.base_grid_torch(5, 7, 1, dtype=torch.float64)
+    np.testing.assert_allclose(on_grid.numpy(), tf.apply_tps_torch(torch.tensor(tps)[None], base).numpy(),
+                               atol=1e-12)
+    assert parametric.degenerate_affine(tf.AFFINE_IDENTITY) == ''
+    assert 'determinant' in parametric.degenerate_affine([-1, 0, 0, 0, 1, 0])
+    assert 'outside' in parametric.degenerate_affine([0.2, 0, 0, 0, 0.2, 0])
+    assert 'non-finite' in parametric.degenerate_affine([np.nan, 0, 0, 0, 1, 0])
+
+
+# ------------------------------------------------------------------------------ network
+
+
+def test_network_starts_at_the_identity_and_keeps_parameters_float32():
+    net = _net().eval()
+    x, y = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = net(x, y)
+    assert out.affine.dtype == out.composed.dtype == torch.float32
+    np.testing.assert_allclose(out.affine.numpy(), np.tile(tf.AFFINE_IDENTITY, (2, 1)), atol=0)
+    np.testing.assert_allclose(out.composed.numpy(), np.tile(tf.tps_identity(), (2, 1)), atol=1e-7)
+    assert net(x, y, stages='affine').tps is None
+    assert _net(tps=False).tps is None
+    with pytest.raises(ValueError, match='input_size'):
+        net(torch.rand(1, 3, 48, 64), torch.rand(1, 3, 48, 64))
+    with pytest.raises(ValueError, match='too small'):
+        CnnGeoNet(CnnGeoConfig(input_size=(64, 64)))                       # 4x4 cells, 7x7 kernel
+    # The hierarchy composes: affine then TPS regressors with constant outputs.
+    rng = np.random.default_rng(3)
+    affine, tps = _random_affine(rng), _random_tps(rng)
+    with torch.no_grad():
+        net.affine.linear.bias.copy_(torch.tensor(affine))
+        net.tps.linear.bias.copy_(torch.tensor(tps))
+        out = net(x, y)
+    np.testing.assert_allclose(out.composed[0].numpy(), parametric.compose_affine_tps(affine, tps), atol=1e-5)
+    # Two-way: each direction is the plain forward of that direction.
+    net = _net(4).eval()
+    with torch.no_grad():
+        both = net.two_way(x[:1], y[:1])
+        forward, backward = net(x[:1], y[:1]), net(y[:1], x[:1])
+    assert torch.allclose(both.composed[0], forward.composed[0], atol=1e-5)
+    assert torch.allclose(both.composed[1], backward.composed[0], atol=1e-5)
+
+
+def test_folded_batch_norm_gives_the_same_parameters_and_cannot_train():
+    net = _net(9)
+    for regressor in (net.affine, net.tps):                 # away from the zero-weight start
+        torch.nn.init.normal_(regressor.linear.weight, std=0.05)
+    net.train()
+    for _ in range(2):                                       # non-trivial BN statistics
+        net(torch.rand(4, 3, 64, 64), torch.rand(4, 3, 64, 64))
+    net.eval()
+    x, y = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        before, feat = net(x, y), net.features(x)
+        after = net.fold_batch_norm()(x, y)
+        assert torch.allclose(feat, net.features(x), atol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert (before.composed - torch.tensor(tf.tps_identity())).abs().max() > 1e-2
+    assert torch.allclose(before.composed, after.composed, atol=1e-4)
+    with pytest.raises(RuntimeError, match='folded'):
+        net.train()
+
+
+def test_normalisation_switch_changes_the_matching_layer():
+    on, off = _net(5), _net(5, normalize_matches=False)
+    f = F.normalize(torch.randn(1, 16, 4, 4), dim=1)
+    g = F.normalize(torch.randn(1, 16, 4, 4), dim=1)
+    assert torch.allclose(on.correlation(f, g).norm(dim=1), torch.ones(1, 4, 4), atol=1e-4)
+    assert (off.correlation(f, g) < 0).any()                                 # raw cosines
+
+
+# ------------------------------------------------------------------------------ matcher
+
+
+def test_matcher_contract_never_nan_and_registered():
+    assert {'cnngeo', 'cnngeo-affine'} <= set(available_methods())
+    rng = np.random.default_rng(4)
+    src = rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    tgt = rng.integers(0, 255, (40, 45, 3), dtype=np.uint8)
+    for cls in (CnnGeoMatcher, CnnGeoAffineMatcher):
+        m = cls(net=_net(6))
+        for s, t in ((src, tgt), (np.zeros_like(src), np.zeros_like(tgt)), (src, src)):
+            flow, match = m.match(s, t)
+            assert flow.shape == (50, 70, 2) and flow.dtype == np.float32 and np.isfinite(flow).all()
+            assert match.shape == (50, 70) and np.isfinite(match).all()
+            assert 0 <= match.min() <= match.max() <= 1
+    with pytest.raises(ValueError, match='precision'):
+        CnnGeoMatcher(net=_net(), precision='fp8')
+    with pytest.raises(ValueError, match='sigma'):
+        CnnGeoMatcher(net=_net(), sigma=0)
+
+
+def test_bad_inputs_raise_value_errors_naming_the_rule():
+    m = CnnGeoMatcher(net=_net())
+    good = np.zeros((32, 32, 3), np.uint8)
+    for bad, rule in ((good.astype(np.float32), 'uint8'), (good[..., 0], 'HxWx3'),
+                      (np.zeros((32, 32, 4), np.uint8), 'HxWx3'),
+                      (np.zeros((15, 40, 3), np.uint8), 'at least 16 px')):
+        for args in ((bad, good), (good, bad)):
+            with pytest.raises(ValueError, match=rule):
+                m.match(*args)
+
+
+def test_round_trip_matchability_and_degenerate_affines():
+    rng = np.random.default_rng(5)
+    affine = tf.affine_theta(0.1, 0.0, 0.9, 0.9, 0.2, 0.0)
+    inverse = np.linalg.inv(tf.affine_matrix(affine))[:2].ravel()
+    img = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    flow, match = _Fixed('affine', affine, inverse, affine=affine).match(img, img)
+    inside = parametric.inside(parametric.dense_map('affine', torch.tensor(affine)[None], (64, 64)))[0].numpy()
+    assert inside.mean() < 0.95
+    np.testing.assert_allclose(match[inside], 1.0, atol=1e-4)               # consistent round trip
+    assert np.all(match[~inside] == 0)                                     # lands outside
+    _, worse = _Fixed('affine', affine, tf.AFFINE_IDENTITY, affine=affine).match(img, img)
+    assert worse[inside].mean() < 0.5 * match[inside].mean()
+    mirror = np.array([-1.0, 0, 0, 0, 1, 0])
+    with pytest.warns(RuntimeWarning, match='determinant'):
+        flow, match = _Fixed('affine', mirror, affine=mirror).match(img, img)
+    assert np.isfinite(flow).all() and not match.any()
+    with pytest.warns(RuntimeWarning, match='non-finite'):
+        flow, match = _Fixed('tps', np.full(18, np.nan)).match(img, img)
+    assert np.isfinite(flow).all() and not match.any()
+
+
+def _train_state(net: CnnGeoNet, method: str, tmp_path, name: str = 'last.pt'):
+    task = CnnGeoTpsTask() if method == 'cnngeo-tps' else CnnGeoAffineTask()
+    cfg = {**net.config.__dict__}
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k != 'tps'}
+    if method == 'cnngeo-tps':
+        cfg['init_weights'] = 'unused'
+    path = tmp_path / name
+    torch.save({'format': ckpt.TRAIN_FORMAT, 'method': method, 'step': 3,
+                'config': {'model': task.model_config(cfg)}, 'model': net.state_dict()}, path)
+    return path
+
+
+def test_weights_of_another_method_width_or_stage_are_refused(tmp_path):
+    dgc_like = tmp_path / 'dgc.pt'
+    torch.save({'format': ckpt.TRAIN_FORMAT, 'method': 'dgc', 'step': 1, 'config': {'model': {}},
+                'model': {}}, dgc_like)
+    with pytest.raises(CheckpointError, match=r"'dgc'.*cnngeo-tps or cnngeo-affine"):
+        load_matcher('cnngeo', device='cpu', weights=str(dgc_like))
+    full = _train_state(_net(7), 'cnngeo-tps', tmp_path)
+    m = load_matcher('cnngeo', device='cpu', weights=str(full), width=0.125)
+    assert m.record['checkpoint_method'] == 'cnngeo-tps'
+    with pytest.raises(CheckpointError, match='expected a width-0.25 .* found width 0.125'):
+        load_matcher('cnngeo', device='cpu', weights=str(full), width=0.25)
+    affine_only = _train_state(_net(7, tps=False), 'cnngeo-affine', tmp_path, 'affine.pt')
+    with pytest.raises(CheckpointError, match='expected cnngeo-tps, found cnngeo-affine'):
+        load_matcher('cnngeo', device='cpu', weights=str(affine_only))
+    assert load_matcher('cnngeo-affine', device='cpu', weights=str(affine_only)).net.tps is None
+    # Shipped format: a failed checksum names the expected and the found digest.
+    out = tmp_path / 'w' / 'cnngeo_test.pt'
+    state = torch.load(full, weights_only=True)
+    ckpt.export_weights(state, out, {'note': 'test'})
+    load_matcher('cnngeo', device='cpu', weights=str(out))
+    data = bytearray(out.read_bytes())
+    data[-10] ^= 0xFF
+    out.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match='sha256 .* does not match its record'):
+        load_matcher('cnngeo', device='cpu', weights=str(out))
+
+
+def test_missing_weights_name_the_training_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(cnngeo_method.WEIGHTS, 'directory', tmp_path)
+    for name in ('cnngeo', 'cnngeo-affine'):
+        with pytest.raises(FileNotFoundError, match='dense-match-train cnngeo-affine'):
+            load_matcher(name, device='cpu')
+
+
+def test_sigma_fit_picks_a_listed_value():
+    pairs = _pairs(('affine',), 2, size=(64, 64))
+    fit = fit_sigma(_Fixed('affine', np.asarray(pairs[0].params['theta'])), pairs, sigmas=(0.5, 2.0, 8.0))
+    assert fit['sigma_px'] in (0.5, 2.0, 8.0) and 0 <= fit['jaccard'] <= 1
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def _losses(run):
+    return [(r['step'], r['loss']) for r in map(json.loads, (run / 'log.jsonl').read_text().splitlines())]
+
+
+def test_task_configs_check_stage_and_architecture(tmp_path):
+    affine, tps = CnnGeoAffineTask(), CnnGeoTpsTask()
+    assert affine.model_config({})['tps'] is False and affine.loss_config({})['grid_points'] == 21
+    with pytest.raises(ValueError, match='widht'):
+        affine.model_config({'widht': 1})
+    with pytest.raises(ValueError, match='model.tps'):
+        affine.model_config({'tps': True})
+    with pytest.raises(ValueError, match='affine_weights'):
+        tps.model_config({})
+    stage1 = _train_state(_net(8, tps=False), 'cnngeo-affine', tmp_path)
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.__dict__.items() if k != 'tps'}
+    with pytest.raises(ValueError, match='expected width 0.25, found 0.125'):
+        tps.build_model(tps.model_config({**cfg, 'width': 0.25, 'affine_weights': str(stage1)}))
+    net = tps.build_model(tps.model_config({**cfg, 'affine_weights': str(stage1)}))
+    net.train()
+    assert not net.backbone.training and not net.affine.training and net.tps.training
+    assert not any(p.requires_grad for p in net.affine.parameters())
+
+
+def test_cli_affine_stage_resumes_exactly_then_the_tps_stage_trains_and_exports(tmp_path):
+    whole, split = tmp_path / 'whole', tmp_path / 'split'
+    assert main(['cnngeo-affine', '--steps', '20', '--out', str(whole), *TINY_CLI]) == 0
+    assert main(['cnngeo-affine', '--steps', '20', '--stop-at', '10', '--out', str(split), *TINY_CLI]) == 0
+    assert [s for s, _ in _losses(split)] == list(range(1, 11))
+    assert main(['cnngeo-affine', '--steps', '20', '--out', str(split), *TINY_CLI]) == 0
+    a, b = _losses(whole), _losses(split)
+    assert [s for s, _ in a] == list(range(1, 21)) and [s for s, _ in b] == list(range(1, 21))
+    np.testing.assert_array_equal([x for _, x in a], [x for _, x in b])
+    assert all(np.isfinite(x) for _, x in a)
+    first = ckpt.load_training_state(whole / 'last.pt')
+    stage2 = tmp_path / 'tps'
+    assert main(['cnngeo-tps', '--steps', '3', '--out', str(stage2), *TINY_CLI,
+                 '--set', f'model.affine_weights={whole / "last.pt"}']) == 0
+    second = ckpt.load_training_state(stage2 / 'last.pt')
+    for k, v in first['model'].items():                                  # stage 1 frozen
+        assert torch.equal(second['model'][k], v), k
+    assert any(not torch.equal(v, CnnGeoNet(TINY).state_dict()[k]) for k, v in second['model'].items()
+               if k.startswith('tps.linear'))
+    out = tmp_path / 'w' / 'cnngeo_test.pt'
+    assert main(['export', str(stage2), '--out', str(out)]) == 0
+    record = json.loads(out.with_suffix('.json').read_text())
+    assert record['method'] == 'cnngeo-tps' and record['dtype'] == 'float16'
+    rng = np.random.default_rng(6)
+    src = rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)
+    for name in ('cnngeo', 'cnngeo-affine'):
+        flow, match = load_matcher(name, device='cpu', weights=str(out)).match(src, src)
+        assert np.isfinite(flow).all() and np.isfinite(match).all()
+    # The fitted sigmas land in the record (each method its own) and the matchers read them.
+    from dense_match_ros.training.cnngeo_task import sigma_main
+    for name, key in (('cnngeo', 'sigma_px'), ('cnngeo-affine', 'sigma_px_affine')):
+        assert sigma_main(['--method', name, '--weights', str(out), '--pairs', '2', '--write']) == 0
+        calibration = json.loads(out.with_suffix('.json').read_text())['calibration']
+        assert load_matcher(name, device='cpu', weights=str(out)).sigma == calibration[key]
+    assert set(calibration['fits']) == {'cnngeo', 'cnngeo-affine'}
+
+
+def test_shipped_cpu_checkpoint_recovers_a_known_warp():
+    """The shipped cnngeo_cpu.pt: loads through the registry for both methods, names the
+    commands that made it, and recovers a rotation/zoom/shift of a real photo far better
+    than no motion would."""
+    if not (cnngeo_method.WEIGHTS.directory / 'cnngeo_cpu.pt').is_file():
+        pytest.skip('no shipped cnngeo checkpoint')
+    from photo_warp import affine_photo_pair
+    record = json.loads((cnngeo_method.WEIGHTS.directory / 'cnngeo_cpu.json').read_text())
+    assert record['command'].startswith('dense-match-train cnngeo-tps')
+    assert record['dtype'] == 'float16' and record['calibration']['sigma_px'] > 0
+    src, tgt, gt = affine_photo_pair(240, 240, 8.0, 1.1, (12.0, -8.0))
+    inner = (slice(30, -30), slice(30, -30))
+    still = np.median(np.linalg.norm(gt, axis=-1)[inner])
+    for name in ('cnngeo', 'cnngeo-affine'):
+        m = load_matcher(name, device='cpu', width=0.25)
+        flow, match = m.match(src, tgt)
+        err = np.median(np.linalg.norm(flow - gt, axis=-1)[inner])
+        assert err < 0.5 * still, (name, err, still)
+        assert np.isfinite(match).all()
