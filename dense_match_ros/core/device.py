@@ -52,6 +52,35 @@ def autocast_dtype(device_type: str, enabled: bool = True):
     return None
 
 
+PRECISIONS = ('auto', 'fp32', 'bf16')
+"""A network matcher's ``precision`` option: the detected mixed precision, or forced."""
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision must be one of {PRECISIONS}, got {precision!r}')
+
+
+def inference_dtype(precision: str, device: str):
+    """The autocast dtype that ``precision`` asks for on ``device`` (None: plain fp32)."""
+    import torch
+    check_precision(precision)
+    if precision == 'fp32':
+        return None
+    if precision == 'bf16':
+        return torch.bfloat16
+    return autocast_dtype('cuda' if str(device).startswith('cuda') else 'cpu')
+
+
+def autocast(device: str, dtype):
+    """``torch.autocast`` on ``device``'s type with ``dtype``; a no-op context for None."""
+    import contextlib
+    import torch
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast('cuda' if str(device).startswith('cuda') else 'cpu', dtype=dtype)
+
+
 DEFAULT_THREADS = 1
 """CPU threads for torch and OpenCV when nothing is said. One thread: on a small, busy
 robot computer a matcher that spreads over every core fights the other processes for them

@@ -24,7 +24,6 @@ side (smaller than one correlation cell of the 240 px input after resizing).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from dense_match_ros.core.checkpoint import CheckpointError, load_weights
-from dense_match_ros.core.device import autocast_dtype
+from dense_match_ros.core.device import autocast, check_precision, inference_dtype
 from dense_match_ros.core.geometry import parametric
 from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.networks.cnngeo import CnnGeoNet, config_from_dict
@@ -49,7 +48,6 @@ CHECKPOINT_METHODS = ('cnngeo-tps', 'cnngeo-affine')
 MIN_SIDE = 16
 DEFAULT_SIGMA_PX = 2.0
 """Round-trip sigma (input-size pixels) where the checkpoint record has no fitted one."""
-PRECISIONS = ('auto', 'fp32', 'bf16')
 SIGMA_KEYS = {'tps': 'sigma_px', 'affine': 'sigma_px_affine'}
 """Where the record's ``calibration`` keeps each method's fitted sigma (the round trip of the
 affine stage alone errs more than that of the composition, so each has its own)."""
@@ -108,8 +106,7 @@ class CnnGeoMatcher(Matcher):
     def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
                  sigma: float | None = None, width: float | None = None,
                  precision: str = 'auto', net: CnnGeoNet | None = None) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f'precision must be one of {PRECISIONS}, got {precision!r}')
+        check_precision(precision)
         if sigma is not None and not sigma > 0:
             raise ValueError(f'sigma must be > 0 px (round-trip tolerance), got {sigma}')
         self.device = device
@@ -125,10 +122,7 @@ class CnnGeoMatcher(Matcher):
                                   f'use method cnngeo-affine for the affine stage alone')
         fitted = (self.record.get('calibration') or {}).get(SIGMA_KEYS[self.stages])
         self.sigma = float(sigma if sigma is not None else fitted or DEFAULT_SIGMA_PX)
-        device_type = 'cuda' if str(device).startswith('cuda') else 'cpu'
-        self._device_type = device_type
-        self._amp = (None if precision == 'fp32' else
-                     torch.bfloat16 if precision == 'bf16' else autocast_dtype(device_type))
+        self._amp = inference_dtype(precision, device)
         # Channels-last convolutions are ~3x faster on a CPU (measured: the trunk on two
         # 240x240 images, one thread, bf16: 17 ms against 45 ms), and folded BatchNorm saves
         # the trunk a pass per layer; the matcher never trains its network.
@@ -158,9 +152,7 @@ class CnnGeoMatcher(Matcher):
         return (t.float() / 255.0).contiguous(memory_format=torch.channels_last)
 
     def _autocast(self):
-        if self._amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self._device_type, dtype=self._amp)
+        return autocast(self.device, self._amp)
 
     @torch.no_grad()
     def predict(self, source: np.ndarray, target: np.ndarray

@@ -18,14 +18,13 @@ forward-backward consistency ``exp(-(e / fb_sigma)^2)`` of the chosen flow.
 """
 from __future__ import annotations
 
-import contextlib
 
 import cv2
 import numpy as np
 import torch
 
 from dense_match_ros.core import calibration, refine as _refine
-from dense_match_ros.core.device import autocast_dtype
+from dense_match_ros.core.device import autocast, check_precision, inference_dtype
 from dense_match_ros.core.dis_presets import check_preset, create_dis, two_way_flow
 from dense_match_ros.core.geometry import grid
 from dense_match_ros.core.methods import weights as _weights
@@ -38,7 +37,6 @@ TRAIN_HINT = ('dense-match-train neuflow --config config/train_neuflow_cpu.yaml 
 WEIGHTS = _weights.LearnedWeights('neuflow', lambda cfg: NeuFlowNet(config_from_dict(cfg)),
                                   TRAIN_HINT)
 FUSIONS = ('none', 'dis')
-PRECISIONS = ('auto', 'fp32', 'bf16')
 FB_CHECKS = ('full', 'working')
 """Where the network's forward-backward error is taken: on the full grid after refining both
 directions (two DIS residuals), or on the working grid before refinement (one: faster)."""
@@ -67,8 +65,7 @@ class NeuFlowMatcher(Matcher):
             raise ValueError(f'fuse must be one of {FUSIONS}, got {fuse!r}')
         if fb_check not in FB_CHECKS:
             raise ValueError(f'fb_check must be one of {FB_CHECKS}, got {fb_check!r}')
-        if precision not in PRECISIONS:
-            raise ValueError(f'precision must be one of {PRECISIONS}, got {precision!r}')
+        check_precision(precision)
         if not fb_sigma > 0:
             raise ValueError(f'fb_sigma must be > 0 px, got {fb_sigma}')
         if int(max_side) < 32 and int(max_side) != 0:
@@ -82,19 +79,14 @@ class NeuFlowMatcher(Matcher):
         self.refine, self.refine_preset = refine, refine_preset
         self.fuse, self.fb_sigma, self.fb_check = fuse, float(fb_sigma), fb_check
         self._dis = create_dis(dis_preset) if fuse == 'dis' else None
-        device_type = 'cuda' if str(device).startswith('cuda') else 'cpu'
-        self._amp = (None if precision == 'fp32' else
-                     torch.bfloat16 if precision == 'bf16' else autocast_dtype(device_type))
-        self._device_type = device_type
+        self._amp = inference_dtype(precision, device)
         self.net.correlation_dtype(self._amp)
         self.calibration = self.record.get('calibration') if calibrated else None
 
     # -- the network ----------------------------------------------------------------
 
     def _autocast(self):
-        if self._amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self._device_type, dtype=self._amp)
+        return autocast(self.device, self._amp)
 
     @torch.no_grad()
     def network_flows(self, source: np.ndarray, target: np.ndarray
