@@ -247,9 +247,8 @@ def run(args) -> int:
         node.destroy_node()
         rclpy.try_shutdown()
         spinner.join(timeout=2.0)
-    summary = summarise(args, samples, injections, listener, node_log, (dis_ms, dis_all_ms),
-                        published,
-                        failure, code)
+    summary = summarise(args, t0, samples, injections, listener, node_log,
+                        (dis_ms, dis_all_ms), published, failure, code)
     write_report(out, summary, samples)
     print(format_summary(summary))
     if summary['failures']:
@@ -299,28 +298,27 @@ def rss_growth_pct(samples: Sequence[Sample], warm_s: float, edge: int = 3) -> f
     return 100.0 * (last - first) / first
 
 
-def summarise(args, samples: list[Sample], injections: list[Injection], listener: _Listener,
-              node_log: Path, dis_ms: tuple[float, float], published: int, failure: str,
-              exit_code: int | None) -> dict:
-    """Everything the soak measured, with the list of what failed (empty: passed)."""
+def summarise(args, t0: float, samples: list[Sample], injections: list[Injection],
+              listener: _Listener, node_log: Path, dis_ms: tuple[float, float], published: int,
+              failure: str, exit_code: int | None) -> dict:
+    """Everything the soak measured, with the list of what failed (empty: passed).
+
+    ``t0`` is the monotonic time the stream started: samples and bad inputs are timed from it.
+    """
     failures = [failure] if failure else []
     log = node_log.read_text(errors='replace') if node_log.is_file() else ''
     with listener.lock:
-        receipts = [when for when, _ in listener.output_stamps]
-        latencies = list(listener.latencies)
+        receipts = np.array([when - t0 for when, _ in listener.output_stamps])
+        latencies = [(when - t0, lat) for when, lat in listener.latencies]
         diag = dict(listener.diag)
-    t_first = receipts[0] if receipts else None
     for inj in injections:
         inj.named_in_log = f'[{inj.reason}]' in log
         if not inj.named_in_log:
             failures.append(f'bad input {inj.reason!r} at {inj.t_s:.0f} s not named in the log')
-    # When did flow come again after each bad input (t relative to the first publish)?
-    start = samples[0].t_s if samples else 0.0
-    if latencies and samples:
-        origin = latencies[0][0] - latencies[0][1]  # ~ monotonic time of the first publish
-        times = np.array([when - origin for when in receipts])
+    # When did flow come again after each bad input?
+    if receipts.size and samples:
         for inj in injections:
-            later = times[times > inj.t_s + BAD_PAUSE_S]
+            later = receipts[receipts > inj.t_s + BAD_PAUSE_S]
             inj.resumed_after_s = float(later[0] - inj.t_s) if later.size else None
             if inj.resumed_after_s is None and inj.t_s < samples[-1].t_s - 10.0:
                 failures.append(f'no flow after bad input {inj.reason!r} at {inj.t_s:.0f} s')
@@ -331,11 +329,11 @@ def summarise(args, samples: list[Sample], injections: list[Injection], listener
         if growth > args.max_rss_growth:
             failures.append(f'RSS grew {growth:.2f} % after the warm-up (limit '
                             f'{args.max_rss_growth:g} %)')
-    if not receipts:
+    if not receipts.size:
         failures.append('the node published no flow')
     if exit_code not in (0, -2, 130) and not failure:
         failures.append(f'the node exited with code {exit_code} when stopped')
-    steady = [lat for when, lat in latencies if t_first is not None and when - t_first >= warm]
+    steady = [lat for when, lat in latencies if when >= warm]
     p50, p95, p99 = _percentiles(steady)
     return {
         'method': args.method, 'size': list(args.size), 'rate_hz': args.rate,
@@ -357,7 +355,6 @@ def summarise(args, samples: list[Sample], injections: list[Injection], listener
         'stages_ms': {k[len('stage_'):-len('_ms')]: float(v) for k, v in diag.items()
                       if k.startswith('stage_') and k.endswith('_ms') and v != 'nan'},
         'bad_inputs': [dataclasses.asdict(i) for i in injections],
-        'samples_start_s': start,
         'failures': failures,
     }
 
