@@ -63,6 +63,20 @@ CASES = [
     BadInput('matcher', "`load_matcher('foo')`, an unknown option",
              'plain message with the available methods / the options the method takes',
              'test_dis.py::test_unknown_methods_and_options_are_named_plainly'),
+    BadInput('matcher', '`cnngeo`: a float image, a grey or RGBA image, a side under 16 px',
+             '`ValueError` naming the rule (uint8, HxWx3, at least 16 px)',
+             'test_cnngeo.py::test_bad_inputs_raise_value_errors_naming_the_rule'),
+    BadInput('matcher', '`dmp` / `dmp-scratch`: the same three', '`ValueError` naming the rule',
+             'test_dmp.py::test_bad_inputs_name_the_rule'),
+    BadInput('matcher', '`dmp`: a non-finite test-time loss', 'the loop stops with a warning and '
+             'returns the best finite iterate; no NaN',
+             'test_dmp.py::test_a_non_finite_loss_stops_with_a_warning_and_returns_the_best_finite_iterate'),
+    BadInput('matcher', '`deepmatching`: a float or grey image, a side smaller than the top-level '
+             'patch', '`ValueError` naming the rule',
+             'test_deepmatching.py::test_bad_inputs_raise_value_errors_naming_the_rule'),
+    BadInput('matcher', '`deepmatching`: a frame whose finest volume exceeds `max_memory_mb`',
+             'matched at a smaller working size, with a warning',
+             'test_deepmatching.py::test_a_volume_over_the_memory_bound_is_downscaled_with_a_warning'),
     BadInput('replay', 'an Image message cut in half', 'skipped, counted, named (topic, time, '
              'reason) in the report; the rest replays',
              'test_replay.py::test_replay_skips_a_corrupt_message_names_it_and_replays_the_rest'),

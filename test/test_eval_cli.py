@@ -96,6 +96,31 @@ def test_cli_json_on_known_flow(tmp_path, fake_synthetic, capsys):
     assert '== summary' in printed
 
 
+def test_cli_compares_several_methods_with_a_record_each(tmp_path, fake_synthetic, capsys):
+    """``--method a,b``: each method in turn (its own JSON), then the summaries side by side;
+    per-call figures a matcher reports (``last_run``) land in its rows."""
+    class _Counting(_ShiftMatcher):
+        def _match(self, source, target):
+            self.last_run = {'iterations': 7, 'reason': 'converged'}
+            return super()._match(source, target)
+
+    registry.register('test_counting', _Counting)
+    try:
+        out = tmp_path / 'r.json'
+        assert cli.main(['--method', 'test_shift,test_counting', '--sets', 'synthetic',
+                         '--synthetic-n', '1', '--json', str(out), '--no-progress']) == 0
+    finally:
+        registry._REGISTRY.pop('test_counting', None)
+    shift = json.loads((tmp_path / 'r_test_shift.json').read_text())
+    counting = json.loads((tmp_path / 'r_test_counting.json').read_text())
+    assert shift['method'] == 'test_shift' and counting['method'] == 'test_counting'
+    assert counting['rows'][0]['run_iterations'] == 7 and 'run_reason' not in counting['rows'][0]
+    assert 'run_iterations' not in shift['rows'][0]
+    printed = capsys.readouterr().out
+    assert '== comparison' in printed and '-- test_shift' in printed and '-- test_counting' in printed
+    assert cli.main(['--method', 'test_shift,dis', '--weights', 'x.pt', '--sets', 'synthetic']) == 2
+
+
 def test_cli_usage_errors_are_reported_not_raised(capsys):
     assert cli.main(['--method', 'no_such_method', '--sets', 'synthetic']) == 2
     assert 'no_such_method' in capsys.readouterr().err

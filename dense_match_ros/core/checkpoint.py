@@ -81,3 +81,21 @@ def load_weights(path: str | Path, method: str, verify: bool = True) -> tuple[di
         raise CheckpointError(f'{path} holds weights for {found!r}, not {method!r}')
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     return model_config, state, record
+
+
+def load_trunk(backbone: torch.nn.Module, path: str | Path, what: str = '') -> None:
+    """Load the ``backbone.*`` weights of any checkpoint (a trained ``hilm`` of the same width)
+    into ``backbone``: without ImageNet weights, the project's own trained trunk is the only
+    meaningful start for a network that builds on a frozen one. ValueError when the file holds
+    no trunk or one of another shape."""
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+    state = obj.get('state_dict') or obj.get('model') or obj
+    trunk = {k[len('backbone.'):]: v.float() if v.is_floating_point() else v
+             for k, v in state.items() if k.startswith('backbone.')}
+    if not trunk:
+        raise ValueError(f'{path} holds no backbone.* weights')
+    try:
+        backbone.load_state_dict(trunk)
+    except RuntimeError as exc:
+        raise ValueError(f'{path}: its trunk does not fit {what or "this network"}: '
+                         f'{str(exc)[:300]}') from None

@@ -116,6 +116,10 @@ _BUILTIN = {
     'neuflow': 'dense_match_ros.core.methods.neuflow:NeuFlowMatcher',
     'cnngeo': 'dense_match_ros.core.methods.cnngeo:CnnGeoMatcher',
     'cnngeo-affine': 'dense_match_ros.core.methods.cnngeo:CnnGeoAffineMatcher',
+    'deepmatching': 'dense_match_ros.core.methods.deepmatching:DeepMatchingMatcher',
+    'deepmatching-hog': 'dense_match_ros.core.methods.deepmatching:DeepMatchingHogMatcher',
+    'dmp': 'dense_match_ros.core.methods.dmp:DmpMatcher',
+    'dmp-scratch': 'dense_match_ros.core.methods.dmp:DmpScratchMatcher',
 }
 
 

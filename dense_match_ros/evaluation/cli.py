@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import math
@@ -129,6 +130,10 @@ def evaluate_flow_pair(matcher, pair: Any, levels: bool = False) -> tuple[dict, 
                                                     matchable & (epe < metrics.CORRECT_PX))
     row['mean_matchability'] = float(np.mean(result.matchability))
     row['match_time_s'] = dt
+    # Matchers that work per pair (DMP's optimisation) say how: iterations, stop reason, ...
+    for key, value in (getattr(matcher, 'last_run', None) or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[f'run_{key}'] = value
     if levels:
         flows = matcher.level_flows(pair.source, pair.target)
         row['aepe_levels'] = [float(np.linalg.norm(f - gt, axis=-1)[valid].mean())
@@ -219,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='dense-match-eval', description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--method', required=True,
-                   help=f'registered method ({", ".join(available_methods())})')
+                   help=f'registered method ({", ".join(available_methods())}), or a comma list '
+                        'of them: each evaluated in turn, then compared')
     p.add_argument('--weights', default=None, help='checkpoint for learned methods')
     p.add_argument('--device', default='auto', help="auto, cpu, cuda or cuda:N")
     p.add_argument('--sets', type=parse_sets, default=parse_sets('sintel,hpatches240'),
@@ -312,6 +318,37 @@ def _add_block(record: dict, tables: list[str], name: str, rows: list[dict], sum
 def main(argv: Sequence[str] | None = None) -> int:
     argv_list = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv_list)
+    methods = [m.strip() for m in args.method.split(',') if m.strip()]
+    if len(methods) > 1:
+        return compare(methods, args, argv_list)
+    return evaluate(args, argv_list)[0]
+
+
+def compare(methods: Sequence[str], args: argparse.Namespace, argv_list: Sequence[str]) -> int:
+    """Several methods on the same sets, one after the other (each with its own JSON record,
+    ``NAME_METHOD.json``, and figure folder), then their summaries side by side."""
+    if args.weights:
+        print('dense-match-eval: --weights names one checkpoint; give it with one method',
+              file=sys.stderr)
+        return 2
+    summaries, worst = [], 0
+    for method in methods:
+        one = copy.copy(args)
+        one.method = method
+        if args.json is not None:
+            one.json = args.json.with_name(f'{args.json.stem}_{safe(method)}{args.json.suffix}')
+        if args.report is not None:
+            one.report = args.report / safe(method)
+        rc, record = evaluate(one, [*argv_list, '--method', method])
+        worst = max(worst, rc)
+        overview = format_overview(record.get('sets', {}), POSE_SET_NAMES) if record else ''
+        summaries.append(f'-- {method}\n{overview or "(nothing evaluated)"}')
+    print('\n== comparison\n' + '\n'.join(summaries))
+    return worst
+
+
+def evaluate(args: argparse.Namespace, argv_list: Sequence[str]) -> tuple[int, dict]:
+    """One method: (exit status, the JSON record)."""
     root = args.data_root if args.data_root is not None else shared_sets.data_root()
     from tqdm import tqdm
 
@@ -323,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyError, ValueError, TypeError, FileNotFoundError) as exc:
         # Unknown method, bad device, or weights that do not fit: a usage error, not a crash.
         print(f'dense-match-eval: {exc}', file=sys.stderr)
-        return 2
+        return 2, {}
     print(f'method {args.method} on {matcher.device}; data root {root}')
     if 'synthetic' in args.sets:
         held = _heldout_photos()
@@ -431,8 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f'dense-match-eval: nothing was evaluated: no data for {", ".join(args.sets)} under '
               f'{root} (set $DENSE_MATCH_DATA or --data-root); --sets synthetic needs no shared '
               f'data', file=sys.stderr)
-        return 1
-    return 0
+        return 1, record
+    return 0, record
 
 
 def safe(name: str) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dense_match_ros.core.checkpoint import load_trunk
 from dense_match_ros.core.registry import resolve_lazy
 
 
@@ -57,18 +58,8 @@ def fill(cls: type, values: dict, what: str) -> Any:
 
 def load_backbone_init(backbone: nn.Module, path: str, what: str = '') -> None:
     """Start a network's trunk from the ``backbone.*`` weights of another checkpoint (a trained
-    ``hilm`` of the same width): without ImageNet weights, the only trained trunk there is."""
-    obj = torch.load(path, map_location='cpu', weights_only=True)
-    state = obj.get('state_dict') or obj.get('model') or obj
-    trunk = {k[len('backbone.'):]: v.float() if v.is_floating_point() else v
-             for k, v in state.items() if k.startswith('backbone.')}
-    if not trunk:
-        raise ValueError(f'{path} holds no backbone.* weights')
-    try:
-        backbone.load_state_dict(trunk)
-    except RuntimeError as exc:
-        raise ValueError(f'{path}: its trunk does not fit {what or "this network"}: '
-                         f'{str(exc)[:300]}') from None
+    ``hilm`` of the same width): :func:`core.checkpoint.load_trunk`."""
+    load_trunk(backbone, path, what)
 
 
 def split_model(values: dict, cls: type, training_keys: Sequence[str], what: str) -> tuple[dict, dict]:
@@ -87,6 +78,8 @@ _TASKS: dict[str, Any] = {
     'neuflow': 'dense_match_ros.training.neuflow_task:NeuFlowTask',
     'cnngeo-affine': 'dense_match_ros.training.cnngeo_task:CnnGeoAffineTask',
     'cnngeo-tps': 'dense_match_ros.training.cnngeo_task:CnnGeoTpsTask',
+    'deepmatching': 'dense_match_ros.training.deepmatching_task:DeepMatchingTask',
+    'dmp': 'dense_match_ros.training.dmp_task:DmpTask',
 }
 
 

@@ -36,6 +36,7 @@ from dense_match_ros.core.checkpoint import CheckpointError, load_weights
 from dense_match_ros.core.device import autocast, check_precision, inference_dtype
 from dense_match_ros.core.geometry import parametric
 from dense_match_ros.core.methods import weights as _weights
+from dense_match_ros.core.methods.inputs import check_rgb
 from dense_match_ros.core.networks.cnngeo import CnnGeoNet, config_from_dict
 from dense_match_ros.core.registry import Matcher
 
@@ -87,15 +88,8 @@ WEIGHTS = StageWeights('cnngeo', lambda cfg: CnnGeoNet(config_from_dict(cfg)), T
 
 
 def check_image(image: np.ndarray, what: str) -> None:
-    """The input rules, each named in its ValueError."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f'{what} image must be uint8 RGB (0-255), got dtype {image.dtype}')
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f'{what} image must be HxWx3 RGB, got shape {image.shape}')
-    if min(image.shape[:2]) < MIN_SIDE:
-        raise ValueError(f'{what} image must be at least {MIN_SIDE} px a side, got '
-                         f'{image.shape[1]}x{image.shape[0]}')
+    """The input rules (uint8 RGB, at least :data:`MIN_SIDE` px a side), each named in its ValueError."""
+    check_rgb(image, what, MIN_SIDE)
 
 
 class CnnGeoMatcher(Matcher):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from dense_match_ros.core.geometry import grid
+from dense_match_ros.core.methods.epicflow import MAX_MATCHES, EpicInterpolator
 from dense_match_ros.core.methods.hilm_hierarchical import hierarchical_match, sample_descriptors
 from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.networks.hilm_net import HilmNet, config_from_dict
@@ -36,9 +37,7 @@ from dense_match_ros.core.registry import HIERARCHICAL_FEATURES, Matcher
 
 TRAIN_HINT = ('dense-match-train hilm --config config/train_hilm_cpu.yaml --out runs/hilm_cpu && '
               'dense-match-train export runs/hilm_cpu --out dense_match_ros/weights/hilm_cpu.pt')
-_MAX_MATCHES = 30000  # EdgeAwareInterpolator indexes matches with 16-bit integers
-_EPIC_K = 128         # its default neighbour count
-_MIN_EPIC_MATCHES = 16
+_MAX_MATCHES = MAX_MATCHES
 
 
 WEIGHTS = _weights.LearnedWeights('hilm', lambda cfg: HilmNet(config_from_dict(cfg)), TRAIN_HINT)
@@ -64,10 +63,7 @@ class HilmMatcher(Matcher):
             raise ValueError(f'fb_sigma must be > 0 px, got {fb_sigma}')
         self.fb_sigma = float(fb_sigma)
         self.subpixel = bool(subpixel)
-        self._interp = cv2.ximgproc.createEdgeAwareInterpolator()
-        # EpicFlow's fast-global-smoother pass is off by default: smoothing with one-sided
-        # support at the image edges bends smooth (e.g. zoom) flows there by pixels.
-        self._interp.setUsePostProcessing(bool(postprocess))
+        self._interp = EpicInterpolator(postprocess)
 
     # ------------------------------------------------------------------ helpers
 
@@ -95,39 +91,8 @@ class HilmMatcher(Matcher):
 
     def _densify(self, img_a: np.ndarray, pts_a: np.ndarray, img_b: np.ndarray,
                  pts_b: np.ndarray) -> np.ndarray:
-        """Dense flow on ``img_a``'s grid from sparse matches (EpicFlow, with fallbacks).
-
-        The interpolator fits each pixel from its K geodesic neighbours among the matches;
-        with fewer matches than K it can crash or return NaN, so K is capped by the match
-        count, very few matches use nearest-match interpolation instead, and any
-        non-finite output pixel is filled from the nearest match.
-        """
-        h, w = img_a.shape[:2]
-        if len(pts_a) == 0:
-            return np.zeros((h, w, 2), np.float32)
-        pts_a = np.ascontiguousarray(pts_a, dtype=np.float32)
-        pts_b = np.ascontiguousarray(pts_b, dtype=np.float32)
-        flow = None
-        if len(pts_a) >= _MIN_EPIC_MATCHES:
-            self._interp.setK(int(min(_EPIC_K, len(pts_a) - 1)))
-            flow = np.asarray(self._interp.interpolate(img_a, pts_a.reshape(-1, 1, 2), img_b,
-                                                       pts_b.reshape(-1, 1, 2)),
-                              dtype=np.float32).reshape(h, w, 2)
-            if np.isfinite(flow).all():
-                return flow
-        nearest = self._nearest_match_flow(pts_a, pts_b, (h, w))
-        if flow is None:
-            return nearest
-        bad = ~np.isfinite(flow).all(axis=-1)
-        flow[bad] = nearest[bad]
-        return flow
-
-    @staticmethod
-    def _nearest_match_flow(pts_a: np.ndarray, pts_b: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        from scipy.spatial import cKDTree
-        h, w = shape
-        _, idx = cKDTree(pts_a).query(grid.pixel_coords(h, w).reshape(-1, 2))
-        return (pts_b - pts_a)[idx].reshape(h, w, 2).astype(np.float32)
+        """Dense flow on ``img_a``'s grid from sparse matches (:mod:`.epicflow`)."""
+        return self._interp.densify(img_a, pts_a, img_b, pts_b)
 
     # ------------------------------------------------------------------ matching
 

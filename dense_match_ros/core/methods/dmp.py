@@ -1,0 +1,182 @@
+"""``dmp`` (DMP-dagger, pre-trained prior) and ``dmp-scratch``: a matching network optimised on
+each pair (Hong and Kim, ICCV 2021).
+
+Where other methods apply fixed weights, DMP fits the network's adaptation and residual
+modules (:mod:`core.networks.dmp`) to the pair at hand with a loss that needs no ground truth
+(:mod:`.dmp_optim`), so it adapts to what training never showed. ``dmp`` starts from weights
+pre-trained on synthetic pairs (``dense-match-train dmp``) and needs few iterations;
+``dmp-scratch`` starts from the identity (the plain correlation matcher on the project's
+trained trunk) and needs many. Every call starts from the stored weights, so results do not
+depend on earlier pairs; ``warm_start`` keeps the previous pair's optimised weights instead
+(a video stream's consecutive frames look alike).
+
+Any size (``mode``): ``'resize'`` runs the whole pyramid at the network's input size (240x240
+unless the checkpoint says otherwise) and resizes the flow back; ``'adaptive'`` runs the
+coarse level at the input size and the finer levels on both images at the source's aspect
+ratio, longest side ``max_side`` (the paper's adaptive resolution).
+
+Matchability: the finest level's probability of the matched position, times the in-bounds
+mask, through the calibration table of the checkpoint's record (``dense-match-calibrate``).
+"""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from dense_match_ros.core import calibration
+from dense_match_ros.core.checkpoint import CheckpointError, load_trunk
+from dense_match_ros.core.device import check_precision, inference_dtype
+from dense_match_ros.core.geometry import grid
+from dense_match_ros.core.methods import weights as _weights
+from dense_match_ros.core.methods.inputs import check_rgb
+from dense_match_ros.core.methods.dmp_optim import LossSettings, Stopping, optimise
+from dense_match_ros.core.networks.dmp import DmpConfig, DmpNet, config_from_dict
+from dense_match_ros.core.registry import Matcher
+
+TRAIN_HINT = ('dense-match-train dmp --config config/train_dmp_cpu.yaml --out runs/dmp_cpu && '
+              'dense-match-train export runs/dmp_cpu --out dense_match_ros/weights/dmp_cpu.pt')
+WEIGHTS = _weights.LearnedWeights('dmp', lambda cfg: DmpNet(config_from_dict(cfg)), TRAIN_HINT)
+TRUNK_WEIGHTS = 'hilm'
+"""Whose shipped checkpoint gives ``dmp-scratch`` its trunk (the project's trained backbone)."""
+SCRATCH_CONFIG = DmpConfig(width=0.25, input_size=(240, 240), finest='conv3', radius=3, hidden=32,
+                           adapt_kernel=1, temperature=0.02)
+"""``dmp-scratch``'s network: the architecture of the CPU pre-training (config/train_dmp_cpu.yaml),
+so that ``dmp`` and ``dmp-scratch`` differ only in where their weights start."""
+MODES = ('resize', 'adaptive')
+MIN_SIDE = 16
+
+
+def check_image(image: np.ndarray, what: str) -> None:
+    """The input rules (uint8 RGB, at least :data:`MIN_SIDE` px a side), each named in its ValueError."""
+    check_rgb(image, what, MIN_SIDE)
+
+
+def scratch_network(weights: str | Path | None, config: DmpConfig = SCRATCH_CONFIG) -> tuple[DmpNet, str]:
+    """An untrained DMP network on the trunk of ``weights`` (any checkpoint holding
+    ``backbone.*``; default: the shipped ``hilm``)."""
+    path = str(weights) if weights else str(_weights.LearnedWeights(TRUNK_WEIGHTS, None, '').shipped())
+    torch.manual_seed(0)  # the adaptation layers' inner convolutions: the same every time
+    net = DmpNet(config)
+    try:
+        load_trunk(net.trunk, path, 'the dmp trunk')
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    return net, path
+
+
+class DmpMatcher(Matcher):
+    """DMP-dagger: the pre-trained network, optimised on each pair."""
+
+    pretrained = True
+    default_iterations = 300
+
+    def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
+                 mode: str = 'resize', max_side: int = 480, iterations: int | None = None,
+                 lr: float = 3e-4, samples: int = 256, tau: float = 0.1, phi: float = 0.01,
+                 warp: str = 'features', min_update_px: float = 0.05, window: int = 10,
+                 patience: int = 40, time_budget_s: float = 0.0, warm_start: bool = False,
+                 precision: str = 'auto', calibrated: bool = True, seed: int = 0,
+                 net: DmpNet | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+        if int(max_side) < 32:
+            raise ValueError(f'max_side must be at least 32, got {max_side}')
+        check_precision(precision)
+        self.stopping = Stopping(self.default_iterations if iterations is None else int(iterations),
+                                 float(min_update_px), int(window), int(patience), float(time_budget_s))
+        self.stopping.check()
+        self.loss = LossSettings(int(samples), float(tau), float(phi), warp, float(lr))
+        self.loss.check()
+        self.device = device
+        if self.pretrained or net is not None:
+            self.net, self.record, self.weights = WEIGHTS.network_for(net, weights, variant, device)
+        else:
+            net, self.weights = scratch_network(weights)
+            self.net, self.record = net.to(device).eval(), {}
+        self.mode, self.max_side = mode, int(max_side)
+        self.warm_start, self.seed = bool(warm_start), int(seed)
+        self._amp = inference_dtype(precision, device)
+        self.calibration = self.record.get('calibration') if calibrated else None
+        # Each call starts from these (the shipped weights), unless warm_start.
+        self._stored = copy.deepcopy({k: v for k, v in self.net.state_dict().items()
+                                      if not k.startswith('trunk.')})
+        self.last_run: dict = {}
+        """Figures of the last call: iterations, best_iteration, loss, initial_loss, reason, seconds."""
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.net.config.input_size)
+
+    def _working_size(self, source: np.ndarray) -> tuple[int, int]:
+        """(W, H) both images run at."""
+        if self.mode == 'resize':
+            h, w = self.input_size
+            return w, h
+        h, w = source.shape[:2]
+        return grid.working_size((w, h), self.max_side, min_side=32, multiple=16, upscale=True)
+
+    def _tensor(self, image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+        h, w = image.shape[:2]
+        if (w, h) != size:
+            interp = cv2.INTER_AREA if size[0] * size[1] < w * h else cv2.INTER_LINEAR
+            image = cv2.resize(image, size, interpolation=interp)
+        t = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None]
+        return t.float().div(255.0).contiguous(memory_format=torch.channels_last)
+
+    def reset(self) -> None:
+        """Back to the stored weights (what every call does unless ``warm_start``)."""
+        self.net.load_state_dict(self._stored, strict=False)
+
+    def working_flow(self, source: np.ndarray, target: np.ndarray):
+        """(flow, confidence, working size (W, H)) of the optimised network on the working grid."""
+        size = self._working_size(source)
+        s, t = self._tensor(source, size), self._tensor(target, size)
+        coarse = None
+        if (size[1], size[0]) != self.input_size:
+            with torch.no_grad():
+                small = torch.nn.functional.interpolate(torch.cat((s, t)), size=self.input_size,
+                                                        mode='bilinear', align_corners=False, antialias=True)
+                pool = self.net.trunk(small, levels=('pool4',))['pool4']
+            coarse = (pool[:1], pool[1:])
+        if not self.warm_start or not self.last_run:
+            self.reset()
+        started = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            result = optimise(self.net, s, t, self.stopping, self.loss, self._amp, self.seed, coarse)
+        for w in caught:
+            warnings.warn(w.message, w.category, stacklevel=3)
+        self.last_run = {'iterations': result.iterations, 'best_iteration': result.best_iteration,
+                     'loss': result.loss, 'initial_loss': result.initial_loss,
+                     'reason': result.reason, 'seconds': time.perf_counter() - started}
+        flow = result.flow[0].permute(1, 2, 0).cpu().numpy()
+        confidence = result.confidence[0, 0].cpu().numpy()
+        return flow, confidence, size
+
+    def match(self, source: np.ndarray, target: np.ndarray):
+        check_image(source, 'source')
+        check_image(target, 'target')
+        return super().match(source, target)
+
+    def _match(self, source: np.ndarray, target: np.ndarray):
+        h, w = source.shape[:2]
+        th, tw = target.shape[:2]
+        flow, confidence, size = self.working_flow(source, target)
+        flow, confidence = grid.to_source_grid(flow, confidence, (w, h), size, (tw, th))
+        flow = np.nan_to_num(flow, nan=0.0, posinf=0.0, neginf=0.0)
+        matchability = np.nan_to_num(confidence) * grid.in_bounds(flow, (tw, th))
+        return flow, calibration.apply_table(matchability.astype(np.float32), self.calibration)
+
+
+class DmpScratchMatcher(DmpMatcher):
+    """DMP without pre-training: the identity-initialised network on the project's trunk,
+    optimised from scratch on each pair (``weights``: a checkpoint whose trunk to use)."""
+
+    pretrained = False
+    default_iterations = 2000

@@ -1,0 +1,227 @@
+"""DMP's test-time optimisation (Sec. 3.4): fit the matching network to one pair.
+
+The loss needs no ground truth: the target, warped onto the source grid by the network's
+final flow, must look like the source *to the network's own features*. At every pyramid
+level, M random source positions are compared with the warped target at the same positions
+by a contrastive (InfoNCE) loss of temperature tau: each warped feature must be nearer its
+own source position than the other M-1. The confidence-aware version leaves out positions
+whose probability of the true position is below phi (occluded or out-of-view points, which
+no flow can make similar).
+
+Two ways to get the warped target's features (``warp``):
+
+* ``'features'`` (default): the target's trunk features, computed once per pair, adapted and
+  sampled at the flow's positions on each level's grid. Only the adaptation and residual
+  modules are in the backward pass: the CPU path;
+* ``'image'``: the paper's way, the target image itself warped by the final flow and run
+  through the trunk at every iteration (gradients pass through the frozen trunk to the flow).
+
+Stopping (:class:`Stopping`): the mean flow update over the last ``window`` iterations below
+``min_update_px``, no new lowest loss for ``patience`` iterations, or the wall-time budget.
+The lowest-loss iterate is returned, never a later, worse one; a non-finite loss ends the
+loop with a warning and returns the best finite iterate.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from dense_match_ros.core.device import autocast
+from dense_match_ros.core.networks.dmp import DmpNet, cell_centres, sample_at
+from dense_match_ros.core.networks.backbone import STRIDES
+
+WARPS = ('features', 'image')
+
+
+@dataclasses.dataclass
+class Stopping:
+    """When the per-pair optimisation ends (whichever comes first)."""
+
+    iterations: int = 300
+    """At most this many Adam steps (the paper: 300 from a pre-trained prior, 2000 without)."""
+    min_update_px: float = 0.05
+    """Converged when the final flow moved less than this (mean, working pixels) per step,
+    averaged over the last ``window`` steps; 0 disables."""
+    window: int = 10
+    patience: int = 40
+    """Stop after this many steps without a new lowest loss; 0 disables."""
+    time_budget_s: float = 0.0
+    """Wall-time budget of the whole call (trunk features included); no step starts that would
+    end past it, judged by the last step's time; 0: none."""
+
+    def check(self) -> None:
+        if self.iterations < 0:
+            raise ValueError(f'iterations must be >= 0, got {self.iterations}')
+        if self.min_update_px < 0 or self.window < 1 or self.patience < 0 or self.time_budget_s < 0:
+            raise ValueError('min_update_px, patience and time_budget_s must be >= 0 and window >= 1')
+
+
+@dataclasses.dataclass
+class LossSettings:
+    """The test-time loss (paper defaults)."""
+
+    samples: int = 256
+    """M: positions compared per level and iteration."""
+    tau: float = 0.1
+    """InfoNCE temperature (features are L2-normalised)."""
+    phi: float = 0.01
+    """Confidence-aware threshold on the probability of the true position (0: keep all)."""
+    warp: str = 'features'
+    lr: float = 3e-4
+    """Adam step size."""
+
+    def check(self) -> None:
+        if self.samples < 2:
+            raise ValueError(f'samples must be >= 2 (a contrastive loss needs negatives), got {self.samples}')
+        if not self.tau > 0 or not 0 <= self.phi < 1 or not self.lr > 0:
+            raise ValueError('tau and lr must be > 0 and phi in [0, 1)')
+        if self.warp not in WARPS:
+            raise ValueError(f'warp must be one of {WARPS}, got {self.warp!r}')
+
+
+class Optimised(NamedTuple):
+    flow: torch.Tensor
+    """(1, 2, H, W) working-grid flow of the lowest-loss iterate, pixels."""
+    confidence: torch.Tensor
+    """(1, 1, H, W) its confidence."""
+    iterations: int
+    """Adam steps taken."""
+    best_iteration: int
+    loss: float
+    """Loss of the returned iterate (nan when no iterate had a finite loss)."""
+    initial_loss: float
+    reason: str
+    """Why the loop ended: 'iterations', 'converged', 'plateau', 'time' or 'non-finite'."""
+
+
+def contrastive(source: torch.Tensor, warped: torch.Tensor, index: torch.Tensor,
+                settings: LossSettings) -> torch.Tensor:
+    """Confidence-aware InfoNCE at the flat positions ``index`` of (1, C, h, w) normalised
+    feature maps.
+
+    A position whose probability of the true position is below phi adds no gradient (it is
+    occluded or out of view: no flow can make it similar) but still counts, at the cap
+    -log(phi), which no kept position exceeds. Dropping positions therefore never lowers the
+    loss: with a plain mean over the kept ones, a flow that pushes positions out of view
+    (where warped features are zero) would look better while getting worse.
+    """
+    s = source.flatten(2)[0, :, index].float()                    # (C, M)
+    t = warped.flatten(2)[0, :, index].float()
+    nll = -(s.t() @ t / settings.tau).log_softmax(1).diagonal()
+    if settings.phi > 0:
+        nll = nll.clamp(max=-math.log(settings.phi))
+    return nll.mean()
+
+
+class PairLoss(NamedTuple):
+    value: torch.Tensor
+    """What the step minimises: positions drawn afresh at every iteration."""
+    score: float
+    """The same loss at positions fixed for the whole call: what ranks the iterates (with
+    fresh positions each time, the lowest loss would often be the luckiest draw)."""
+
+
+def pair_loss(net: DmpNet, src: dict, tgt: dict, target_image: torch.Tensor, flow: torch.Tensor,
+              settings: LossSettings, generator: torch.Generator,
+              fixed: dict[str, torch.Tensor]) -> PairLoss:
+    """The test-time loss of a final flow (1, 2, H, W), summed over the levels."""
+    h, w = flow.shape[-2:]
+    if settings.warp == 'image':
+        origin = cell_centres(h, w, 1, flow.device)[None]
+        warped_image = sample_at(target_image, origin + flow, (h, w))
+        warped_feats = net.trunk(warped_image, levels=net.levels)
+    value, score = None, 0.0
+    for level in net.levels:
+        s = STRIDES[level]
+        lh, lw = src[level].shape[-2:]
+        if settings.warp == 'image':
+            warped = net.adapted(warped_feats, level)
+        else:
+            level_flow = F.interpolate(flow, size=(lh, lw), mode='area')
+            positions = cell_centres(lh, lw, s, flow.device)[None] + level_flow
+            warped = F.normalize(sample_at(net.adapt[level](tgt[level]), positions, (h, w)).float(), dim=1)
+        source = net.adapted(src, level)
+        index = torch.randperm(lh * lw, generator=generator)[:settings.samples].to(flow.device)
+        term = contrastive(source, warped, index, settings)
+        value = term if value is None else value + term
+        with torch.no_grad():
+            score += float(contrastive(source, warped, fixed[level], settings))
+    return PairLoss(value, score)
+
+
+def fixed_positions(src: dict, levels, samples: int, seed: int) -> dict[str, torch.Tensor]:
+    """Per level, the positions that score every iterate of one call."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    return {lv: torch.randperm(src[lv].shape[-2] * src[lv].shape[-1], generator=generator)[:samples]
+            for lv in levels}
+
+
+def optimise(net: DmpNet, source: torch.Tensor, target: torch.Tensor, stopping: Stopping,
+             settings: LossSettings, amp=None, seed: int = 0,
+             coarse: tuple[torch.Tensor, torch.Tensor] | None = None) -> Optimised:
+    """Optimise ``net``'s trainable parts on one pair (images (1, 3, H, W) in [0, 1], the
+    working size) and return the lowest-loss iterate. The network keeps the optimised
+    weights; the caller restores them when each call must start afresh."""
+    device = source.device
+    started = last = time.perf_counter()
+    src, tgt = net.trunk_features(source), net.trunk_features(target)
+    size = tuple(source.shape[-2:])
+    params = net.trainable_parameters()
+    optimiser = torch.optim.Adam(params, lr=settings.lr)
+    generator = torch.Generator().manual_seed(seed)
+    fixed = {lv: i.to(device) for lv, i in fixed_positions(src, net.levels, settings.samples, seed).items()}
+    best = (math.inf, None, None, 0)
+    initial_loss, reason, steps = math.nan, 'iterations', 0
+    updates: collections.deque[float] = collections.deque(maxlen=stopping.window)
+    previous = None
+    net.train()
+    for step in range(stopping.iterations + 1):
+        with autocast(str(device), amp):
+            out = net.decode(src, tgt, size, coarse)
+            loss = pair_loss(net, src, tgt, target, out.flow, settings, generator, fixed)
+        value = loss.score if bool(torch.isfinite(loss.value.detach())) else math.nan
+        if not math.isfinite(value):
+            warnings.warn(f'dmp: non-finite test-time loss at iteration {step}; returning the '
+                          f'best finite iterate ({best[3]})', RuntimeWarning, stacklevel=3)
+            reason = 'non-finite'
+            break
+        if step == 0:
+            initial_loss = value
+        flow = out.flow.detach().float()
+        if value < best[0]:
+            best = (value, flow, out.confidence.detach().float(), step)
+        if previous is not None:
+            updates.append(float((flow - previous).norm(dim=1).mean()))
+        previous = flow
+        if step == stopping.iterations:
+            break
+        if (stopping.min_update_px > 0 and len(updates) == stopping.window
+                and sum(updates) / len(updates) < stopping.min_update_px):
+            reason = 'converged'
+            break
+        if stopping.patience and step - best[3] >= stopping.patience:
+            reason = 'plateau'
+            break
+        now = time.perf_counter()
+        if stopping.time_budget_s and now + (now - last) - started >= stopping.time_budget_s:
+            reason = 'time'  # the next step would end past the budget
+            break
+        last = now
+        optimiser.zero_grad(set_to_none=True)
+        loss.value.backward()
+        optimiser.step()
+        steps += 1
+    net.eval()
+    if best[1] is None:  # not even iteration 0 was finite: the plain correlation matcher
+        with torch.no_grad():
+            out = net.decode(src, tgt, size, coarse)
+        flow = torch.nan_to_num(out.flow.float())
+        return Optimised(flow, torch.zeros_like(out.confidence), steps, 0, math.nan, initial_loss, reason)
+    return Optimised(best[1], best[2], steps, best[3], best[0], initial_loss, reason)

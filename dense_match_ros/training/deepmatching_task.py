@@ -1,0 +1,153 @@
+"""Training DeepMatching end to end (:mod:`core.networks.deepmatching`): ``deepmatching``.
+
+The loss reads the atomic score maps after the top-down pass, so the gradient reaches the
+descriptor through every level of the pyramid (and the rectification exponent learns too).
+Each atomic patch whose centre has a valid ground-truth match inside the target gives a
+term; patches without one (occluded by a moving object, warped out of the frame) give none.
+
+* ``loss.kind: margin`` (default, the paper's structured-output loss in hinge form): the
+  best score within ``true_radius`` cells of the true position must beat the best score
+  farther than ``radius`` px by ``margin`` (scores divided by the number of levels summed,
+  so in [0, 1]); the ring between is neither rewarded nor punished, as a match a few
+  pixels off is neither right nor wrong for the densification.
+* ``loss.kind: softmax``: cross-entropy of a softmax over all target cells (scores over
+  ``temperature``) against the cell nearest the true position: the measured alternative.
+
+The descriptor starts from random initialisation or, with ``model.backbone_init``, from the
+trunk of another checkpoint of the same width (the shipped ``hilm``, trained here from
+random init); the exported record's config says which.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from dense_match_ros.core.networks.deepmatching import (ATOMIC, TRAINING_ONLY, DeepMatchingConfig,
+                                                        DeepMatchingNet, config_from_dict)
+from dense_match_ros.training.tasks import TrainTask, fill, load_backbone_init, split_model
+
+TRAINING_KEYS = TRAINING_ONLY
+LOSSES = ('margin', 'softmax')
+
+
+@dataclasses.dataclass
+class DeepMatchingLossConfig:
+    kind: str = 'margin'
+    margin: float = 0.1
+    """Hinge margin on level-normalised scores (in [0, 1])."""
+    radius: float = 8.0
+    """Positions farther than this (px) from the truth must score lower."""
+    true_radius: int = 1
+    """Cells around the true position whose best score counts as the true score."""
+    temperature: float = 0.02
+    """Softmax temperature on level-normalised scores (``kind: softmax``)."""
+
+
+def build_network(model_config: dict) -> DeepMatchingNet:
+    arch, train_keys = split_model(model_config, DeepMatchingConfig, TRAINING_KEYS,
+                                   'deepmatching model')
+    net = DeepMatchingNet(config_from_dict(arch))
+    init = train_keys.get('backbone_init')
+    if init:
+        if net.backbone is None:
+            raise ValueError('model.backbone_init needs descriptor: backbone')
+        load_backbone_init(net.backbone, init, f'width {net.config.width} '
+                                               f'(batch_norm {net.config.batch_norm})')
+    whole = train_keys.get('init_weights')
+    if whole:
+        from dense_match_ros.training import checkpoint as ckpt
+        other, state, _ = ckpt.load_weights(whole, 'deepmatching')
+        if config_from_dict(other).width != net.config.width:
+            raise ValueError(f'{whole}: expected width {net.config.width}, found {other.get("width")}')
+        net.load_state_dict(state)
+    return net
+
+
+def patch_targets(flow: torch.Tensor, valid: torch.Tensor, grid: tuple[int, int], stride: int,
+                  target: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(true top-left target cell (B, P, 2) x, y float, usable (B, P) bool) of each atomic
+    patch, from the flow (B, H, W, 2) at the patch centre."""
+    gy, gx = grid
+    ys = (torch.arange(gy, device=flow.device) * ATOMIC + ATOMIC // 2) * stride
+    xs = (torch.arange(gx, device=flow.device) * ATOMIC + ATOMIC // 2) * stride
+    yy, xx = torch.meshgrid(ys, xs, indexing='ij')
+    yy, xx = yy.reshape(-1), xx.reshape(-1)
+    f = flow[:, yy, xx].float()                                       # (B, P, 2) px
+    ok = valid[:, yy, xx].bool() & torch.isfinite(f).all(-1)
+    top_left = torch.stack([xx, yy], -1).float() / stride - ATOMIC / 2.0
+    cell = top_left[None] + torch.nan_to_num(f) / stride
+    ht, wt = target
+    ok &= (cell[..., 0] >= 0) & (cell[..., 0] <= wt - 1) & (cell[..., 1] >= 0) & (cell[..., 1] <= ht - 1)
+    return cell, ok
+
+
+def deepmatching_loss(scores: torch.Tensor, levels: int, cell: torch.Tensor, usable: torch.Tensor,
+                      stride: int, config: dict) -> tuple[torch.Tensor, dict]:
+    """The loss of one batch of atomic volumes (B, Gy, Gx, Ht, Wt) and its diagnostics."""
+    b, gy, gx, ht, wt = scores.shape
+    s = scores.float().reshape(b, gy * gx, ht, wt) / float(levels + 1)
+    yy = torch.arange(ht, device=s.device).view(1, 1, -1, 1).float()
+    xx = torch.arange(wt, device=s.device).view(1, 1, 1, -1).float()
+    dy, dx = yy - cell[..., 1, None, None], xx - cell[..., 0, None, None]
+    with torch.no_grad():
+        flat = s.reshape(b, gy * gx, -1)
+        best = flat.argmax(-1)
+        err_px = torch.stack([best % wt - cell[..., 0], best // wt - cell[..., 1]], -1).norm(dim=-1) * stride
+        n = usable.sum().clamp(min=1)
+        metrics = {'match_px': float(err_px[usable].mean()) if usable.any() else 0.0,
+                   'acc@10': float(((err_px < 10) & usable).sum() / n)}
+    if not usable.any():
+        return s.sum() * 0.0, metrics
+    if config['kind'] == 'softmax':
+        target = (cell[..., 1].round().clamp(0, ht - 1) * wt + cell[..., 0].round().clamp(0, wt - 1)).long()
+        logits = s.reshape(b, gy * gx, -1) / float(config['temperature'])
+        ce = torch.nn.functional.cross_entropy(logits[usable], target[usable])
+        return ce, metrics
+    r_true = float(config['true_radius'])
+    near = (dy.abs() <= r_true) & (dx.abs() <= r_true)
+    far = (dy.square() + dx.square()) > (float(config['radius']) / stride) ** 2
+    low = torch.finfo(s.dtype).min
+    true_score = s.masked_fill(~near, low).amax((-2, -1))
+    far_score = s.masked_fill(~far, low).amax((-2, -1))
+    hinge = torch.relu(float(config['margin']) + far_score - true_score)
+    return hinge[usable].mean(), metrics
+
+
+class DeepMatchingTask(TrainTask):
+    """``deepmatching``: the descriptor (and the rectification exponent) through the pyramid."""
+
+    name = 'deepmatching'
+
+    def model_config(self, values: dict) -> dict:
+        arch, train_keys = split_model(values, DeepMatchingConfig, TRAINING_KEYS, 'deepmatching model')
+        full = dataclasses.asdict(config_from_dict(arch))
+        if full['descriptor'] != 'backbone':
+            raise ValueError('deepmatching trains the backbone descriptor (the HOG one has no '
+                             'weights): remove model.descriptor')
+        full.update({'backbone_init': None, 'init_weights': None, **train_keys})
+        return full
+
+    def loss_config(self, values: dict) -> dict:
+        cfg = fill(DeepMatchingLossConfig, values, 'deepmatching loss')
+        if cfg.kind not in LOSSES:
+            raise ValueError(f'loss.kind must be one of {LOSSES}, got {cfg.kind!r}')
+        if not cfg.radius > 0 or not cfg.temperature > 0 or cfg.true_radius < 0:
+            raise ValueError('loss.radius and loss.temperature must be > 0, loss.true_radius >= 0')
+        return dataclasses.asdict(cfg)
+
+    def build_model(self, model_config: dict) -> DeepMatchingNet:
+        return build_network(model_config)
+
+    def loss(self, model, batch, loss_config):
+        net = model.module if hasattr(model, 'module') else model
+        src = batch['source'].float() / 255.0
+        tgt = batch['target'].float() / 255.0
+        out = model(src, tgt)
+        b, gy, gx, ht, wt = out.scores.shape
+        cell, usable = patch_targets(batch['flow'], batch['valid'], (gy, gx), net.stride, (ht, wt))
+        loss, metrics = deepmatching_loss(out.scores, out.levels, cell, usable, net.stride, loss_config)
+        metrics['exponent'] = float(net.rectifier().detach())
+        metrics['usable'] = float(usable.float().mean())
+        return loss, metrics
+

@@ -1,0 +1,300 @@
+"""DMP: the network starts as the correlation matcher, the per-pair optimisation lowers its loss
+and error, stops as told, is repeatable and safe; pre-training resumes exactly."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dense_match_ros.core.checkpoint import CheckpointError
+from dense_match_ros.core.methods import dmp as dmp_method
+from dense_match_ros.core.methods import dmp_optim
+from dense_match_ros.core.methods.dmp import DmpMatcher
+from dense_match_ros.core.networks.backbone import VGGBackbone, VGGConfig
+from dense_match_ros.core.networks.dmp import (DmpConfig, DmpNet, cell_centres, local_correlation,
+                                               offsets)
+from dense_match_ros.core.registry import available_methods, load_matcher
+from dense_match_ros.training import checkpoint as ckpt
+from dense_match_ros.training.cli import main
+
+from photo_warp import affine_photo_pair
+
+torch.set_num_threads(1)
+TINY = DmpConfig(width=0.125, input_size=(64, 64), finest='conv3', radius=2, hidden=8, temperature=0.05)
+
+
+def _net(seed: int = 0, config: DmpConfig = TINY) -> DmpNet:
+    torch.manual_seed(seed)
+    return DmpNet(config).eval()
+
+
+def _tiny_matcher(cls=DmpMatcher, **options) -> DmpMatcher:
+    net = _net()
+    return cls(device='cpu', net=net, **{'iterations': 5, 'lr': 1e-3, **options})
+
+
+def _photo_pair(shift=(6.0, -4.0), size=64):
+    return affine_photo_pair(size, size, 0.0, 1.0, shift)
+
+
+# ------------------------------------------------------------------------------ network
+
+
+def test_methods_are_registered():
+    assert {'dmp', 'dmp-scratch'} <= set(available_methods())
+
+
+def test_local_correlation_matches_explicit_shifts():
+    torch.manual_seed(1)
+    s, t = torch.randn(2, 5, 7, 9), torch.randn(2, 5, 7, 9)
+    corr = local_correlation(s, t, 2)
+    padded = F.pad(t, (2, 2, 2, 2))
+    for k, (dx, dy) in enumerate(offsets(2, 'cpu').long().tolist()):
+        expected = (s * padded[:, :, 2 + dy:2 + dy + 7, 2 + dx:2 + dx + 9]).sum(1)
+        torch.testing.assert_close(corr[:, k], expected)
+    a = torch.randn(1, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, y: local_correlation(x, y, 2), (a, b))
+
+
+def test_iteration_zero_is_the_soft_argmax_of_the_correlations():
+    """Untrained adaptation and residual modules are the identity and zero: level 0 is the
+    soft-argmax of the global correlation of the trunk's features, level 1 adds the soft-argmax
+    offset of the local correlation around the upsampled flow."""
+    net = _net()
+    rng = torch.Generator().manual_seed(2)
+    src_img, tgt_img = torch.rand(1, 3, 64, 64, generator=rng), torch.rand(1, 3, 64, 64, generator=rng)
+    with torch.no_grad():
+        out = net(src_img, tgt_img)
+        src, tgt = net.trunk(src_img), net.trunk(tgt_img)
+    scale = 1.0 / TINY.temperature
+    # Level 0, by hand: every source cell's expectation over every target cell.
+    s0, t0 = F.normalize(src['pool4'], dim=1)[0], F.normalize(tgt['pool4'], dim=1)[0]
+    h, w = s0.shape[-2:]
+    prob = (torch.einsum('chw,cij->hwij', s0, t0) * scale).flatten(2).softmax(-1)
+    centres = cell_centres(h, w, 16, 'cpu')
+    expected = torch.einsum('hwk,ck->chw', prob, centres.flatten(1)) - centres
+    torch.testing.assert_close(out.flows[0][0], expected, atol=1e-4, rtol=1e-4)
+    # Level 1 (conv4, 8 px cells): target features sampled at each offset around the upsampled flow.
+    up = F.interpolate(out.flows[0], size=src['conv4'].shape[-2:], mode='bilinear', align_corners=False)
+    s1 = F.normalize(src['conv4'], dim=1)
+    origin = cell_centres(*s1.shape[-2:], 8, 'cpu')[None]
+    from dense_match_ros.core.networks.dmp import sample_at
+    warped = F.normalize(sample_at(tgt['conv4'], origin + up, (64, 64)), dim=1)
+    corr = local_correlation(s1, warped, TINY.radius)
+    p1 = (corr * scale).softmax(1)
+    offset = torch.einsum('bkhw,kc->bchw', p1, offsets(TINY.radius, 'cpu') * 8)
+    torch.testing.assert_close(out.flows[1], up + offset, atol=1e-4, rtol=1e-4)
+    # And the matcher with no iterations returns that network's own flow.
+    m = DmpMatcher(device="cpu", net=net, iterations=0, mode="resize", precision="fp32")
+    src_np = (src_img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    tgt_np = (tgt_img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    flow, _ = m.match(src_np, tgt_np)
+    with torch.no_grad():
+        again = net(torch.from_numpy(src_np).permute(2, 0, 1)[None].float() / 255,
+                    torch.from_numpy(tgt_np).permute(2, 0, 1)[None].float() / 255)
+    np.testing.assert_allclose(flow, again.flow[0].permute(1, 2, 0).numpy(), atol=1e-3)
+
+
+def test_bad_configs_are_refused():
+    for bad, rule in (({'input_size': (60, 64)}, 'multiples of 16'), ({'finest': 'pool4'}, 'finest'),
+                      ({'radius': 0}, 'radius'), ({'temperature': 0.0}, 'temperature')):
+        with pytest.raises(ValueError, match=rule):
+            DmpNet(DmpConfig(**{**TINY.__dict__, **bad}))
+
+
+# ------------------------------------------------------------------------------ optimisation
+
+
+def test_optimisation_lowers_loss_and_error_on_a_shifted_pair_within_30_iterations():
+    """dmp-scratch on the shipped trunk: a shifted photo at 240 px; the returned iterate has a
+    lower test-time loss and a lower end-point error than iteration 0."""
+    src, tgt, gt = affine_photo_pair(240, 240, 0.0, 1.0, (12.0, -8.0))
+    m = load_matcher('dmp-scratch', device='cpu', iterations=30, lr=1e-3, patience=0, min_update_px=0)
+    inner = (slice(30, -30), slice(30, -30))
+
+    def epe(flow):
+        return float(np.linalg.norm(flow - gt, axis=-1)[inner].mean())
+
+    m.stopping.iterations = 0
+    start = epe(m.match(src, tgt).flow)
+    m.stopping.iterations = 30
+    end = epe(m.match(src, tgt).flow)
+    assert m.last_run['loss'] < m.last_run['initial_loss']
+    assert end < 0.9 * start, (start, end)
+
+
+def test_two_calls_give_the_same_flow_and_warm_start_continues():
+    src, tgt, _ = _photo_pair()
+    m = _tiny_matcher()
+    a, b = m.match(src, tgt), m.match(src, tgt)
+    np.testing.assert_array_equal(a.flow, b.flow)
+    np.testing.assert_array_equal(a.matchability, b.matchability)
+    warm = _tiny_matcher(warm_start=True)
+    first = warm.match(src, tgt)
+    np.testing.assert_array_equal(first.flow, a.flow)
+    second = warm.match(src, tgt)           # starts from the first call's optimised weights
+    assert not np.array_equal(second.flow, first.flow)
+
+
+def test_stopping_rules_and_reasons():
+    src, tgt, _ = _photo_pair()
+    m = _tiny_matcher(iterations=50, min_update_px=1e6, window=3, patience=0)
+    m.match(src, tgt)
+    assert m.last_run['reason'] == 'converged' and m.last_run['iterations'] == 3
+    m = _tiny_matcher(iterations=50, min_update_px=0, time_budget_s=1e-9)
+    m.match(src, tgt)
+    assert m.last_run['reason'] == 'time' and m.last_run['iterations'] == 0
+    m = _tiny_matcher(iterations=7, min_update_px=0, patience=0)
+    m.match(src, tgt)
+    assert m.last_run['reason'] == 'iterations' and m.last_run['iterations'] == 7
+    assert 0 <= m.last_run['best_iteration'] <= 7
+
+
+def test_a_non_finite_loss_stops_with_a_warning_and_returns_the_best_finite_iterate(monkeypatch):
+    src, tgt, _ = _photo_pair()
+    real = dmp_optim.pair_loss
+    calls = []
+
+    def flaky(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        calls.append(1)
+        return dmp_optim.PairLoss(loss.value * math.nan, math.nan) if len(calls) == 4 else loss
+
+    monkeypatch.setattr(dmp_optim, 'pair_loss', flaky)
+    m = _tiny_matcher(iterations=20, min_update_px=0, patience=0)
+    with pytest.warns(RuntimeWarning, match='non-finite'):
+        flow, match = m.match(src, tgt)
+    assert m.last_run['reason'] == 'non-finite' and m.last_run['best_iteration'] <= 2
+    assert np.isfinite(flow).all() and np.isfinite(match).all()
+
+
+@pytest.mark.parametrize('image, rule', [
+    (np.zeros((40, 40, 3), np.float32), 'uint8'),
+    (np.zeros((40, 40), np.uint8), 'HxWx3'),
+    (np.zeros((40, 40, 4), np.uint8), 'HxWx3'),
+    (np.zeros((12, 40, 3), np.uint8), 'at least 16 px'),
+])
+def test_bad_inputs_name_the_rule(image, rule):
+    m = _tiny_matcher()
+    ok = np.zeros((40, 40, 3), np.uint8)
+    with pytest.raises(ValueError, match=rule):
+        m.match(image, ok)
+    with pytest.raises(ValueError, match=rule):
+        m.match(ok, image)
+
+
+def test_bad_options_and_wrong_weights_are_named(tmp_path):
+    for bad, rule in (({'mode': 'x'}, 'mode'), ({'warp': 'x'}, 'warp'), ({'samples': 1}, 'samples'),
+                      ({'iterations': -1}, 'iterations'), ({'tau': 0}, 'tau')):
+        with pytest.raises(ValueError, match=rule):
+            _tiny_matcher(**bad)
+    other = tmp_path / 'not_dmp.pt'
+    torch.save({'method': 'neuflow', 'model_config': {}, 'model': {}}, other)
+    with pytest.raises(CheckpointError, match='dmp'):
+        load_matcher('dmp', device='cpu', weights=str(other))
+    with pytest.raises(CheckpointError, match='backbone'):
+        load_matcher('dmp-scratch', device='cpu', weights=str(other))
+
+
+def test_any_size_and_never_nan():
+    rng = np.random.default_rng(3)
+    m = _tiny_matcher(iterations=2)
+    for (h, w), (th, tw) in (((48, 80), (60, 52)), ((16, 16), (16, 16))):
+        src = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        tgt = rng.integers(0, 255, (th, tw, 3), dtype=np.uint8)
+        for mode in ('resize', 'adaptive'):
+            m.mode, m.max_side = mode, 64
+            flow, match = m.match(src, tgt)
+            assert flow.shape == (h, w, 2) and match.shape == (h, w)
+            assert np.isfinite(flow).all() and np.isfinite(match).all()
+            assert match.min() >= 0 and match.max() <= 1
+    flat = np.full((40, 40, 3), 128, np.uint8)        # no texture at all
+    flow, match = m.match(flat, flat)
+    assert np.isfinite(flow).all() and np.isfinite(match).all()
+
+
+# ------------------------------------------------------------------------------ pre-training
+
+
+def _tiny_trunk(tmp_path):
+    torch.manual_seed(5)
+    trunk = VGGBackbone(VGGConfig(width=0.125, batch_norm=True))
+    path = tmp_path / 'trunk.pt'
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in trunk.state_dict().items()}}, path)
+    return path
+
+
+def _losses(run):
+    return [(r['step'], r['loss']) for r in map(json.loads, (run / 'log.jsonl').read_text().splitlines())]
+
+
+def test_pretraining_resumes_exactly_trains_only_the_added_modules_and_exports(tmp_path):
+    trunk = _tiny_trunk(tmp_path)
+    cli = ['--set', 'data.image_size=[64,64]', '--set', 'model.input_size=[64,64]',
+           '--set', 'model.width=0.125', '--set', 'model.finest=conv3', '--set', 'model.radius=2',
+           '--set', 'model.hidden=8', '--set', f'model.backbone_init={trunk}',
+           '--set', 'batch_size=2', '--set', 'optim.warmup_steps=5', '--set', 'log_every=1',
+           '--set', 'threads=1', '--set', 'checkpoint_every=1000', '--no-progress']
+    whole, split = tmp_path / 'whole', tmp_path / 'split'
+    assert main(['dmp', '--steps', '20', '--out', str(whole), *cli]) == 0
+    assert main(['dmp', '--steps', '20', '--stop-at', '10', '--out', str(split), *cli]) == 0
+    assert main(['dmp', '--steps', '20', '--out', str(split), *cli]) == 0
+    a, b = _losses(whole), _losses(split)
+    assert [s for s, _ in a] == list(range(1, 21)) == [s for s, _ in b]
+    np.testing.assert_array_equal([x for _, x in a], [x for _, x in b])
+    assert all(np.isfinite(x) for _, x in a)
+    state = ckpt.load_training_state(whole / 'last.pt')['model']
+    start = torch.load(trunk, weights_only=True)['state_dict']
+    for k, v in start.items():                                   # the trunk is frozen
+        assert torch.equal(state['trunk.' + k[len('backbone.'):]].float(), v.float()), k
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in state.items() if k.endswith('outer.weight'))
+    out = tmp_path / 'w' / 'dmp_test.pt'
+    assert main(['export', str(whole), '--out', str(out)]) == 0
+    record = json.loads(out.with_suffix('.json').read_text())
+    assert record['method'] == 'dmp' and record['dtype'] == 'float16'
+    src, tgt, _ = _photo_pair()
+    flow, match = load_matcher('dmp', device='cpu', weights=str(out), iterations=2).match(src, tgt)
+    assert np.isfinite(flow).all() and np.isfinite(match).all()
+
+
+def test_pretraining_needs_a_trained_trunk():
+    from dense_match_ros.training.dmp_task import DmpTask
+    task = DmpTask()
+    with pytest.raises(ValueError, match='backbone_init'):
+        task.build_model(task.model_config({'width': 0.125, 'input_size': [64, 64]}))
+    with pytest.raises(ValueError, match='radisu'):
+        task.model_config({'radisu': 3})
+
+
+def test_shipped_checkpoint_improves_on_its_own_pretrained_output():
+    """The shipped dmp_cpu.pt: loads through the registry, names the command that made it, and
+    the per-pair optimisation lowers its test-time loss on a real photo's known warp."""
+    if not (dmp_method.WEIGHTS.directory / 'dmp_cpu.pt').is_file():
+        pytest.skip('no shipped dmp checkpoint')
+    record = json.loads((dmp_method.WEIGHTS.directory / 'dmp_cpu.json').read_text())
+    assert record['command'].startswith('dense-match-train dmp')
+    src, tgt, gt = affine_photo_pair(240, 240, 6.0, 1.1, (12.0, -8.0))
+    m = load_matcher('dmp', device='cpu', iterations=20, patience=0, min_update_px=0)
+    flow, match = m.match(src, tgt)
+    assert m.last_run['loss'] < m.last_run['initial_loss']
+    inner = (slice(30, -30), slice(30, -30))
+    still = float(np.linalg.norm(gt, axis=-1)[inner].mean())
+    assert float(np.linalg.norm(flow - gt, axis=-1)[inner].mean()) < 0.25 * still
+
+
+def test_the_node_pipeline_runs_dmp_within_its_time_budget():
+    """What the node does with ``method: dmp-scratch`` and ``method_options: '{time_budget_s: 0.3}'``:
+    the loop stops on the budget and the flow is published."""
+    from dense_match_ros.ros.pipeline import Frame, MatchPipeline, PipelineConfig
+    src, tgt, _ = affine_photo_pair(96, 80, 0.0, 1.0, (3.0, 2.0))
+    p = MatchPipeline(PipelineConfig(method='dmp-scratch', estimate_pose=False,
+                                     method_options={'time_budget_s': 0.3}), warn=lambda r, m: None)
+    assert p.process(Frame(image=src, stamp_ns=1, frame_id='cam', intrinsics=None)) is None
+    for stamp, image in ((2, tgt), (3, src)):   # the first call also pays torch's warm-up
+        out = p.process(Frame(image=image, stamp_ns=stamp, frame_id='cam', intrinsics=None))
+        assert out.flow.shape == (80, 96, 2) and np.isfinite(out.flow).all()
+    run = p.matcher.last_run
+    assert run['reason'] == 'time' and run['seconds'] < 0.3 + 0.5
