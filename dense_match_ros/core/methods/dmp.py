@@ -16,7 +16,10 @@ coarse level at the input size and the finer levels on both images at the source
 ratio, longest side ``max_side`` (the paper's adaptive resolution).
 
 Matchability: the finest level's probability of the matched position, times the in-bounds
-mask, through the calibration table of the checkpoint's record (``dense-match-calibrate``).
+mask. ``calibrated=True`` maps it through the checkpoint record's table (``dense-match-calibrate``:
+the probability of being right within 1 px). Off by default: at this flow's precision (a
+240 px working grid) the calibrated values stay below 0.5, so the pose's matchability
+threshold of 0.5 kept nothing (Middlebury pose AUC@20 0.033 against 0.390 uncalibrated).
 """
 from __future__ import annotations
 
@@ -75,21 +78,25 @@ class DmpMatcher(Matcher):
 
     pretrained = True
     default_iterations = 300
+    default_time_budget_s = 2.0
+    """Per call (trunk features included): the CPU target of a pair at 240x240. Without it the
+    loop ran its 300 iterations on most pairs (about 30 s on the 2-core CPU); 0 removes it."""
 
     def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
                  mode: str = 'resize', max_side: int = 480, iterations: int | None = None,
-                 lr: float = 3e-4, samples: int = 256, tau: float = 0.1, phi: float = 0.01,
+                 lr: float = 1e-4, samples: int = 256, tau: float = 0.1, phi: float = 0.01,
                  warp: str = 'features', min_update_px: float = 0.05, window: int = 10,
-                 patience: int = 40, time_budget_s: float = 0.0, warm_start: bool = False,
-                 precision: str = 'auto', calibrated: bool = True, seed: int = 0,
+                 patience: int = 40, time_budget_s: float | None = None, warm_start: bool = False,
+                 precision: str = 'auto', calibrated: bool = False, seed: int = 0,
                  net: DmpNet | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
         if int(max_side) < 32:
             raise ValueError(f'max_side must be at least 32, got {max_side}')
         check_precision(precision)
+        budget = self.default_time_budget_s if time_budget_s is None else float(time_budget_s)
         self.stopping = Stopping(self.default_iterations if iterations is None else int(iterations),
-                                 float(min_update_px), int(window), int(patience), float(time_budget_s))
+                                 float(min_update_px), int(window), int(patience), budget)
         self.stopping.check()
         self.loss = LossSettings(int(samples), float(tau), float(phi), warp, float(lr))
         self.loss.check()
@@ -180,3 +187,5 @@ class DmpScratchMatcher(DmpMatcher):
 
     pretrained = False
     default_iterations = 2000
+    default_time_budget_s = 20.0
+    """The paper's 2000 iterations take minutes per pair on the CPU: capped at 20 s by default."""
