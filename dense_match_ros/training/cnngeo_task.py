@@ -39,7 +39,8 @@ import torch
 
 from dense_match_ros.core.geometry import grid, parametric, transforms as tf
 from dense_match_ros.core.networks.cnngeo import CnnGeoConfig, CnnGeoNet, config_from_dict
-from dense_match_ros.training.tasks import TrainTask, fill, load_backbone_init, split_model
+from dense_match_ros.core.checkpoint import load_trunk
+from dense_match_ros.training.tasks import TrainTask, fill, split_model
 
 TRAINING_KEYS = ('backbone_init', 'freeze_backbone', 'init_weights', 'affine_weights')
 """Model-section keys that shape training, not the architecture (kept in the config record)."""
@@ -77,7 +78,7 @@ def build_network(model_config: dict, stage: str) -> CnnGeoNet:
     net = CnnGeoNet(config_from_dict(arch))
     init = train_keys.get('backbone_init')
     if init:
-        load_backbone_init(net.backbone, init, f'width {net.config.width} '
+        load_trunk(net.backbone, init, f'width {net.config.width} '
                                                f'(batch_norm {net.config.batch_norm})')
     affine = train_keys.get('affine_weights')
     if affine:

@@ -25,7 +25,8 @@ import torch
 
 from dense_match_ros.core.networks.deepmatching import (ATOMIC, TRAINING_ONLY, DeepMatchingConfig,
                                                         DeepMatchingNet, config_from_dict)
-from dense_match_ros.training.tasks import TrainTask, fill, load_backbone_init, split_model
+from dense_match_ros.core.checkpoint import load_trunk
+from dense_match_ros.training.tasks import TrainTask, fill, split_model
 
 TRAINING_KEYS = TRAINING_ONLY
 LOSSES = ('margin', 'softmax')
@@ -52,7 +53,7 @@ def build_network(model_config: dict) -> DeepMatchingNet:
     if init:
         if net.backbone is None:
             raise ValueError('model.backbone_init needs descriptor: backbone')
-        load_backbone_init(net.backbone, init, f'width {net.config.width} '
+        load_trunk(net.backbone, init, f'width {net.config.width} '
                                                f'(batch_norm {net.config.batch_norm})')
     whole = train_keys.get('init_weights')
     if whole:

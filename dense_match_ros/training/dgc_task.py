@@ -21,7 +21,8 @@ import torch
 
 from dense_match_ros.training import losses
 from dense_match_ros.core.networks.dgc import PYRAMID, DgcNet, DgcNetConfig, config_from_dict
-from dense_match_ros.training.tasks import TrainTask, fill, load_backbone_init, split_model
+from dense_match_ros.core.checkpoint import load_trunk
+from dense_match_ros.training.tasks import TrainTask, fill, split_model
 
 TRAINING_KEYS = ('backbone_init', 'freeze_backbone', 'init_weights')
 """Model-section keys that shape training, not the architecture (kept in the config record)."""
@@ -48,7 +49,7 @@ def build_network(model_config: dict) -> DgcNet:
     net = DgcNet(config_from_dict(arch))
     init = train_keys.get('backbone_init')
     if init:
-        load_backbone_init(net.backbone, init)
+        load_trunk(net.backbone, init)
     whole = train_keys.get('init_weights')
     if whole:
         # A second stage (e.g. unfreezing the trunk after the decoders learned on it) starts

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from dense_match_ros.core.networks.dmp import DmpConfig, DmpNet, config_from_dict
-from dense_match_ros.training.tasks import TrainTask, fill, load_backbone_init, split_model
+from dense_match_ros.core.checkpoint import load_trunk
+from dense_match_ros.training.tasks import TrainTask, fill, split_model
 
 TRAINING_KEYS = ('backbone_init', 'init_weights')
 
@@ -44,7 +45,7 @@ def build_network(model_config: dict) -> DmpNet:
         _, state, _ = ckpt.load_weights(train_keys['init_weights'], 'dmp')
         net.load_state_dict(state)
     elif train_keys.get('backbone_init'):
-        load_backbone_init(net.trunk, train_keys['backbone_init'], 'the dmp trunk')
+        load_trunk(net.trunk, train_keys['backbone_init'], 'the dmp trunk')
     else:
         raise ValueError('dmp needs model.backbone_init (a checkpoint holding a trained trunk of '
                          'the same width, e.g. dense_match_ros/weights/hilm_cpu.pt) or '

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from dense_match_ros.core.checkpoint import load_trunk
 from dense_match_ros.core.registry import resolve_lazy
 
 
@@ -54,12 +53,6 @@ def fill(cls: type, values: dict, what: str) -> Any:
         raise ValueError(f'unknown {what} keys: {sorted(unknown)}')
     return cls(**{k: tuple(v) if isinstance(v, list) and isinstance(fields[k].default, tuple) else v
                   for k, v in values.items()})
-
-
-def load_backbone_init(backbone: nn.Module, path: str, what: str = '') -> None:
-    """Start a network's trunk from the ``backbone.*`` weights of another checkpoint (a trained
-    ``hilm`` of the same width): :func:`core.checkpoint.load_trunk`."""
-    load_trunk(backbone, path, what)
 
 
 def split_model(values: dict, cls: type, training_keys: Sequence[str], what: str) -> tuple[dict, dict]:

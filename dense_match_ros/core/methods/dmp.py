@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from pathlib import Path
 
 import cv2
@@ -64,8 +63,9 @@ def scratch_network(weights: str | Path | None, config: DmpConfig = SCRATCH_CONF
     """An untrained DMP network on the trunk of ``weights`` (any checkpoint holding
     ``backbone.*``; default: the shipped ``hilm``)."""
     path = str(weights) if weights else str(_weights.LearnedWeights(TRUNK_WEIGHTS, None, '').shipped())
-    torch.manual_seed(0)  # the adaptation layers' inner convolutions: the same every time
-    net = DmpNet(config)
+    with torch.random.fork_rng():   # the caller's random stream stays untouched
+        torch.manual_seed(0)         # the adaptation layers' inner convolutions: the same every time
+        net = DmpNet(config)
     try:
         load_trunk(net.trunk, path, 'the dmp trunk')
     except ValueError as exc:
@@ -144,21 +144,11 @@ class DmpMatcher(Matcher):
         """(flow, confidence, working size (W, H)) of the optimised network on the working grid."""
         size = self._working_size(source)
         s, t = self._tensor(source, size), self._tensor(target, size)
-        coarse = None
-        if (size[1], size[0]) != self.input_size:
-            with torch.no_grad():
-                small = torch.nn.functional.interpolate(torch.cat((s, t)), size=self.input_size,
-                                                        mode='bilinear', align_corners=False, antialias=True)
-                pool = self.net.trunk(small, levels=('pool4',))['pool4']
-            coarse = (pool[:1], pool[1:])
+        coarse = self.net.coarse_features(s, t)
         if not self.warm_start or not self.last_run:
             self.reset()
         started = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always')
-            result = optimise(self.net, s, t, self.stopping, self.loss, self._amp, self.seed, coarse)
-        for w in caught:
-            warnings.warn(w.message, w.category, stacklevel=3)
+        result = optimise(self.net, s, t, self.stopping, self.loss, self._amp, self.seed, coarse)
         self.last_run = {'iterations': result.iterations, 'best_iteration': result.best_iteration,
                      'loss': result.loss, 'initial_loss': result.initial_loss,
                      'reason': result.reason, 'seconds': time.perf_counter() - started}

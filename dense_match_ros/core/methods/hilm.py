@@ -37,7 +37,6 @@ from dense_match_ros.core.registry import HIERARCHICAL_FEATURES, Matcher
 
 TRAIN_HINT = ('dense-match-train hilm --config config/train_hilm_cpu.yaml --out runs/hilm_cpu && '
               'dense-match-train export runs/hilm_cpu --out dense_match_ros/weights/hilm_cpu.pt')
-_MAX_MATCHES = MAX_MATCHES
 
 
 WEIGHTS = _weights.LearnedWeights('hilm', lambda cfg: HilmNet(config_from_dict(cfg)), TRAIN_HINT)
@@ -106,8 +105,8 @@ class HilmMatcher(Matcher):
         h, w = src.shape[:2]
         step = self.grid_step
         n = math.ceil(h / step) * math.ceil(w / step)
-        if n > _MAX_MATCHES:
-            step = math.ceil(math.sqrt(h * w / _MAX_MATCHES))
+        if n > MAX_MATCHES:
+            step = math.ceil(math.sqrt(h * w / MAX_MATCHES))
         ys, xs = np.mgrid[step // 2:h:step, step // 2:w:step]
         pts = torch.from_numpy(np.stack([xs.ravel(), ys.ravel()], -1).astype(np.float32)).to(self.device)
         s_str, d_str = self.net.shallow_stride, self.net.deep_stride

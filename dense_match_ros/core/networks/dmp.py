@@ -248,13 +248,19 @@ class DmpNet(nn.Module):
         """Both images (B, 3, H, W) in [0, 1], the same size (a multiple of 16): the coarse
         level at that size if it is ``input_size``, else on both resized to it."""
         src, tgt = self.trunk_features(source), self.trunk_features(target)
-        coarse = None
-        if tuple(source.shape[-2:]) != tuple(self.config.input_size):
-            small = F.interpolate(torch.cat((source, target)), size=self.config.input_size,
-                                  mode='bilinear', align_corners=False, antialias=True)
-            pool = self.trunk(small, levels=('pool4',))['pool4'].detach()
-            coarse = (pool[:source.shape[0]], pool[source.shape[0]:])
-        return self.decode(src, tgt, tuple(source.shape[-2:]), coarse)
+        return self.decode(src, tgt, tuple(source.shape[-2:]), self.coarse_features(source, target))
+
+    @torch.no_grad()
+    def coarse_features(self, source: torch.Tensor, target: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """pool4 features of both images resized to ``input_size`` (the coarse level's grid),
+        or None when the images already have that size (their own pool4 serves)."""
+        if tuple(source.shape[-2:]) == tuple(self.config.input_size):
+            return None
+        small = F.interpolate(torch.cat((source, target)), size=self.config.input_size,
+                              mode='bilinear', align_corners=False, antialias=True)
+        pool = self.trunk(small, levels=('pool4',))['pool4']
+        return pool[:source.shape[0]], pool[source.shape[0]:]
 
     def decode(self, src: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor],
                size: tuple[int, int], coarse: tuple[torch.Tensor, torch.Tensor] | None = None
