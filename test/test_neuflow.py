@@ -36,6 +36,58 @@ def test_shapes_steps_and_multiple_of_16():
         net(torch.rand(1, 3, 40, 48), torch.rand(1, 3, 40, 48))
 
 
+def test_a_given_start_flow_replaces_the_global_match():
+    """A second pass refines from the flow it is given: with no steps the output is that
+    start, upsampled to pixels; a start of the wrong shape is refused."""
+    net = _net().eval()
+    start = torch.zeros(1, 2, 4, 6)
+    start[:, 0], start[:, 1] = 1.0, -0.5                       # 1/8 cells
+    with torch.no_grad():
+        out = net(torch.rand(1, 3, 32, 48), torch.rand(1, 3, 32, 48), iterations=0,
+                  init_flow=start)
+        stepped = net(torch.rand(1, 3, 32, 48), torch.rand(1, 3, 32, 48), iterations=1,
+                      init_flow=start)
+    assert torch.allclose(out.flows[0][:, 0], torch.full((1, 32, 48), 8.0))
+    assert torch.allclose(out.flows[0][:, 1], torch.full((1, 32, 48), -4.0))
+    assert len(stepped.flows) == 2 and tuple(stepped.flows[-1].shape) == (1, 2, 32, 48)
+    with pytest.raises(ValueError, match='init_flow'):
+        net(torch.rand(1, 3, 32, 48), torch.rand(1, 3, 32, 48), init_flow=torch.zeros(1, 2, 2, 3))
+
+
+def test_two_way_shares_the_encoding_and_equals_two_calls():
+    net = _net().eval()
+    s, t = torch.rand(1, 3, 32, 48), torch.rand(1, 3, 32, 48)
+    start = torch.randn(2, 2, 4, 6)
+    with torch.no_grad():
+        both = net(s, t, two_way=True)
+        one, other = net(s, t), net(t, s)
+        both_started = net(s, t, iterations=1, init_flow=start, two_way=True)
+        other_started = net(t, s, iterations=1, init_flow=start[1:])
+    assert torch.allclose(both.flows[-1][:1], one.flows[-1], atol=1e-4)
+    assert torch.allclose(both.flows[-1][1:], other.flows[-1], atol=1e-4)
+    assert torch.allclose(both.matchability[1:], other.matchability, atol=1e-4)
+    assert torch.allclose(both_started.flows[-1][1:], other_started.flows[-1], atol=1e-4)
+    with pytest.raises(ValueError, match='init_flow'):
+        net(s, t, init_flow=start[:1], two_way=True)
+
+
+def test_folded_batch_norm_gives_the_same_flow_and_refuses_training():
+    net = _net(3)
+    net.train()
+    with torch.no_grad():                          # give BatchNorm non-trivial statistics
+        for _ in range(3):
+            net(torch.rand(2, 3, 32, 48), torch.rand(2, 3, 32, 48))
+    net.eval()
+    s, t = torch.rand(1, 3, 32, 48), torch.rand(1, 3, 32, 48)
+    with torch.no_grad():
+        before = net(s, t, two_way=True)
+        after = net.fold_batch_norm()(s, t, two_way=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert torch.allclose(before.flows[-1], after.flows[-1], atol=1e-3)
+    with pytest.raises(RuntimeError, match='folded'):
+        net.train()
+
+
 def test_windowed_softmax_finds_a_shift_and_ignores_matches_outside_the_window():
     torch.manual_seed(0)
     feat = torch.randn(1, 32, 6, 7)
@@ -134,9 +186,96 @@ def test_matcher_contract_and_option_checks():
     flow, _ = _tiny_matcher(fuse='none', refine='none').match(src, tgt[:40, :60])
     assert flow.shape == (50, 72, 2)
     for bad in ({'fuse': 'raft'}, {'fb_sigma': 0}, {'precision': 'fp8'}, {'max_side': 8},
-                {'refine': 'sift'}, {'iterations': -1}, {'fb_check': 'half'}):
+                {'refine': 'sift'}, {'iterations': -1}, {'fb_check': 'half'},
+                {'cascade_side': 8}, {'cascade_steps': 0}, {'polish': -1},
+                {'polish_min_texture': -1.0}):
         with pytest.raises(ValueError):
             _tiny_matcher(**bad)
+
+
+def test_cascade_refines_the_first_pass_at_the_finer_size():
+    """The second pass gets both directions' first-pass flows, resized and rescaled to its
+    grid and in 1/8 cells; no second pass when the finer size is not larger."""
+    matcher = _tiny_matcher(max_side=32, cascade_side=64, fuse='none', refine='none', polish=0)
+    calls = []
+    forward = matcher.net.forward
+
+    def spy(source, target, iterations=None, init_flow=None, two_way=False):
+        calls.append((tuple(source.shape), iterations,
+                      None if init_flow is None else init_flow.clone()))
+        return forward(source, target, iterations=iterations, init_flow=init_flow,
+                       two_way=two_way)
+    matcher.net.forward = spy
+    src, tgt, _ = affine_photo_pair(72, 50, 3.0, 1.0, (2.0, 1.0))
+    coarse = grid.working_size((72, 50), 32, min_side=32)            # (46, 32): min side 32
+    first = matcher._pass(src, tgt, coarse, matcher.iterations)
+    calls.clear()
+    flow, _ = matcher.match(src, tgt)
+    assert flow.shape == (50, 72, 2)
+    assert [c[0] for c in calls] == [(1, 3, 32, 48), (1, 3, 48, 64)]   # 46x32 and 64x44, padded
+    assert calls[0][2] is None and calls[1][1] == matcher.cascade_steps
+    start = calls[1][2]
+    assert tuple(start.shape) == (2, 2, 6, 8)
+    # Inside the unpadded grid the start is the first pass's flow rescaled to 64x44, in cells.
+    expect = neuflow_method._flow_tensor(first[0], (64, 44))[0, :, :40, :].mean((1, 2)) / 8.0
+    assert torch.allclose(start[0, :, :5, :].mean((1, 2)), expect, atol=1e-4)
+    calls.clear()
+    matcher.cascade_side = 32
+    matcher.match(src, tgt)
+    assert len(calls) == 1
+
+
+def test_an_upscaled_second_pass_keeps_the_first_where_its_round_trip_is_better():
+    """Below the cascade size the second pass runs on an upscaled copy; per pixel and per
+    direction the pass with the smaller forward-backward error wins, on the finer grid."""
+    size = (40, 30)                                             # second pass grid (W, H)
+    first = (np.full((15, 20, 2), 0.5, np.float32),             # coarse grid, 2x smaller:
+             np.full((15, 20, 2), -0.5, np.float32), None)      # a perfect round trip
+    second_fwd = np.full((30, 40, 2), 1.0, np.float32)          # the same in fine pixels ...
+    second_bwd = np.full((30, 40, 2), -1.0, np.float32)
+    second_bwd[:, :20] = 3.0                                     # ... but a broken left half
+    vis = np.full((30, 40), 0.3, np.float32)
+    fwd, bwd, v = neuflow_method._rounder_trip(first, (second_fwd, second_bwd, vis), size)
+    assert fwd.shape == (30, 40, 2) and v is vis
+    inner = (slice(2, -4), slice(2, -4))                        # round trips stay in frame
+    assert np.allclose(bwd[inner], -1.0)                        # broken half: the first pass
+    assert np.allclose(fwd[inner], 1.0)                         # (x2 for the finer grid)
+    assert np.allclose(bwd[:, 25:], -1.0)
+    # Where the second pass is the consistent one, it stays.
+    second_fwd[5:10, 5:10] = 1.25
+    fwd, _, _ = neuflow_method._rounder_trip((first[0] * 3, first[1], None),
+                                             (second_fwd, -second_fwd, vis), size)
+    assert np.allclose(fwd[6:9, 6:9], 1.25) and np.allclose(fwd[20:25, 20:25], 1.0)
+
+
+def test_flow_tensor_rescales_values_with_the_grid():
+    flow = np.zeros((10, 20, 2), np.float32)
+    flow[..., 0], flow[..., 1] = 3.0, -1.0
+    t = neuflow_method._flow_tensor(flow, (40, 30))
+    assert tuple(t.shape) == (1, 2, 30, 40)
+    assert torch.allclose(t[0, 0], torch.full((30, 40), 6.0))
+    assert torch.allclose(t[0, 1], torch.full((30, 40), -3.0))
+
+
+def test_variational_polish_brings_a_noisy_flow_closer_to_the_truth():
+    from dense_match_ros.core.refine import variational_polish
+    src, tgt, gt = affine_photo_pair(160, 128, 2.0, 1.0, (3.0, -2.0))
+    rng = np.random.default_rng(0)
+    noisy = (gt + rng.normal(0.0, 0.7, gt.shape)).astype(np.float32)
+    polished = variational_polish(src, tgt, noisy, 10)
+    inner = (slice(12, -12), slice(12, -12))
+
+    def err(f):
+        return float(np.linalg.norm(f - gt, axis=-1)[inner].mean())
+    assert err(polished) < 0.6 * err(noisy), (err(polished), err(noisy))
+    # Where the source is flat the flow is kept as it came (only smoothness would act there).
+    flat_src = src.copy()
+    flat_src[:, :80] = 128
+    kept = variational_polish(flat_src, tgt, noisy, 10, min_texture=1e-4)
+    assert np.array_equal(kept[10:-10, 5:70], noisy[10:-10, 5:70])
+    assert not np.array_equal(kept[10:-10, 95:-5], noisy[10:-10, 95:-5])
+    assert variational_polish(src, tgt[:100], noisy, 10) is noisy    # sizes differ: unchanged
+    assert variational_polish(src, tgt, noisy, 0) is noisy
 
 
 def test_fusion_keeps_dis_where_the_network_is_wrong():

@@ -36,6 +36,7 @@ from torch import nn
 from dense_match_ros.core.geometry import parametric, transforms as tf
 from dense_match_ros.core.networks.backbone import VGGBackbone, VGGConfig
 from dense_match_ros.core.networks.correlation import global_correlation, normalize_correlation
+from dense_match_ros.core.networks.folding import fold_sequential
 
 STAGES = ('affine', 'tps')
 
@@ -152,22 +153,7 @@ class CnnGeoNet(nn.Module):
         """
         self.eval()
         for module in [*self.backbone.blocks, self.affine.convs] + ([self.tps.convs] if self.tps else []):
-            layers = list(module)
-            folded: list[nn.Module] = []
-            i = 0
-            while i < len(layers):
-                layer = layers[i]
-                if (isinstance(layer, nn.Conv2d) and i + 1 < len(layers)
-                        and isinstance(layers[i + 1], nn.BatchNorm2d)):
-                    folded.append(_fold(layer, layers[i + 1]))
-                    i += 2
-                else:
-                    folded.append(layer)
-                    i += 1
-            for name in list(module._modules):
-                del module._modules[name]
-            for j, layer in enumerate(folded):
-                module.add_module(str(j), layer)
+            fold_sequential(module)
         self.folded = True
         return self
 
@@ -224,18 +210,6 @@ class CnnGeoNet(nn.Module):
         n = len(image_a)
         swapped = torch.cat([image_b, image_a], dim=0)
         return self.regress(images, swapped, feats, torch.cat([feats[n:], feats[:n]]), stages)
-
-
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """One convolution computing ``bn(conv(x))`` of an eval-mode BatchNorm."""
-    scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                      conv.padding, conv.dilation, conv.groups, bias=True)
-    bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros_like(scale)
-    with torch.no_grad():
-        fused.weight.copy_(conv.weight.detach().float() * scale[:, None, None, None])
-        fused.bias.copy_((bias - bn.running_mean.float()) * scale + bn.bias.detach().float())
-    return fused.to(conv.weight.device)
 
 
 def config_from_dict(values: dict) -> CnnGeoConfig:

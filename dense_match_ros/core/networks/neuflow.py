@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dense_match_ros.core.networks.folding import fold_sequential
+
 
 @dataclasses.dataclass
 class NeuFlowConfig:
@@ -79,10 +81,13 @@ class Encoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.channels = chans
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, coarse: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(1/8, 1/16) features; ``coarse=False`` skips the 1/16 stage (a pass that starts
+        from a given flow needs no global match)."""
         for stage in self.stages[:3]:
             x = stage(x)
-        return x, self.stages[3](x)
+        return x, self.stages[3](x) if coarse else None
 
 
 def coords_grid(b: int, h: int, w: int, device) -> torch.Tensor:
@@ -191,8 +196,24 @@ class NeuFlowNet(nn.Module):
         self.match_head = nn.Sequential(nn.Conv2d(hid, 32, 3, padding=1), nn.ReLU(inplace=True),
                                         nn.Conv2d(32, 1, 1))
         self._corr_dtype = None
+        self.folded = False
         self.register_buffer('mean', torch.tensor([0.45, 0.43, 0.40]).view(1, 3, 1, 1))
         self.register_buffer('std', torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1))
+
+    def fold_batch_norm(self) -> 'NeuFlowNet':
+        """Fold the encoder's BatchNorms into its convolutions (inference only; see
+        :mod:`core.networks.folding`)."""
+        self.eval()
+        for stage in self.encoder.stages:
+            for block in stage:
+                fold_sequential(block)
+        self.folded = True
+        return self
+
+    def train(self, mode: bool = True) -> 'NeuFlowNet':
+        if mode and self.folded:
+            raise RuntimeError('this network has its BatchNorm folded (inference only)')
+        return super().train(mode)
 
     def correlation_dtype(self, dtype: torch.dtype | None) -> 'NeuFlowNet':
         """Compute the local correlation in ``dtype`` at inference (bf16 halves its memory
@@ -210,16 +231,38 @@ class NeuFlowNet(nn.Module):
         return F.pixel_shuffle(up.reshape(b, 2 * 64, h, w), 8)
 
     def forward(self, source: torch.Tensor, target: torch.Tensor,
-                iterations: int | None = None) -> NeuFlowOutput:
+                iterations: int | None = None, init_flow: torch.Tensor | None = None,
+                two_way: bool = False) -> NeuFlowOutput:
+        """``init_flow`` (B, 2, H/8, W/8), in 1/8 cells, replaces the global match as the
+        refinement's start: a second pass at a finer working size continues the flow of a
+        coarser one (the refinement steps were trained to correct a start that is a few
+        cells off, which an upsampled coarse flow is). ``flows[0]`` is then that start.
+
+        ``two_way``: also target -> source, from the same encoding of each image (the
+        encoder is a third of an inference pass); the output batch is then 2B, the forward
+        flows first, and ``init_flow`` must hold 2B starts in that order."""
         b, _, h, w = source.shape
         if h % 16 or w % 16:
             raise ValueError(f'input must be a multiple of 16 on each side, got {h}x{w}')
+        n = 2 * b if two_way else b
+        if init_flow is not None and tuple(init_flow.shape) != (n, 2, h // 8, w // 8):
+            raise ValueError(f'init_flow must be (B, 2, H/8, W/8) = {(n, 2, h // 8, w // 8)}, '
+                             f'got {tuple(init_flow.shape)}')
         x = (torch.cat((source, target), 0) - self.mean) / self.std
-        f8, f16 = self.encoder(x)
-        s8, t8 = f8[:b], f8[b:]
-        flow16 = windowed_softmax_flow(f16[:b], f16[b:], self.config.window,
-                                       self.config.temperature)
-        flow = 2.0 * F.interpolate(flow16, scale_factor=2, mode='bilinear', align_corners=False)
+        f8, f16 = self.encoder(x, coarse=init_flow is None)
+        if two_way:   # sources (s, t), targets (t, s): the same features, rolled by B
+            s8, t8 = f8, torch.roll(f8, b, 0)
+            s16, t16 = (f16, torch.roll(f16, b, 0)) if f16 is not None else (None, None)
+        else:
+            s8, t8 = f8[:b], f8[b:]
+            s16, t16 = (f16[:b], f16[b:]) if f16 is not None else (None, None)
+        if init_flow is None:
+            flow16 = windowed_softmax_flow(s16, t16, self.config.window,
+                                           self.config.temperature)
+            flow = 2.0 * F.interpolate(flow16, scale_factor=2, mode='bilinear',
+                                       align_corners=False)
+        else:
+            flow = init_flow.float()
         flows = [8.0 * F.interpolate(flow, scale_factor=8, mode='bilinear', align_corners=False)]
         hidden, context = torch.split(self.context(s8), self.config.hidden, 1)
         hidden, context = torch.tanh(hidden), torch.relu(context)
