@@ -13,7 +13,8 @@ from dense_match_ros.core.methods import dmp as dmp_method
 from dense_match_ros.core.methods import dmp_optim
 from dense_match_ros.core.methods.dmp import DmpMatcher
 from dense_match_ros.core.networks.backbone import VGGBackbone, VGGConfig
-from dense_match_ros.core.networks.dmp import (DmpConfig, DmpNet, cell_centres, local_correlation,
+from dense_match_ros.core.networks.correlation import local_correlation
+from dense_match_ros.core.networks.dmp import (DmpConfig, DmpNet, cell_centres,
                                                offsets)
 from dense_match_ros.core.registry import available_methods, load_matcher
 from dense_match_ros.training import checkpoint as ckpt
@@ -57,6 +58,25 @@ def test_local_correlation_matches_explicit_shifts():
     a = torch.randn(1, 3, 5, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(1, 3, 5, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, y: local_correlation(x, y, 2), (a, b))
+
+
+def test_local_correlation_over_several_column_chunks_and_under_autocast():
+    """Rows wider than one matrix-product chunk (32 columns) are stitched without seams, the
+    gradient holds there too, and autocast does not lower an fp32 call to bf16."""
+    torch.manual_seed(2)
+    s, t = torch.randn(1, 4, 3, 70, dtype=torch.float64), torch.randn(1, 4, 3, 70, dtype=torch.float64)
+    corr = local_correlation(s, t, 1)
+    padded = F.pad(t, (1, 1, 1, 1))
+    for k, (dx, dy) in enumerate(offsets(1, 'cpu').long().tolist()):
+        expected = (s * padded[:, :, 1 + dy:1 + dy + 3, 1 + dx:1 + dx + 70]).sum(1)
+        torch.testing.assert_close(corr[:, k], expected)
+    a, b = s.clone().requires_grad_(), t.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, y: local_correlation(x, y, 1), (a, b))
+    x, y = torch.randn(1, 64, 6, 40), torch.randn(1, 64, 6, 40)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        inside = local_correlation(x, y, 2)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, local_correlation(x, y, 2))
 
 
 def test_iteration_zero_is_the_soft_argmax_of_the_correlations():

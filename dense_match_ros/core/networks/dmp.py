@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dense_match_ros.core.networks.backbone import STRIDES, VGGBackbone, VGGConfig, level_channels
-from dense_match_ros.core.networks.correlation import global_correlation
+from dense_match_ros.core.networks.correlation import global_correlation, local_correlation
 
 LEVELS = ('pool4', 'conv4', 'conv3', 'conv2')
 """Coarse to fine: 15, 30, 60 and 120 px cells for a 240 px input (the paper's pyramid)."""
@@ -129,51 +129,6 @@ def sample_at(features: torch.Tensor, positions: torch.Tensor, size: tuple[int, 
     out = F.grid_sample(features.float(), grid, mode='bilinear', padding_mode='zeros',
                         align_corners=False)
     return out.to(features.dtype)
-
-
-class _LocalCorrelation(torch.autograd.Function):
-    """Forward: one product per offset on shifted views of the padded target. Backward: the
-    target's gradient accumulated in place into one padded buffer (autograd's own backward of
-    the slices would zero-fill a padded-size tensor per offset: a quarter of an iteration)."""
-
-    @staticmethod
-    def forward(ctx, source: torch.Tensor, target: torch.Tensor, radius: int) -> torch.Tensor:
-        _, _, h, w = source.shape
-        k = 2 * radius + 1
-        padded = F.pad(target, (radius, radius, radius, radius))
-        ctx.save_for_backward(source, padded)
-        ctx.radius = radius
-        return torch.stack([(source * padded[:, :, dy:dy + h, dx:dx + w]).sum(1)
-                            for dy in range(k) for dx in range(k)], dim=1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        source, padded = ctx.saved_tensors
-        r = ctx.radius
-        _, _, h, w = source.shape
-        k = 2 * r + 1
-        grad_source = torch.zeros_like(source) if ctx.needs_input_grad[0] else None
-        grad_padded = torch.zeros_like(padded) if ctx.needs_input_grad[1] else None
-        for i, (dy, dx) in enumerate((dy, dx) for dy in range(k) for dx in range(k)):
-            g = grad[:, i:i + 1]
-            if grad_source is not None:
-                grad_source.addcmul_(g, padded[:, :, dy:dy + h, dx:dx + w])
-            if grad_padded is not None:
-                grad_padded[:, :, dy:dy + h, dx:dx + w].addcmul_(g, source)
-        grad_target = grad_padded[:, :, r:r + h, r:r + w] if grad_padded is not None else None
-        return grad_source, grad_target, None
-
-
-def local_correlation(source: torch.Tensor, target: torch.Tensor, radius: int) -> torch.Tensor:
-    """(B, (2r+1)^2, h, w) dot products of each source feature with the target features at the
-    offsets (dy, dx) in [-r, r]^2 (row-major, dy outer), zeros beyond the border.
-
-    No unfold: it would copy the target (2r+1)^2 times (measured 5x slower on the CPU)."""
-    if source.shape != target.shape:
-        raise ValueError(f'local correlation needs equal shapes, got {tuple(source.shape)} '
-                         f'and {tuple(target.shape)}')
-    dtype = torch.promote_types(source.dtype, target.dtype)
-    return _LocalCorrelation.apply(source.to(dtype), target.to(dtype), int(radius))
 
 
 def offsets(radius: int, device) -> torch.Tensor:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dense_match_ros.core.networks import correlation
 from dense_match_ros.core.networks.folding import fold_sequential
 
 
@@ -142,10 +143,11 @@ def _shifted(x: torch.Tensor, radius: int):
 
 def local_correlation(source: torch.Tensor, warped: torch.Tensor, radius: int) -> torch.Tensor:
     """(B, (2r+1)^2, H, W) dot products (scaled by 1/sqrt(C)) of each source feature with the
-    warped target's features at offsets -r..r (row-major, dy outer)."""
-    source, warped = source.contiguous(), warped.contiguous()
-    scale = source.shape[1] ** -0.5
-    return torch.stack([(source * view).sum(1) for view in _shifted(warped, radius)], 1) * scale
+    warped target's features at offsets -r..r (row-major, dy outer); zeros beyond the border.
+    The shared :func:`core.networks.correlation.local_correlation`, whose backward
+    accumulates into one buffer (autograd's backward of the 49 slices zero-filled a padded
+    tensor per offset: a quarter of a training step)."""
+    return correlation.local_correlation(source, warped, radius) * source.shape[1] ** -0.5
 
 
 class Refiner(nn.Module):
