@@ -211,6 +211,25 @@ def test_model_swap_and_invalid_options_keep_the_old_state():
         MatchPipeline(PipelineConfig(mode='stereo'))
 
 
+def test_the_pose_input_threshold_is_its_own_parameter():
+    """The node's matchability_threshold counts matchable pixels; the pose selects its input
+    with pose.matchability_threshold (strict by default), and one does not move the other."""
+    from dense_match_ros.ros.parameters import parameter_table, pipeline_config_from_params
+    table = {p.name: p.default for p in parameter_table()}
+    assert table['matchability_threshold'] == 0.5
+    assert table['pose.matchability_threshold'] == 0.9
+    config = pipeline_config_from_params({'matchability_threshold': 0.2,
+                                          'pose.matchability_threshold': 0.7})
+    assert config.matchability_threshold == 0.2
+    assert config.pose_options['matchability_threshold'] == 0.7
+    p = MatchPipeline(PipelineConfig(matchability_threshold=0.1))
+    assert p._pose_config.matchability_threshold == 0.9
+    p.update(matchability_threshold=0.3)
+    assert p._pose_config.matchability_threshold == 0.9
+    p.update(pose_options={'matchability_threshold': 0.6})
+    assert p._pose_config.matchability_threshold == 0.6
+
+
 def test_colour_output():
     p, _ = _pipe(color_output=True)
     p.process(frame(shifted(0), 0))

@@ -29,6 +29,7 @@ CALIBRATION_SEED = 7  # not the evaluation set's (2026)
 
 
 def calibration_pairs(n: int, size: tuple[int, int] = (240, 240), seed: int = CALIBRATION_SEED):
+    """``n`` held-out pairs of ``size`` (H, W)."""
     gen = SyntheticPairGenerator(PhotoSource(split='heldout'), size=size, kinds=KINDS,
                                  objects=0.5)
     return [gen.pair(seed, i) for i in range(n)]
@@ -51,13 +52,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help='matcher option (YAML value), as in dense-match-eval')
     p.add_argument('--pairs', type=int, default=60)
     p.add_argument('--seed', type=int, default=CALIBRATION_SEED)
+    p.add_argument('--size', default='240x240', metavar='WxH',
+                   help='pair size: calibrate at the size the matcher will see (a camera\'s '
+                        '640x480), since a matcher may take another path on smaller inputs')
     p.add_argument('--write', action='store_true',
                    help="store the table as 'calibration' in the checkpoint's JSON record")
     args = p.parse_args(argv)
     from dense_match_ros.evaluation.cli import parse_options
     options = {**parse_options(args.option), 'calibrated': False}
     matcher = load_matcher(args.method, device='cpu', weights=args.weights, **options)
-    pairs = calibration_pairs(args.pairs, seed=args.seed)
+    from dense_match_ros.evaluation.bench_match import parse_size
+    pairs = calibration_pairs(args.pairs, size=parse_size(args.size), seed=args.seed)
     counts = reliability_of(matcher, pairs)
     table = calibration.fit_table(counts)
     before = metrics.calibration_error(counts)
@@ -77,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_path = Path(matcher.weights).with_suffix('.json')
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         record['calibration'] = {**table, 'pairs': len(pairs), 'seed': args.seed,
+                                 'size': args.size,
                                  'correct_px': metrics.CORRECT_PX, 'options': options,
                                  'error_before': before,
                                  'command': 'dense-match-calibrate ' + ' '.join(argv or sys.argv[1:])}

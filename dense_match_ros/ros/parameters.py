@@ -30,8 +30,6 @@ INPUT_QOS = ('auto', 'sensor_data', 'reliable', 'system_default')
 SYNCHRONIZERS = ('auto', 'message_filters', 'builtin')
 STAMP_SOURCES = ('header', 'receipt')
 POSE_PREFIX = 'pose.'
-# pose.* fields that the node sets itself (one threshold for the whole node).
-POSE_SHADOWED = ('matchability_threshold',)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +96,11 @@ def parameter_table() -> list[Param]:
         Param('keyframe_min_matchable', 0.0, 'Mono: also replace the keyframe when the '
                                              'matchable pixel fraction falls below this.',
               (0.0, 1.0), config=True),
-        Param('matchability_threshold', 0.5, 'Pixels at or above it count as matched (pose '
-                                             'input, statistics).', (0.0, 1.0), config=True),
+        Param('matchability_threshold', 0.5, 'Pixels at or above it count as matchable (the '
+                                             'matchable fraction in diagnostics and for '
+                                             'keyframe_min_matchable; the pose input has its '
+                                             'own pose.matchability_threshold).', (0.0, 1.0),
+              config=True),
         Param('estimate_pose', True, 'Estimate the relative pose (needs camera_info).',
               config=True),
         Param('min_image_side', 16, 'Refuse images with a smaller side.', (2, 100000),
@@ -143,7 +144,7 @@ def parameter_table() -> list[Param]:
     for name, default in pose_config_fields().items():
         if isinstance(default, tuple):
             default = [int(v) for v in default]
-        if name not in POSE_SHADOWED and isinstance(default, (bool, int, float, str, list)):
+        if isinstance(default, (bool, int, float, str, list)):
             table.append(Param(f'{POSE_PREFIX}{name}', default,
                                f'core.geometry.pose.PoseConfig.{name}.', config=True))
     return table
@@ -172,7 +173,7 @@ def _pose_options(params: dict[str, Any]) -> dict[str, Any]:
     options = {}
     for key, value in params.items():
         name = key[len(POSE_PREFIX):] if key.startswith(POSE_PREFIX) else None
-        if name in fields and name not in POSE_SHADOWED:
+        if name in fields:
             options[name] = tuple(value) if isinstance(fields[name], tuple) else value
     return options
 

@@ -84,7 +84,8 @@ class PipelineConfig:
     keyframe_min_matchable: float = 0.0
     """Mono: also replace the keyframe when fewer pixels than this fraction are matchable."""
     matchability_threshold: float = 0.5
-    """Pixels at or above this count as matched (pose input, inlier statistics)."""
+    """Pixels at or above this count as matchable (statistics, keyframe replacement); the
+    pose selects its input with its own ``pose_options['matchability_threshold']``."""
     estimate_pose: bool = True
     pose_options: dict = dataclasses.field(default_factory=dict)
     """Fields of core.geometry.pose.PoseConfig (unknown keys are refused)."""
@@ -205,8 +206,7 @@ class MatchPipeline:
         self.pose_estimator_note = ''
         self._lock = threading.RLock()
         self.counters = Counters()
-        self._pose_config = self._make_pose_config(self.config.pose_options,
-                                                   self.config.matchability_threshold)
+        self._pose_config = self._make_pose_config(self.config.pose_options)
         self.matcher = matcher if matcher is not None else self._build_matcher(
             self.config.method, self.config.weights, self.config.device,
             self.config.method_options)
@@ -239,12 +239,8 @@ class MatchPipeline:
             self.config.device, self.config.method_options = device, dict(options)
         return matcher
 
-    def _make_pose_config(self, options: dict, matchability_threshold: float):
-        # One matchability threshold for the whole node unless the pose options set their own.
-        merged = dict(options)
-        if 'matchability_threshold' in pose_config_fields():
-            merged.setdefault('matchability_threshold', float(matchability_threshold))
-        config = make_pose_config(merged)
+    def _make_pose_config(self, options: dict):
+        config = make_pose_config(dict(options))
         missing = essential_ransac.missing_package(config.estimator)
         self.pose_estimator_note = ''
         if missing:
@@ -275,8 +271,7 @@ class MatchPipeline:
                              f' with update(); use set_matcher() for the model')
         with self._lock:
             candidate = dataclasses.replace(self.config, **changes)
-            pose_config = self._make_pose_config(candidate.pose_options,
-                                                 candidate.matchability_threshold)
+            pose_config = self._make_pose_config(candidate.pose_options)
             resize = ((candidate.process_width, candidate.process_height)
                       != (self.config.process_width, self.config.process_height))
             self.config = candidate
