@@ -108,7 +108,8 @@ def test_iteration_zero_is_the_soft_argmax_of_the_correlations():
     offset = torch.einsum('bkhw,kc->bchw', p1, offsets(TINY.radius, 'cpu') * 8)
     torch.testing.assert_close(out.flows[1], up + offset, atol=1e-4, rtol=1e-4)
     # And the matcher with no iterations returns that network's own flow.
-    m = DmpMatcher(device="cpu", net=net, iterations=0, mode="resize", precision="fp32")
+    m = DmpMatcher(device="cpu", net=net, iterations=0, mode="resize", precision="fp32",
+                   refine="none")
     src_np = (src_img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     tgt_np = (tgt_img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     flow, _ = m.match(src_np, tgt_np)
@@ -157,6 +158,22 @@ def test_two_calls_give_the_same_flow_and_warm_start_continues():
     np.testing.assert_array_equal(first.flow, a.flow)
     second = warm.match(src, tgt)           # starts from the first call's optimised weights
     assert not np.array_equal(second.flow, first.flow)
+
+
+def test_the_dis_residual_makes_the_working_grid_flow_precise(monkeypatch):
+    """The optimised flow lives on a coarse working grid; refine='dis' corrects a smooth
+    error of a pixel or two at full resolution, refine='none' returns it as it is."""
+    src, tgt, gt = affine_photo_pair(128, 96, 2.0, 1.0, (5.0, -3.0))
+    off = (gt[::2, ::2] + 1.5).astype(np.float32)              # on a half-size working grid
+    inner = (slice(10, -10), slice(10, -10))
+    errors = {}
+    for refine in ('none', 'dis'):
+        m = _tiny_matcher(refine=refine)
+        monkeypatch.setattr(m, 'working_flow', lambda s, t: (off * 0.5, np.ones(off.shape[:2],
+                                                                             np.float32), (64, 48)))
+        flow, _ = m.match(src, tgt)
+        errors[refine] = float(np.linalg.norm(flow - gt, axis=-1)[inner].mean())
+    assert errors['none'] > 1.5 and errors['dis'] < 0.5 * errors['none'], errors
 
 
 def test_stopping_rules_and_reasons():
@@ -208,7 +225,8 @@ def test_bad_inputs_name_the_rule(image, rule):
 
 def test_bad_options_and_wrong_weights_are_named(tmp_path):
     for bad, rule in (({'mode': 'x'}, 'mode'), ({'warp': 'x'}, 'warp'), ({'samples': 1}, 'samples'),
-                      ({'iterations': -1}, 'iterations'), ({'tau': 0}, 'tau')):
+                      ({'iterations': -1}, 'iterations'), ({'tau': 0}, 'tau'),
+                      ({'refine': 'raft'}, 'refine')):
         with pytest.raises(ValueError, match=rule):
             _tiny_matcher(**bad)
     other = tmp_path / 'not_dmp.pt'

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 import torch
 
-from dense_match_ros.core import calibration
+from dense_match_ros.core import calibration, refine as _refine
 from dense_match_ros.core.checkpoint import CheckpointError, load_trunk
 from dense_match_ros.core.device import check_precision, inference_dtype
 from dense_match_ros.core.geometry import grid
@@ -88,7 +88,9 @@ class DmpMatcher(Matcher):
                  warp: str = 'features', min_update_px: float = 0.05, window: int = 10,
                  patience: int = 40, time_budget_s: float | None = None, warm_start: bool = False,
                  precision: str = 'auto', calibrated: bool = False, seed: int = 0,
+                 refine: str = 'dis', refine_preset: str = 'medium',
                  net: DmpNet | None = None) -> None:
+        _refine.check_refiner(refine, refine_preset)
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
         if int(max_side) < 32:
@@ -107,6 +109,7 @@ class DmpMatcher(Matcher):
             net, self.weights = scratch_network(weights)
             self.net, self.record = net.to(device).eval(), {}
         self.mode, self.max_side = mode, int(max_side)
+        self.refine, self.refine_preset = refine, refine_preset
         self.warm_start, self.seed = bool(warm_start), int(seed)
         self._amp = inference_dtype(precision, device)
         self.calibration = self.record.get('calibration') if calibrated else None
@@ -167,6 +170,10 @@ class DmpMatcher(Matcher):
         flow, confidence, size = self.working_flow(source, target)
         flow, confidence = grid.to_source_grid(flow, confidence, (w, h), size, (tw, th))
         flow = np.nan_to_num(flow, nan=0.0, posinf=0.0, neginf=0.0)
+        if self.refine == 'dis':
+            # The optimised flow lives on a 240 px grid: a full-resolution DIS residual gives
+            # it sub-pixel precision (outside the time budget: one DIS call).
+            flow = _refine.dis_residual(source, target, flow, self.refine_preset)
         matchability = np.nan_to_num(confidence) * grid.in_bounds(flow, (tw, th))
         return flow, calibration.apply_table(matchability.astype(np.float32), self.calibration)
 
