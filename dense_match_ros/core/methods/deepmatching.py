@@ -10,7 +10,8 @@ Pipeline, on working copies of both images (longest side ``max_side``):
    least ``threshold``, and its score is at least ``min_score``: :meth:`match_sparse`
    returns these, in the images' own pixels;
 3. EpicFlow's edge-aware interpolation (:mod:`.epicflow`) makes the dense flow, optionally
-   polished by ``cv2.VariationalRefinement`` (``refine=True``);
+   polished by ``cv2.VariationalRefinement`` (``refine=True``, the default: better on every
+   shared set for both descriptors, e.g. Sintel 8.06 -> 7.88 px with HOG; README);
 4. matchability, ``matchability='support'`` (default): 1 at a kept match (its score having
    passed ``min_score``), decaying with the distance to the nearest one,
    ``exp(-d^2 / 2 sigma^2)`` with sigma one patch spacing; ``'fb'``: forward-backward
@@ -40,6 +41,7 @@ import torch
 from dense_match_ros.core.checkpoint import CheckpointError
 from dense_match_ros.core.device import autocast, check_precision, inference_dtype
 from dense_match_ros.core.geometry import grid
+from dense_match_ros.core.refine import variational_polish
 from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.methods.epicflow import EpicInterpolator
 from dense_match_ros.core.networks.deepmatching import (ATOMIC, DeepMatchingConfig, DeepMatchingNet,
@@ -90,7 +92,8 @@ class DeepMatchingMatcher(Matcher):
 
     def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
                  max_side: int = 512, max_memory_mb: float = 1024.0, levels: int = 0,
-                 threshold: float = 0.8, min_score: float | None = None, refine: bool = False, matchability: str = 'support',
+                 threshold: float = 0.8, min_score: float | None = None, refine: bool = True,
+                 matchability: str = 'support',
                  fb_sigma: float = 2.0, width: float | None = None, precision: str = 'auto',
                  net: DeepMatchingNet | None = None) -> None:
         check_precision(precision)
@@ -207,10 +210,8 @@ class DeepMatchingMatcher(Matcher):
         """(dense flow, kept source px, their scores) on the working source grid."""
         ps, pt, score, _, kept = self._working_matches(src, tgt)
         flow = self._interp.densify(src, ps[kept], tgt, pt[kept])
-        if self.refine and src.shape == tgt.shape:
-            grey_s = cv2.cvtColor(src, cv2.COLOR_RGB2GRAY)
-            grey_t = cv2.cvtColor(tgt, cv2.COLOR_RGB2GRAY)
-            flow = cv2.VariationalRefinement_create().calc(grey_s, grey_t, np.ascontiguousarray(flow))
+        if self.refine:   # OpenCV's default 5 fixed-point iterations; pairs of one size only
+            flow = variational_polish(src, tgt, np.asarray(flow, np.float32), iterations=5)
         return np.nan_to_num(np.asarray(flow, np.float32)), ps[kept], score[kept]
 
     def _match(self, source: np.ndarray, target: np.ndarray):
