@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Where neuflow's time goes, one thread: per-stage time of ``match()`` (network passes, DIS
+residual, fusion with DIS, polish) at 640x480 and 240x240, the 640x480 second pass alone, and
+one training step (batch 8, 192x192, bf16 autocast) of the ``neuflow`` task.
+
+    python scripts/neuflow_timing.py [out.json]
+"""
+import json
+import sys
+import time
+
+import cv2
+import numpy as np
+import torch
+
+from dense_match_ros.core import refine
+from dense_match_ros.core.networks.neuflow import NeuFlowConfig, NeuFlowNet
+from dense_match_ros.core.registry import load_matcher
+from dense_match_ros.evaluation.bench_match import photo_pair
+from dense_match_ros.training.neuflow_task import NeuFlowLossConfig, sequence_loss
+
+torch.set_num_threads(1)
+cv2.setNumThreads(1)
+
+
+def median_ms(fn, n=5):
+    fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(times))
+
+
+def stages(matcher, size, n=3):
+    """Mean ms per stage over n calls, by wrapping the stages' functions."""
+    source, target = photo_pair(size)
+    matcher.match(source, target)
+    spent = {}
+
+    def wrap(name, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+        return timed
+    saved = (matcher._pass, matcher._fuse_with_dis, refine.dis_residual, refine.variational_polish)
+    matcher._pass = wrap('network passes', saved[0])
+    matcher._fuse_with_dis = wrap('fusion with DIS', saved[1])
+    refine.dis_residual = wrap('DIS residual', saved[2])
+    refine.variational_polish = wrap('polish', saved[3])
+    try:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            matcher.match(source, target)
+        total = (time.perf_counter() - t0) / n
+    finally:
+        matcher._pass, matcher._fuse_with_dis = saved[0], saved[1]
+        refine.dis_residual, refine.variational_polish = saved[2], saved[3]
+    return {'total_ms': 1000 * total, **{k: 1000 * v / n for k, v in spent.items()}}
+
+
+def training_step_ms():
+    net = NeuFlowNet(NeuFlowConfig()).train()
+    opt = torch.optim.AdamW(net.parameters(), 1e-4)
+    s, t = (torch.rand(8, 3, 192, 192).contiguous(memory_format=torch.channels_last)
+            for _ in range(2))
+    gt, vis = torch.randn(8, 192, 192, 2), torch.ones(8, 192, 192, dtype=torch.bool)
+
+    def step():
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = net(s, t)
+        loss, _ = sequence_loss(out, gt, vis, NeuFlowLossConfig())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return median_ms(step, 3)
+
+
+def main():
+    matcher = load_matcher('neuflow', device='cpu')
+    record = {'match_stages': {f'{w}x{h}': stages(matcher, (h, w)) for w, h in ((640, 480), (240, 240))}}
+    x, y = (torch.rand(1, 3, 480, 640).contiguous(memory_format=torch.channels_last)
+            for _ in range(2))
+    start = torch.zeros(2, 2, 60, 80)
+    with torch.no_grad(), matcher._autocast():
+        record['second_pass_640x480_ms'] = median_ms(
+            lambda: matcher.net(x, y, iterations=matcher.cascade_steps, init_flow=start,
+                                two_way=True))
+    record['training_step_ms'] = training_step_ms()
+    print(json.dumps(record, indent=1))
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], 'w') as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
