@@ -235,7 +235,7 @@ def test_an_upscaled_second_pass_keeps_the_first_where_its_round_trip_is_better(
     second_bwd = np.full((30, 40, 2), -1.0, np.float32)
     second_bwd[:, :20] = 3.0                                     # ... but a broken left half
     vis = np.full((30, 40), 0.3, np.float32)
-    fwd, bwd, v = neuflow_method._rounder_trip(first, (second_fwd, second_bwd, vis), size)
+    fwd, bwd, v = neuflow_method._better_round_trip(first, (second_fwd, second_bwd, vis), size)
     assert fwd.shape == (30, 40, 2) and v is vis
     inner = (slice(2, -4), slice(2, -4))                        # round trips stay in frame
     assert np.allclose(bwd[inner], -1.0)                        # broken half: the first pass
@@ -243,7 +243,7 @@ def test_an_upscaled_second_pass_keeps_the_first_where_its_round_trip_is_better(
     assert np.allclose(bwd[:, 25:], -1.0)
     # Where the second pass is the consistent one, it stays.
     second_fwd[5:10, 5:10] = 1.25
-    fwd, _, _ = neuflow_method._rounder_trip((first[0] * 3, first[1], None),
+    fwd, _, _ = neuflow_method._better_round_trip((first[0] * 3, first[1], None),
                                              (second_fwd, -second_fwd, vis), size)
     assert np.allclose(fwd[6:9, 6:9], 1.25) and np.allclose(fwd[20:25, 20:25], 1.0)
 
