@@ -144,9 +144,9 @@ def _shifted(x: torch.Tensor, radius: int):
 def local_correlation(source: torch.Tensor, warped: torch.Tensor, radius: int) -> torch.Tensor:
     """(B, (2r+1)^2, H, W) dot products (scaled by 1/sqrt(C)) of each source feature with the
     warped target's features at offsets -r..r (row-major, dy outer); zeros beyond the border.
-    The shared :func:`core.networks.correlation.local_correlation`, whose backward
-    accumulates into one buffer (autograd's backward of the 49 slices zero-filled a padded
-    tensor per offset: a quarter of a training step)."""
+    The shared :func:`core.networks.correlation.local_correlation` (banded matrix products,
+    forward and backward: the per-offset products it replaced, and autograd's backward of
+    them, were a third of a training step)."""
     return correlation.local_correlation(source, warped, radius) * source.shape[1] ** -0.5
 
 
