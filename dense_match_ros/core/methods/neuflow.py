@@ -56,8 +56,8 @@ def _flow_tensor(flow: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _better_round_trip(first: tuple[np.ndarray, np.ndarray, np.ndarray],
-                  second: tuple[np.ndarray, np.ndarray, np.ndarray], size: tuple[int, int]
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       second: tuple[np.ndarray, np.ndarray, np.ndarray],
+                       size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pixel and per direction, the pass whose forward-backward error is smaller, on the
     second pass's grid ``size`` (W, H); visibility from the second pass."""
     fwd1, bwd1 = (_flow_tensor(f, size)[0].permute(1, 2, 0).numpy() for f in first[:2])

@@ -48,9 +48,13 @@ _BAND_CHUNK = 32
 on wide inputs)."""
 
 
-def _chunks(width: int):
+def _chunks(width: int, k: int, device):
+    """(x0, x1, index): column chunks of the source row and, per chunk, the (x1 - x0, k)
+    positions of the kept band (x - x0 + dx + r) in the chunk's product."""
+    band = torch.arange(k, device=device)
     for x0 in range(0, width, _BAND_CHUNK):
-        yield x0, min(width, x0 + _BAND_CHUNK)
+        x1 = min(width, x0 + _BAND_CHUNK)
+        yield x0, x1, torch.arange(x1 - x0, device=device)[:, None] + band
 
 
 class _LocalCorrelation(torch.autograd.Function):
@@ -82,12 +86,10 @@ class _LocalCorrelation(torch.autograd.Function):
         rows = F.pad(target, (radius,) * 4).permute(0, 2, 1, 3)           # (B, H+2r, C, W+2r)
         cells = source.permute(0, 2, 3, 1).reshape(b * h, w, c)            # (BH, W, C)
         out = source.new_empty(b * h, w, k, k)
-        band = torch.arange(k, device=source.device)
         for dy in range(k):
             row = rows[:, dy:dy + h].reshape(b * h, c, w + 2 * radius)
-            for x0, x1 in _chunks(w):
+            for x0, x1, index in _chunks(w, k, source.device):
                 scores = torch.bmm(cells[:, x0:x1], row[:, :, x0:x1 + 2 * radius])
-                index = (torch.arange(x1 - x0, device=source.device)[:, None] + band)
                 out[:, x0:x1, dy] = scores.gather(2, index.expand(b * h, -1, -1))
         ctx.save_for_backward(cells, rows)
         ctx.shape = (b, c, h, w, radius)
@@ -106,11 +108,9 @@ class _LocalCorrelation(torch.autograd.Function):
         grad = grad.permute(0, 2, 3, 1).reshape(b * h, w, k, k).to(cells.dtype)
         grad_cells = torch.zeros_like(cells) if ctx.needs_input_grad[0] else None
         grad_rows = torch.zeros_like(rows) if ctx.needs_input_grad[1] else None
-        band = torch.arange(k, device=cells.device)
         for dy in range(k):
             row = rows[:, dy:dy + h].reshape(b * h, c, w + 2 * r)
-            for x0, x1 in _chunks(w):
-                index = (torch.arange(x1 - x0, device=cells.device)[:, None] + band)
+            for x0, x1, index in _chunks(w, k, cells.device):
                 full = cells.new_zeros(b * h, x1 - x0, x1 - x0 + 2 * r)
                 full.scatter_(2, index.expand(b * h, -1, -1), grad[:, x0:x1, dy])
                 if grad_cells is not None:
