@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Where neuflow's time goes, one thread: per-stage time of ``match()`` (network passes, DIS
-residual, fusion with DIS, polish) at 640x480 and 240x240, the 640x480 second pass alone, and
+residual, fusion with DIS, polish, the sparse homography of the pre-alignment) at 640x480 and 240x240, the 640x480 second pass alone, and
 one training step (batch 8, 192x192, bf16 autocast) of the ``neuflow`` task.
 
     python scripts/neuflow_timing.py [out.json]
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dense_match_ros.core import refine
+from dense_match_ros.core.geometry import prealign
 from dense_match_ros.core.networks.neuflow import NeuFlowConfig, NeuFlowNet
 from dense_match_ros.core.registry import load_matcher
 from dense_match_ros.evaluation.bench_match import photo_pair
@@ -47,11 +48,13 @@ def stages(matcher, size, n=3):
             finally:
                 spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
         return timed
-    saved = (matcher._pass, matcher._fuse_with_dis, refine.dis_residual, refine.variational_polish)
+    saved = (matcher._pass, matcher._fuse_with_dis, refine.dis_residual, refine.variational_polish,
+             prealign.estimate_homography)
     matcher._pass = wrap('network passes', saved[0])
     matcher._fuse_with_dis = wrap('fusion with DIS', saved[1])
     refine.dis_residual = wrap('DIS residual', saved[2])
     refine.variational_polish = wrap('polish', saved[3])
+    prealign.estimate_homography = wrap('sparse homography', saved[4])
     try:
         t0 = time.perf_counter()
         for _ in range(n):
@@ -60,6 +63,7 @@ def stages(matcher, size, n=3):
     finally:
         matcher._pass, matcher._fuse_with_dis = saved[0], saved[1]
         refine.dis_residual, refine.variational_polish = saved[2], saved[3]
+        prealign.estimate_homography = saved[4]
     return {'total_ms': 1000 * total, **{k: 1000 * v / n for k, v in spent.items()}}
 
 

@@ -59,6 +59,25 @@ def test_dis_matchability_low_where_target_is_unrelated():
     assert diff.mean() < same.mean() - 0.3
 
 
+def test_a_coarser_backward_flow_keeps_the_forward_flow_and_the_check():
+    """``fb_scale`` only changes the consistency check: the output flow is the same, the
+    round trip of a clean translation still closes, an unrelated target still scores low,
+    and images too small to shrink keep a full-size backward flow."""
+    src = _texture(240, 320, seed=4)
+    tgt = _translated(src, 2.6, -1.3)
+    full = load_matcher('dis', device='cpu').match(src, tgt)
+    half = load_matcher('dis', device='cpu', fb_scale=0.5).match(src, tgt)
+    assert np.array_equal(full.flow, half.flow)
+    assert np.median(half.matchability[24:-24, 24:-24]) > 0.8
+    _, unrelated = load_matcher('dis', device='cpu', fb_scale=0.5).match(src, _texture(240, 320, 5))
+    assert unrelated.mean() < np.mean(half.matchability) - 0.3
+    small = _texture(20, 22, seed=6)
+    tiny = load_matcher('dis', device='cpu', fb_scale=0.5).match(small, small)
+    assert tiny.flow.shape == (20, 22, 2) and np.all(np.isfinite(tiny.matchability))
+    with pytest.raises(ValueError, match='fb_scale'):
+        load_matcher('dis', device='cpu', fb_scale=0.05)
+
+
 def test_dis_refuses_what_would_break_it_with_its_own_errors():
     with pytest.raises(ValueError, match='fb_sigma'):
         load_matcher('dis', device='cpu', fb_sigma=0)

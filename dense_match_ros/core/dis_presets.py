@@ -6,6 +6,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from dense_match_ros.core.geometry import grid
+
+MIN_SIDE = 12  # OpenCV's DIS refuses smaller images (its coarsest patch grid needs them)
+
 PRESETS = {
     'ultrafast': cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
     'fast': cv2.DISOPTICAL_FLOW_PRESET_FAST,
@@ -26,17 +30,23 @@ def create_dis(preset: str = 'medium') -> cv2.DISOpticalFlow:
 
 
 def two_way_flow(dis: cv2.DISOpticalFlow, source: np.ndarray, target: np.ndarray,
-                 size: tuple[int, int], backward_dis: cv2.DISOpticalFlow | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 size: tuple[int, int], backward_dis: cv2.DISOpticalFlow | None = None,
+                 backward_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(forward, backward) DIS flows between two RGB images brought to one working ``size``
     (W, H): forward on the source's working grid, backward on the target's.
 
-    ``backward_dis`` (default: ``dis``) computes the backward flow: when that flow only
-    serves a consistency check, a faster preset buys most of the check for a fraction of a
-    forward call.
+    The backward flow often only serves a consistency check, where a cheaper one buys most
+    of the check for a fraction of a forward call: ``backward_dis`` (default: ``dis``)
+    computes it, at ``backward_scale`` times the working size, and it is resampled back to
+    the working grid.
     """
     grey = [cv2.cvtColor(img if img.shape[1::-1] == tuple(size) else
                          cv2.resize(img, tuple(size), interpolation=cv2.INTER_AREA),
                          cv2.COLOR_RGB2GRAY) for img in (source, target)]
-    return (dis.calc(grey[0], grey[1], None),
-            (backward_dis or dis).calc(grey[1], grey[0], None))
+    forward = dis.calc(grey[0], grey[1], None)
+    small = (max(1, round(size[0] * backward_scale)), max(1, round(size[1] * backward_scale)))
+    if small == tuple(size) or min(small) < MIN_SIDE:
+        return forward, (backward_dis or dis).calc(grey[1], grey[0], None)
+    grey = [cv2.resize(g, small, interpolation=cv2.INTER_AREA) for g in grey]
+    backward = (backward_dis or dis).calc(grey[1], grey[0], None)
+    return forward, grid.resize_flow(backward, tuple(size))

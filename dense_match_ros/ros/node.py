@@ -53,7 +53,7 @@ from dense_match_ros.ros.parameters import (INPUT_QOS, STAMP_SOURCES, SYNCHRONIZ
                                             parameter_table, pipeline_config_from_params,
                                             runtime_change)
 from dense_match_ros.ros.pipeline import Frame, MatchPipeline, PipelineOutput
-from dense_match_ros.ros.runtime import Mailbox, RateMeter, RecentCount, Throttle
+from dense_match_ros.ros.runtime import Mailbox, RateMeter, RecentCount, Throttle, bound_heap_growth
 from dense_match_ros.ros.sync import ApproximateTimeSynchronizer
 
 NODE_NAME = 'dense_match_node'
@@ -106,8 +106,7 @@ class DenseMatchNode(Node):
         self._last_input = None
         self._stats_lock = threading.Lock()
 
-        out_qos = QoSProfile(depth=p('output_queue_depth'),
-                             reliability=ReliabilityPolicy.RELIABLE,
+        out_qos = QoSProfile(depth=p('output_queue_depth'), reliability=ReliabilityPolicy.RELIABLE,
                              history=HistoryPolicy.KEEP_LAST)
         # No publisher for our own message types when msg/ was not built.
         self._outputs = {
@@ -473,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         # Before rclpy.init: its own --ros-args --help parsing ends in a traceback.
         print(usage())
         return 0
+    bound_heap_growth()  # before DDS and the model allocate anything
     rclpy.init(args=args)
     node = None
     try:

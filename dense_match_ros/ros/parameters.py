@@ -122,9 +122,13 @@ def parameter_table() -> list[Param]:
                                    'reliable, else best effort, re-checked as publishers '
                                    'come and go (mono mode; pair mode decides at start-up).',
               constraints=', '.join(INPUT_QOS), read_only=True),
-        Param('input_queue_depth', 5, 'History depth of the input subscriptions.', (1, 1000),
+        Param('input_queue_depth', 1, 'History depth of the input subscriptions: the node '
+                                       'only ever matches the newest frame, so deeper queues '
+                                       'only hold stale frames (and their memory).', (1, 1000),
               read_only=True),
-        Param('output_queue_depth', 5, 'History depth of the (reliable) output publishers.',
+        Param('output_queue_depth', 1, 'History depth of the (reliable) output publishers: '
+                                        'newest-value streams; raise it for subscribers on '
+                                        'lossy links that need every message repaired.',
               (1, 1000), read_only=True),
         Param('synchronizer', 'auto', 'Pair mode: message_filters when importable (auto), or '
                                       'the built-in one with the same semantics.',

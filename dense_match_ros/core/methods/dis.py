@@ -8,10 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from dense_match_ros.core.geometry import grid
-from dense_match_ros.core.dis_presets import check_preset, create_dis, two_way_flow
+from dense_match_ros.core.dis_presets import MIN_SIDE, check_preset, create_dis, two_way_flow
 from dense_match_ros.core.registry import Matcher
-
-MIN_SIDE = 12  # OpenCV's DIS refuses smaller images (its coarsest patch grid needs them)
 
 
 class DisMatcher(Matcher):
@@ -20,13 +18,14 @@ class DisMatcher(Matcher):
     Matchability is ``exp(-(e / sigma)^2)`` of the forward-backward error e in pixels,
     zero where the match leaves the target; ``sigma`` = 1 px by default, so a pixel whose
     round trip misses by 1 px scores 0.37 and one that misses by 2 px 0.02. ``fb_preset``
-    names the DIS preset of the backward flow (empty: ``preset``); the forward flow, the
-    output, always uses ``preset``.
+    names the DIS preset of the backward flow (empty: ``preset``) and ``fb_scale`` its
+    resolution relative to the working grid; the forward flow, the output, always uses
+    ``preset`` at the working size.
     """
 
     def __init__(self, device: str = 'cpu', weights: str | None = None,
                  preset: str = 'medium', fb_sigma: float = 1.0, max_side: int = 0,
-                 fb_preset: str = '') -> None:
+                 fb_preset: str = '', fb_scale: float = 1.0) -> None:
         if weights:
             raise ValueError('dis has no weights; leave `weights` empty')
         check_preset(preset)
@@ -36,6 +35,9 @@ class DisMatcher(Matcher):
             raise ValueError(f'fb_sigma must be > 0 px (the forward-backward tolerance), got {fb_sigma}')
         if int(max_side) != 0 and int(max_side) < MIN_SIDE:
             raise ValueError(f'max_side must be 0 (no cap) or at least {MIN_SIDE}, got {max_side}')
+        if not 0.1 <= float(fb_scale) <= 1.0:
+            raise ValueError(f'fb_scale must be in [0.1, 1] (the backward flow\'s resolution '
+                             f'relative to the working grid), got {fb_scale}')
         self.device = 'cpu'  # OpenCV's DIS runs on the CPU whatever was asked for.
         self.preset = preset
         self.fb_sigma = float(fb_sigma)
@@ -44,6 +46,7 @@ class DisMatcher(Matcher):
         # The backward flow only feeds the consistency check (matchability, pose selection).
         self.fb_preset = fb_preset or preset
         self._dis_backward = create_dis(self.fb_preset) if self.fb_preset != preset else None
+        self.fb_scale = float(fb_scale)
 
     def _match(self, source: np.ndarray, target: np.ndarray):
         h, w = source.shape[:2]
@@ -53,6 +56,7 @@ class DisMatcher(Matcher):
                              f'{w}x{h} and target {tw}x{th}')
         # Work on one grid: the source's size, optionally capped by max_side.
         ww, wh = grid.working_size((w, h), self.max_side, min_side=MIN_SIDE)
-        forward, backward = two_way_flow(self._dis, source, target, (ww, wh), self._dis_backward)
+        forward, backward = two_way_flow(self._dis, source, target, (ww, wh), self._dis_backward,
+                                         self.fb_scale)
         matchability = grid.forward_backward_consistency(forward, backward, self.fb_sigma)
         return grid.to_source_grid(forward, matchability, (w, h), (ww, wh), (tw, th))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from dense_match_ros.core import calibration, refine as _refine
 from dense_match_ros.core.device import autocast, check_precision, inference_dtype
 from dense_match_ros.core.dis_presets import check_preset, create_dis, two_way_flow
-from dense_match_ros.core.geometry import grid
+from dense_match_ros.core.geometry import grid, prealign as _prealign
 from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.networks.neuflow import NeuFlowNet, config_from_dict
 from dense_match_ros.core.networks.padding import InputPadder
@@ -86,7 +86,7 @@ class NeuFlowMatcher(Matcher):
                  fb_sigma: float = 1.0, fb_check: str = 'working', precision: str = 'auto',
                  calibrated: bool = True, cascade_side: int = 640, cascade_steps: int = 4,
                  polish: int = 10, polish_min_texture: float = 1e-4,
-                 net: NeuFlowNet | None = None) -> None:
+                 prealign: bool = True, net: NeuFlowNet | None = None) -> None:
         _refine.check_refiner(refine, refine_preset)
         check_preset(dis_preset, 'dis_preset')
         if fuse not in FUSIONS:
@@ -115,6 +115,7 @@ class NeuFlowMatcher(Matcher):
         self.cascade_side, self.cascade_steps = int(cascade_side), int(cascade_steps)
         self.polish = int(polish)
         self.polish_min_texture = float(polish_min_texture)
+        self.prealign = bool(prealign)
         self.refine, self.refine_preset = refine, refine_preset
         self.fuse, self.fb_sigma, self.fb_check = fuse, float(fb_sigma), fb_check
         self._dis = create_dis(dis_preset) if fuse == 'dis' else None
@@ -187,6 +188,11 @@ class NeuFlowMatcher(Matcher):
     # -- matching -------------------------------------------------------------------
 
     def _match(self, source: np.ndarray, target: np.ndarray):
+        if self.prealign:
+            return _prealign.match_prealigned(self._match_aligned, source, target)
+        return self._match_aligned(source, target)
+
+    def _match_aligned(self, source: np.ndarray, target: np.ndarray):
         h, w = source.shape[:2]
         th, tw = target.shape[:2]
         forward, backward, visibility = self.network_flows(source, target)
