@@ -46,12 +46,10 @@ _FB_CAP = 20.0                    # FB errors beyond this are all 'wrong'
 
 
 def _flow_tensor(flow: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """A pixel flow (h, w, 2) resized to ``size`` (W, H), values rescaled with the grid,
-    as a (1, 2, H, W) tensor."""
-    h, w = flow.shape[:2]
-    if (w, h) != tuple(size):
-        flow = cv2.resize(flow, tuple(size), interpolation=cv2.INTER_LINEAR)
-        flow = flow * np.float32([size[0] / w, size[1] / h])
+    """A pixel flow (h, w, 2) on the grid of ``size`` (W, H) (:func:`grid.resize_flow`), as a
+    (1, 2, H, W) tensor."""
+    if flow.shape[1::-1] != tuple(size):
+        flow = grid.resize_flow(flow, tuple(size))
     return torch.from_numpy(np.ascontiguousarray(flow, np.float32)).permute(2, 0, 1)[None]
 
 
@@ -60,7 +58,7 @@ def _better_round_trip(first: tuple[np.ndarray, np.ndarray, np.ndarray],
                        size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pixel and per direction, the pass whose forward-backward error is smaller, on the
     second pass's grid ``size`` (W, H); visibility from the second pass."""
-    fwd1, bwd1 = (_flow_tensor(f, size)[0].permute(1, 2, 0).numpy() for f in first[:2])
+    fwd1, bwd1 = (grid.resize_flow(f, tuple(size)) for f in first[:2])
     fwd2, bwd2, visibility = second
     keep_fwd = grid.forward_backward_error(fwd1, bwd1) < grid.forward_backward_error(fwd2, bwd2)
     keep_bwd = grid.forward_backward_error(bwd1, fwd1) < grid.forward_backward_error(bwd2, fwd2)
