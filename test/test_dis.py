@@ -78,6 +78,19 @@ def test_a_coarser_backward_flow_keeps_the_forward_flow_and_the_check():
         load_matcher('dis', device='cpu', fb_scale=0.05)
 
 
+def test_the_backward_flow_beside_the_forward_one_changes_nothing_but_the_time():
+    src = _texture(120, 160, seed=7)
+    tgt = _translated(src, 1.5, -0.5)
+    apart = load_matcher('dis', device='cpu', concurrent='off').match(src, tgt)
+    beside = load_matcher('dis', device='cpu', concurrent='on')
+    for _ in range(2):   # the worker thread is reused from the second call on
+        result = beside.match(src, tgt)
+        assert np.array_equal(result.flow, apart.flow)
+        assert np.array_equal(result.matchability, apart.matchability)
+    with pytest.raises(ValueError, match='concurrent'):
+        load_matcher('dis', device='cpu', concurrent='yes')
+
+
 def test_dis_refuses_what_would_break_it_with_its_own_errors():
     with pytest.raises(ValueError, match='fb_sigma'):
         load_matcher('dis', device='cpu', fb_sigma=0)

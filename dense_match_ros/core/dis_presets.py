@@ -3,6 +3,8 @@ method, the DIS refinement of learned flows (:mod:`.refine`) and ``neuflow``'s f
 DIS, so no method imports another."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import cv2
 import numpy as np
 
@@ -29,24 +31,46 @@ def create_dis(preset: str = 'medium') -> cv2.DISOpticalFlow:
     return cv2.DISOpticalFlow_create(PRESETS[preset])
 
 
+_backward_worker: ThreadPoolExecutor | None = None
+
+
+def _worker() -> ThreadPoolExecutor:
+    """One process-wide thread for backward flows computed beside the forward one."""
+    global _backward_worker
+    if _backward_worker is None:
+        _backward_worker = ThreadPoolExecutor(1, thread_name_prefix='dis_backward')
+    return _backward_worker
+
+
 def two_way_flow(dis: cv2.DISOpticalFlow, source: np.ndarray, target: np.ndarray,
                  size: tuple[int, int], backward_dis: cv2.DISOpticalFlow | None = None,
-                 backward_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                 backward_scale: float = 1.0, concurrent: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """(forward, backward) DIS flows between two RGB images brought to one working ``size``
     (W, H): forward on the source's working grid, backward on the target's.
 
     The backward flow often only serves a consistency check, where a cheaper one buys most
     of the check for a fraction of a forward call: ``backward_dis`` (default: ``dis``)
     computes it, at ``backward_scale`` times the working size, and it is resampled back to
-    the working grid.
+    the working grid. ``concurrent`` computes it in a second thread while the forward one
+    runs (OpenCV releases the GIL; DIS itself uses a second core poorly); it needs its own
+    ``backward_dis``, since one DIS instance keeps per-call buffers.
     """
     grey = [cv2.cvtColor(img if img.shape[1::-1] == tuple(size) else
                          cv2.resize(img, tuple(size), interpolation=cv2.INTER_AREA),
                          cv2.COLOR_RGB2GRAY) for img in (source, target)]
-    forward = dis.calc(grey[0], grey[1], None)
     small = (max(1, round(size[0] * backward_scale)), max(1, round(size[1] * backward_scale)))
-    if small == tuple(size) or min(small) < MIN_SIDE:
-        return forward, (backward_dis or dis).calc(grey[1], grey[0], None)
-    grey = [cv2.resize(g, small, interpolation=cv2.INTER_AREA) for g in grey]
-    backward = (backward_dis or dis).calc(grey[1], grey[0], None)
-    return forward, grid.resize_flow(backward, tuple(size))
+    resized = small != tuple(size) and min(small) >= MIN_SIDE
+
+    def backward() -> np.ndarray:
+        s, t = ([cv2.resize(g, small, interpolation=cv2.INTER_AREA) for g in grey] if resized
+                else grey)
+        flow = (backward_dis or dis).calc(t, s, None)
+        return grid.resize_flow(flow, tuple(size)) if resized else flow
+
+    if concurrent:
+        if backward_dis is None or backward_dis is dis:
+            raise ValueError('a concurrent backward flow needs its own DIS instance')
+        pending = _worker().submit(backward)
+        return dis.calc(grey[0], grey[1], None), pending.result()
+    return dis.calc(grey[0], grey[1], None), backward()

@@ -5,11 +5,15 @@ network exists, and it is the baseline every learned method has to beat.
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from dense_match_ros.core.geometry import grid
 from dense_match_ros.core.dis_presets import MIN_SIDE, check_preset, create_dis, two_way_flow
 from dense_match_ros.core.registry import Matcher
+
+
+CONCURRENCY = ('auto', 'on', 'off')
 
 
 class DisMatcher(Matcher):
@@ -20,12 +24,14 @@ class DisMatcher(Matcher):
     round trip misses by 1 px scores 0.37 and one that misses by 2 px 0.02. ``fb_preset``
     names the DIS preset of the backward flow (empty: ``preset``) and ``fb_scale`` its
     resolution relative to the working grid; the forward flow, the output, always uses
-    ``preset`` at the working size.
+    ``preset`` at the working size. ``concurrent`` computes the backward flow in a second
+    thread beside the forward one: ``auto`` does so when OpenCV may use more than one
+    thread (``threads`` >= 2 in the node), so a one-thread setting stays on one core.
     """
 
     def __init__(self, device: str = 'cpu', weights: str | None = None,
                  preset: str = 'medium', fb_sigma: float = 1.0, max_side: int = 0,
-                 fb_preset: str = '', fb_scale: float = 1.0) -> None:
+                 fb_preset: str = '', fb_scale: float = 1.0, concurrent: str = 'auto') -> None:
         if weights:
             raise ValueError('dis has no weights; leave `weights` empty')
         check_preset(preset)
@@ -38,6 +44,8 @@ class DisMatcher(Matcher):
         if not 0.1 <= float(fb_scale) <= 1.0:
             raise ValueError(f'fb_scale must be in [0.1, 1] (the backward flow\'s resolution '
                              f'relative to the working grid), got {fb_scale}')
+        if concurrent not in CONCURRENCY:
+            raise ValueError(f'concurrent must be one of {CONCURRENCY}, got {concurrent!r}')
         self.device = 'cpu'  # OpenCV's DIS runs on the CPU whatever was asked for.
         self.preset = preset
         self.fb_sigma = float(fb_sigma)
@@ -45,8 +53,9 @@ class DisMatcher(Matcher):
         self._dis = create_dis(preset)
         # The backward flow only feeds the consistency check (matchability, pose selection).
         self.fb_preset = fb_preset or preset
-        self._dis_backward = create_dis(self.fb_preset) if self.fb_preset != preset else None
+        self._dis_backward = create_dis(self.fb_preset)   # its own buffers: may run beside
         self.fb_scale = float(fb_scale)
+        self.concurrent = concurrent
 
     def _match(self, source: np.ndarray, target: np.ndarray):
         h, w = source.shape[:2]
@@ -56,7 +65,9 @@ class DisMatcher(Matcher):
                              f'{w}x{h} and target {tw}x{th}')
         # Work on one grid: the source's size, optionally capped by max_side.
         ww, wh = grid.working_size((w, h), self.max_side, min_side=MIN_SIDE)
+        concurrent = (self.concurrent == 'on'
+                      or (self.concurrent == 'auto' and cv2.getNumThreads() > 1))
         forward, backward = two_way_flow(self._dis, source, target, (ww, wh), self._dis_backward,
-                                         self.fb_scale)
+                                         self.fb_scale, concurrent)
         matchability = grid.forward_backward_consistency(forward, backward, self.fb_sigma)
         return grid.to_source_grid(forward, matchability, (w, h), (ww, wh), (tw, th))
