@@ -651,6 +651,38 @@ def test_pair_mode_jittered_stamps(synchronizer):
         node.stop()
 
 
+def test_pair_mode_follows_reliable_cameras_that_start_after_the_node():
+    """Stereo drivers often come up after the node: `auto` first subscribes best effort (no
+    publishers), then follows the two reliable 640x480 cameras when they appear, so their
+    large frames are not lost as fragments; every pair gets its flow."""
+    ns = '/dm_pair_late'
+    node = NodeProcess(ns, {'mode': 'pair', 'input_qos': 'auto', 'input_queue_depth': 5,
+                            'sync_slop': 0.02, 'estimate_pose': False})
+    client = None
+    try:
+        assert node.wait_for_log('input QoS: best effort (auto, matching 0 publisher(s)',
+                                 timeout=30.0), node.log
+        client = Client(ns, ('left', 'right'))
+        client.wait_connected()
+        assert node.wait_for_log('input QoS: reliable (auto, matching 2 publisher(s)',
+                                 timeout=10.0), node.log
+        client.wait_connected()   # the new subscriptions
+        stamps = Stamps()
+        sent = []
+        for i in range(6):
+            t = stamps.next(0.5)
+            for cam, shift in (('left', 0.0), ('right', 0.04)):
+                client.publish(image_msg(render(640, 480, shift, seed=i), t, f'{cam}_optical'), cam)
+            sent.append(t)
+            time.sleep(0.5)
+        got = [t for t in sent if client.wait_stamp('flow', t, timeout=10.0)]
+        assert len(got) >= 5, (len(got), node.log)
+    finally:
+        if client is not None:
+            client.close()
+        node.stop()
+
+
 # ---------------------------------------------------------------------------- no DDS traffic
 @pytest.mark.parametrize('config_file', ['mono.yaml', 'stereo.yaml'])
 def test_config_files_only_set_declared_parameters(config_file):

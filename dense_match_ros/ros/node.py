@@ -42,17 +42,17 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
-from rclpy.qos import (HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data)
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from dense_match_ros.core.device import set_threads
 from dense_match_ros.core.geometry.camera import CameraIntrinsics
 from dense_match_ros.ros import convert, messages
 from dense_match_ros.ros.convert import FrameRejected
-from dense_match_ros.ros.parameters import (INPUT_QOS, STAMP_SOURCES, SYNCHRONIZERS,
-                                            parameter_table, pipeline_config_from_params,
-                                            runtime_change)
+from dense_match_ros.ros.parameters import (STAMP_SOURCES, SYNCHRONIZERS, parameter_table,
+                                            pipeline_config_from_params, runtime_change)
 from dense_match_ros.ros.pipeline import Frame, MatchPipeline, PipelineOutput
+from dense_match_ros.ros.qos import all_reliable, input_profile
 from dense_match_ros.ros.runtime import Mailbox, RateMeter, RecentCount, Throttle, bound_heap_growth
 from dense_match_ros.ros.sync import ApproximateTimeSynchronizer
 
@@ -149,61 +149,84 @@ class DenseMatchNode(Node):
         return SetParametersResult(successful=True)
 
     # ------------------------------------------------------------------ inputs
-    def _input_qos(self, reliable: bool | None = None) -> QoSProfile:
-        """The subscriptions' QoS; for 'auto', ``reliable`` says what the publishers offer."""
-        kind, depth = self._param('input_qos'), self._param('input_queue_depth')
-        if kind == 'auto':
-            kind = 'reliable' if reliable else 'sensor_data'
-        if kind == 'sensor_data':
-            qos = QoSProfile(depth=depth)
-            qos.reliability = qos_profile_sensor_data.reliability
-            qos.durability = qos_profile_sensor_data.durability
-            qos.history = HistoryPolicy.KEEP_LAST
-            return qos
-        if kind == 'reliable':
-            return QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE,
-                              history=HistoryPolicy.KEEP_LAST)
-        if kind == 'system_default':
-            return QoSProfile(depth=depth)
-        raise ValueError(f'input_qos must be one of {INPUT_QOS}, got {kind!r}')
-
-    @staticmethod
-    def _publishers_reliable(infos) -> bool:
-        """True when there are publishers and every one of them is reliable (a reliable
-        subscription would not match a best-effort publisher)."""
-        return bool(infos) and all(i.qos_profile.reliability == ReliabilityPolicy.RELIABLE
-                                   for i in infos)
-
-    def _subscribe_mono(self, reliable: bool | None, publishers: int = 0) -> None:
-        """(Re)create the mono subscriptions with the QoS for ``reliable`` publishers."""
-        for sub in getattr(self, '_mono_subs', []):
-            self.destroy_subscription(sub)
-        qos = self._input_qos(reliable)
-        image_type = CompressedImage if self.compressed else Image
+    def _subscribe(self) -> None:
+        """The input subscriptions, then once a second the QoS check (:meth:`_recheck_inputs`)."""
         suffix = '/compressed' if self.compressed else ''
-        self._mono_subs = [
-            self.create_subscription(image_type, 'image' + suffix, self._on_image, qos),
-            self.create_subscription(CameraInfo, 'camera_info',
-                                     lambda m: self._on_camera_info(0, m), qos)]
+        if self.mode == 'mono':
+            self._cameras = [_CameraState('camera_info')]
+            self._image_topics = ['image' + suffix]
+        else:  # pair (MatchPipeline has refused any other mode)
+            self._cameras = [_CameraState('left/camera_info'), _CameraState('right/camera_info')]
+            self._image_topics = [f'left/image{suffix}', f'right/image{suffix}']
+            self._message_filters = self._synchronizer_module()
+            self.synchronizer = 'builtin' if self._message_filters is None else 'message_filters'
+            self.get_logger().info(f'pair mode: {self.synchronizer} synchronizer, queue '
+                                   f'{self._param("sync_queue_size")}, slop {self._param("sync_slop")} s')
+        self._input_subs, self._publisher_seen = [], None
+        self._subscribe_inputs(None)
+        self._recheck_inputs()
+        self._qos_timer = self.create_timer(1.0, self._recheck_inputs)
+
+    def _synchronizer_module(self):
+        """ROS 2's message_filters when chosen and importable, else None (the built-in one)."""
+        choice = self._param('synchronizer')
+        if choice not in SYNCHRONIZERS:
+            raise ValueError(f'synchronizer must be one of {SYNCHRONIZERS}, got {choice!r}')
+        if choice == 'builtin':
+            return None
+        try:
+            import message_filters
+            return message_filters
+        except ImportError:
+            if choice == 'message_filters':
+                raise
+            return None
+
+    def _subscribe_inputs(self, reliable: bool | None, publishers: int = 0) -> None:
+        """(Re)create every input subscription (and the pair synchroniser) with the QoS for
+        ``reliable`` publishers."""
+        for sub in self._input_subs:
+            self.destroy_subscription(sub)
+        qos = input_profile(self._param('input_qos'), self._param('input_queue_depth'), reliable)
+        image_type = CompressedImage if self.compressed else Image
+        self._input_subs = [self.create_subscription(
+            CameraInfo, cam.topic, lambda m, i=i: self._on_camera_info(i, m), qos)
+            for i, cam in enumerate(self._cameras)]
+        topics = self._image_topics
+        queue, slop = self._param('sync_queue_size'), self._param('sync_slop')
+        if self.mode == 'mono':
+            images = [self.create_subscription(image_type, topics[0], self._on_image, qos)]
+        elif self._message_filters is not None:
+            filters = [self._message_filters.Subscriber(self, image_type, t, qos_profile=qos)
+                       for t in topics]
+            self._sync = self._message_filters.ApproximateTimeSynchronizer(filters, queue, slop)
+            self._sync.registerCallback(self._on_pair)
+            images = [f.sub for f in filters]
+        else:
+            self._sync = ApproximateTimeSynchronizer(2, queue, slop, self._on_pair)
+            images = [self.create_subscription(image_type, t, self._sync.input(i), qos)
+                      for i, t in enumerate(topics)]
+        self._input_subs += images
         self._input_reliable = bool(reliable)
         if self._param('input_qos') == 'auto':
             self.get_logger().info(
                 f'input QoS: {"reliable" if reliable else "best effort"} (auto, matching '
-                f'{publishers} publisher(s) on {self._mono_subs[0].topic_name})')
+                f'{publishers} publisher(s) on {", ".join(s.topic_name for s in images)})')
 
-    def _recheck_input_qos(self) -> None:
-        """Once a second: with 'auto', follow the publishers, as `ros2 bag record` does when
-        they come and go; always, say when a publisher is matched but no frame arrives."""
-        topic = self._mono_subs[0].topic_name
-        publishers = self.get_publishers_info_by_topic(topic)
+    def _recheck_inputs(self) -> None:
+        """Once a second: with 'auto', follow the publishers of the image topics, as `ros2 bag
+        record` does when they come and go (a stereo driver started after the node included);
+        always, say when a publisher is matched but no frame arrives."""
+        topics = [s.topic_name for s in self._input_subs[-len(self._image_topics):]]
+        publishers = [p for t in topics for p in self.get_publishers_info_by_topic(t)]
         now = time.monotonic()
         if not publishers:
             self._publisher_seen = None
             return
         if self._param('input_qos') == 'auto':
-            reliable = self._publishers_reliable(publishers)
+            reliable = all_reliable(publishers)
             if reliable != self._input_reliable:
-                self._subscribe_mono(reliable, len(publishers))
+                self._subscribe_inputs(reliable, len(publishers))
                 self._publisher_seen = now
         if self._publisher_seen is None:
             self._publisher_seen = now
@@ -211,57 +234,13 @@ class DenseMatchNode(Node):
         if now - last > FRAMES_LOST_AFTER_S:
             best_effort = not self._input_reliable
             self._throttle.warn(
-                'no_frames', f'{len(publishers)} publisher(s) on {topic} but no frame for '
-                f'{now - last:.0f} s. '
+                'no_frames', f'{len(publishers)} publisher(s) on {", ".join(topics)} but no '
+                f'{"frame" if self.mode == "mono" else "pair"} for {now - last:.0f} s. '
                 + ('Large best-effort images over Fast DDS travel as fragmented UDP and are '
                    'lost whole on a busy host: publish reliably (input_qos:=auto follows), set '
                    'input_qos:=reliable, use compressed images, or run both processes with '
                    'FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA.' if best_effort else
                    'Check that the publisher is sending and that the QoS settings match.'))
-
-    def _subscribe(self) -> None:
-        image_type = CompressedImage if self.compressed else Image
-        suffix = '/compressed' if self.compressed else ''
-        if self.mode == 'mono':
-            self._cameras = [_CameraState('camera_info')]
-            self._publisher_seen = None
-            self._subscribe_mono(None)
-            self._recheck_input_qos()
-            self._qos_timer = self.create_timer(1.0, self._recheck_input_qos)
-            return
-        qos = self._input_qos(self._publishers_reliable(self.get_publishers_info_by_topic(
-            self.resolve_topic_name(f'left/image{suffix}'))))
-        # pair (MatchPipeline has refused any other mode)
-        self._cameras = [_CameraState('left/camera_info'), _CameraState('right/camera_info')]
-        for i, side in enumerate(('left', 'right')):
-            self.create_subscription(CameraInfo, f'{side}/camera_info',
-                                     lambda m, i=i: self._on_camera_info(i, m), qos)
-        topics = [f'left/image{suffix}', f'right/image{suffix}']
-        queue, slop = self._param('sync_queue_size'), self._param('sync_slop')
-        choice = self._param('synchronizer')
-        if choice not in SYNCHRONIZERS:
-            raise ValueError(f'synchronizer must be one of {SYNCHRONIZERS}, got {choice!r}')
-        message_filters = None
-        if choice in ('auto', 'message_filters'):
-            try:
-                import message_filters
-            except ImportError:
-                if choice == 'message_filters':
-                    raise
-        if message_filters is not None:
-            subs = [message_filters.Subscriber(self, image_type, t, qos_profile=qos)
-                    for t in topics]
-            self._sync = message_filters.ApproximateTimeSynchronizer(subs, queue, slop)
-            self._sync.registerCallback(self._on_pair)
-            self._sync_subs = subs
-            self.synchronizer = 'message_filters'
-        else:
-            self._sync = ApproximateTimeSynchronizer(2, queue, slop, self._on_pair)
-            for i, t in enumerate(topics):
-                self.create_subscription(image_type, t, self._sync.input(i), qos)
-            self.synchronizer = 'builtin'
-        self.get_logger().info(f'pair mode: {self.synchronizer} synchronizer, '
-                               f'queue {queue}, slop {slop} s')
 
     def _on_camera_info(self, index: int, msg: CameraInfo) -> None:
         cam = self._cameras[index]

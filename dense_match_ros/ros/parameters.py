@@ -118,9 +118,9 @@ def parameter_table() -> list[Param]:
                                         'leave header.stamp unset (mono mode).',
               constraints=', '.join(STAMP_SOURCES), read_only=True),
         Param('input_qos', 'auto', 'QoS of the image and camera_info subscriptions; auto: '
-                                   'reliable when every publisher on the image topic is '
-                                   'reliable, else best effort, re-checked as publishers '
-                                   'come and go (mono mode; pair mode decides at start-up).',
+                                   'reliable when every publisher on the image topic(s) is '
+                                   'reliable, else best effort, re-checked every second as '
+                                   'publishers come and go.',
               constraints=', '.join(INPUT_QOS), read_only=True),
         Param('input_queue_depth', 1, 'History depth of the input subscriptions: the node '
                                        'only ever matches the newest frame, so deeper queues '
