@@ -87,6 +87,7 @@ def test_the_backward_flow_beside_the_forward_one_changes_nothing_but_the_time()
         result = beside.match(src, tgt)
         assert np.array_equal(result.flow, apart.flow)
         assert np.array_equal(result.matchability, apart.matchability)
+    assert load_matcher('dis', device='cpu', concurrent=True).concurrent == 'on'  # YAML `on`
     with pytest.raises(ValueError, match='concurrent'):
         load_matcher('dis', device='cpu', concurrent='yes')
 

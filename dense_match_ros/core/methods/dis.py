@@ -31,7 +31,7 @@ class DisMatcher(Matcher):
 
     def __init__(self, device: str = 'cpu', weights: str | None = None,
                  preset: str = 'medium', fb_sigma: float = 1.0, max_side: int = 0,
-                 fb_preset: str = '', fb_scale: float = 1.0, concurrent: str = 'auto') -> None:
+                 fb_preset: str = '', fb_scale: float = 1.0, concurrent: str | bool = 'auto') -> None:
         if weights:
             raise ValueError('dis has no weights; leave `weights` empty')
         check_preset(preset)
@@ -44,6 +44,8 @@ class DisMatcher(Matcher):
         if not 0.1 <= float(fb_scale) <= 1.0:
             raise ValueError(f'fb_scale must be in [0.1, 1] (the backward flow\'s resolution '
                              f'relative to the working grid), got {fb_scale}')
+        if isinstance(concurrent, bool):   # YAML reads a bare on/off as a boolean
+            concurrent = 'on' if concurrent else 'off'
         if concurrent not in CONCURRENCY:
             raise ValueError(f'concurrent must be one of {CONCURRENCY}, got {concurrent!r}')
         self.device = 'cpu'  # OpenCV's DIS runs on the CPU whatever was asked for.
