@@ -40,14 +40,14 @@ class PrealignConfig:
 
 
 def _grey(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
-    """Grey image at longest side ``max_side`` (never enlarged) and its scale factor."""
+    """Grey image at the working size for ``max_side`` (:func:`grid.working_size`, never
+    enlarged) and its scale factor."""
     h, w = image.shape[:2]
-    scale = min(1.0, max_side / max(h, w))
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
-    if scale < 1.0:
-        grey = cv2.resize(grey, (max(1, round(w * scale)), max(1, round(h * scale))),
-                          interpolation=cv2.INTER_AREA)
-    return grey, scale
+    size = grid.working_size((w, h), max_side)
+    if size != (w, h):
+        grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+    return grey, min(1.0, max_side / max(h, w))
 
 
 def estimate_homography(source: np.ndarray, target: np.ndarray,
