@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Where neuflow's time goes, one thread: per-stage time of ``match()`` (network passes, DIS
-residual, fusion with DIS, polish, the sparse homography of the pre-alignment) at 640x480 and 240x240, the 640x480 second pass alone, and
-one training step (batch 8, 192x192, bf16 autocast) of the ``neuflow`` task.
+residual, fusion with DIS, polish, the pre-alignment's homography from the first flow and
+from sparse features) for ``neuflow`` and ``neuflow-fast`` on the bench pair at 640x480 and
+240x240 and on real pairs of the shared data (a TUM frame pair, a Sintel pair, the HPatches
+pair turned by 30 degrees, where the pre-alignment runs the matcher twice), ``dis`` on the
+same pairs, the 640x480 second pass alone, and one training step (batch 8, 192x192, bf16
+autocast) of the ``neuflow`` task.
 
     python scripts/neuflow_timing.py [out.json]
 """
@@ -34,9 +38,9 @@ def median_ms(fn, n=5):
     return 1000.0 * float(np.median(times))
 
 
-def stages(matcher, size, n=3):
+def stages(matcher, pair, n=3):
     """Mean ms per stage over n calls, by wrapping the stages' functions."""
-    source, target = photo_pair(size)
+    source, target = pair
     matcher.match(source, target)
     spent = {}
 
@@ -49,12 +53,13 @@ def stages(matcher, size, n=3):
                 spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
         return timed
     saved = (matcher._pass, matcher._fuse_with_dis, refine.dis_residual, refine.variational_polish,
-             prealign.estimate_homography)
+             prealign.estimate_homography, prealign.homography_from_flow)
     matcher._pass = wrap('network passes', saved[0])
     matcher._fuse_with_dis = wrap('fusion with DIS', saved[1])
     refine.dis_residual = wrap('DIS residual', saved[2])
     refine.variational_polish = wrap('polish', saved[3])
     prealign.estimate_homography = wrap('sparse homography', saved[4])
+    prealign.homography_from_flow = wrap('homography from the flow', saved[5])
     try:
         t0 = time.perf_counter()
         for _ in range(n):
@@ -63,7 +68,7 @@ def stages(matcher, size, n=3):
     finally:
         matcher._pass, matcher._fuse_with_dis = saved[0], saved[1]
         refine.dis_residual, refine.variational_polish = saved[2], saved[3]
-        prealign.estimate_homography = saved[4]
+        prealign.estimate_homography, prealign.homography_from_flow = saved[4], saved[5]
     return {'total_ms': 1000 * total, **{k: 1000 * v / n for k, v in spent.items()}}
 
 
@@ -84,9 +89,32 @@ def training_step_ms():
     return median_ms(step, 3)
 
 
+def pairs():
+    """The bench pairs and, where ../shared/data is present, real ones."""
+    out = {f'bench {w}x{h}': photo_pair((h, w)) for w, h in ((640, 480), (240, 240))}
+    try:
+        from dense_match_ros.data import shared_sets
+        tum = shared_sets.load_pose_set('tum')[0]
+        out['TUM 640x480 (first pair)'] = (tum.source, tum.target)
+        sintel = shared_sets.load_flow_set('sintel')[0]
+        out['Sintel 1024x436 (first pair)'] = (sintel.source, sintel.target)
+        turned = shared_sets.load_flow_set('hpatches_viewpoint')[1]
+        out['HPatches 240x240 turned 30 degrees'] = (turned.source, turned.target)
+    except (FileNotFoundError, OSError, IndexError) as exc:
+        print(f'shared data: {exc}; bench pairs only', file=sys.stderr)
+    return out
+
+
 def main():
-    matcher = load_matcher('neuflow', device='cpu')
-    record = {'match_stages': {f'{w}x{h}': stages(matcher, (h, w)) for w, h in ((640, 480), (240, 240))}}
+    record = {'match_stages': {}, 'dis_ms': {}}
+    test_pairs = pairs()
+    dis = load_matcher('dis', device='cpu')
+    for name, (a, b) in test_pairs.items():
+        record['dis_ms'][name] = median_ms(lambda: dis.match(a, b))
+    for method in ('neuflow-fast', 'neuflow'):
+        matcher = load_matcher(method, device='cpu')
+        record['match_stages'][method] = {name: stages(matcher, pair)
+                                          for name, pair in test_pairs.items()}
     x, y = (torch.rand(1, 3, 480, 640).contiguous(memory_format=torch.channels_last)
             for _ in range(2))
     start = torch.zeros(2, 2, 60, 80)

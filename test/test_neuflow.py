@@ -278,6 +278,25 @@ def test_variational_polish_brings_a_noisy_flow_closer_to_the_truth():
     assert variational_polish(src, tgt, noisy, 0) is noisy
 
 
+def test_polish_at_half_scale_removes_a_smooth_error_at_a_quarter_of_the_pixels():
+    """``scale`` < 1 polishes a smaller copy and adds its update back: smooth errors (the
+    seams and biases a fusion leaves) go, the full-resolution flow's detail stays."""
+    from dense_match_ros.core.refine import variational_polish
+    src, tgt, gt = affine_photo_pair(192, 160, 2.0, 1.0, (3.0, -2.0))
+    h, w = gt.shape[:2]
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    off = (gt + np.stack([0.8 + 0.2 * np.sin(xs / 30.0), -0.6 + 0.2 * np.cos(ys / 25.0)], -1)
+           ).astype(np.float32)
+    inner = (slice(16, -16), slice(16, -16))
+
+    def err(f):
+        return float(np.linalg.norm(f - gt, axis=-1)[inner].mean())
+    half = variational_polish(src, tgt, off, 10, scale=0.5)
+    assert half.shape == gt.shape and half.dtype == np.float32
+    assert err(half) < 0.5 * err(off), (err(half), err(off))
+    assert np.array_equal(variational_polish(src, tgt, gt, 0, scale=0.5), gt)
+
+
 def test_fusion_keeps_dis_where_the_network_is_wrong():
     """An untrained network is wrong everywhere; fused with DIS the flow is DIS's quality."""
     src, tgt, gt = affine_photo_pair(160, 128, 2.0, 1.0, (3.0, -2.0))
@@ -297,9 +316,10 @@ def test_registered_and_missing_weights_name_the_training_command(tmp_path, monk
         load_matcher('neuflow', device='cpu')
 
 
-def test_shipped_checkpoint_loads_and_tracks_a_real_warp():
+@pytest.mark.parametrize('method', ['neuflow', 'neuflow-fast'])
+def test_shipped_checkpoint_loads_and_tracks_a_real_warp(method):
     try:
-        matcher = load_matcher('neuflow', device='cpu')
+        matcher = load_matcher(method, device='cpu')
     except FileNotFoundError:
         pytest.skip('no shipped neuflow checkpoint')
     src, tgt, gt = affine_photo_pair(320, 240, 10.0, 1.1, (12.0, -8.0))
@@ -322,6 +342,18 @@ def test_prealignment_makes_the_shipped_matcher_hold_a_half_turn():
     assert float(np.median(epe)) < 1.0
     plain = load_matcher('neuflow', device='cpu', cascade_side=0, polish=0, prealign=False)
     assert float(np.median(np.linalg.norm(plain.match(src, tgt).flow - gt, axis=-1)[inside])) > 20
+
+
+def test_the_fast_variant_is_neuflow_with_its_own_defaults_and_every_option_open():
+    fast = load_matcher('neuflow-fast', device='cpu', net=_net())
+    assert isinstance(fast, NeuFlowMatcher)
+    got = {'max_side': fast.max_side, 'iterations': fast.iterations,
+           'cascade_side': fast.cascade_side, 'polish': fast.polish,
+           'refine_preset': fast.refine_preset, 'prealign_features': fast.prealign_config.features}
+    assert got == neuflow_method.FAST_DEFAULTS
+    assert load_matcher('neuflow-fast', device='cpu', net=_net(), max_side=320).max_side == 320
+    with pytest.raises(ValueError, match="neuflow-fast has no option 'windows'"):
+        load_matcher('neuflow-fast', device='cpu', windows=3)
 
 
 def test_matcher_applies_the_checkpoint_calibration():

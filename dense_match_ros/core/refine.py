@@ -43,7 +43,8 @@ def dis_residual(source: np.ndarray, target: np.ndarray, flow: np.ndarray,
 
 
 def variational_polish(source: np.ndarray, target: np.ndarray, flow: np.ndarray,
-                       iterations: int = 10, min_texture: float = 0.0) -> np.ndarray:
+                       iterations: int = 10, min_texture: float = 0.0,
+                       scale: float = 1.0) -> np.ndarray:
     """``flow`` polished by OpenCV's variational refinement (the last stage of DIS: data
     term + smoothness) at full resolution, kept only where the source has texture.
 
@@ -65,9 +66,26 @@ def variational_polish(source: np.ndarray, target: np.ndarray, flow: np.ndarray,
     refiner.setSorIterations(5)
     grey_s = cv2.cvtColor(source, cv2.COLOR_RGB2GRAY)
     grey_t = cv2.cvtColor(target, cv2.COLOR_RGB2GRAY)
+    h, w = grey_s.shape
+    if scale < 1.0:
+        # The smaller copy is polished and its update added back; the texture test runs on
+        # that copy too (a full-resolution test cost as much as the polish itself).
+        size = grid.working_size((w, h), int(round(max(w, h) * scale)), min_side=8)
+        grey_s = cv2.resize(grey_s, size, interpolation=cv2.INTER_AREA)
+        grey_t = cv2.resize(grey_t, size, interpolation=cv2.INTER_AREA)
+        small = grid.resize_flow(flow, size)
+        update = refiner.calc(grey_s, grey_t, small.copy()) - small
+        if min_texture > 0:
+            _keep_flat(update, 0.0, grey_s, min_texture)
+        return (flow + grid.resize_flow(update, (w, h))).astype(np.float32)
     # calc() writes into the flow it is given: hand it a copy.
     polished = refiner.calc(grey_s, grey_t, np.array(flow, np.float32, order='C', copy=True))
     if min_texture > 0:
-        flat = cv2.cornerMinEigenVal(grey_s.astype(np.float32) / 255.0, 5) < min_texture
-        polished[flat] = flow[flat]
+        _keep_flat(polished, flow, grey_s, min_texture)
     return polished.astype(np.float32)
+
+
+def _keep_flat(polished: np.ndarray, unpolished, grey: np.ndarray, min_texture: float) -> None:
+    """Put ``unpolished`` back into ``polished`` where ``grey`` has no texture (in place)."""
+    flat = cv2.cornerMinEigenVal(grey.astype(np.float32) / 255.0, 5) < min_texture
+    np.copyto(polished, unpolished, where=flat[..., None])   # a boolean index copies slowly

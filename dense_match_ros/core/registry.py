@@ -114,6 +114,7 @@ _BUILTIN = {
     'hilm': 'dense_match_ros.core.methods.hilm:HilmMatcher',
     'dgc': 'dense_match_ros.core.methods.dgc:DgcMatcher',
     'neuflow': 'dense_match_ros.core.methods.neuflow:NeuFlowMatcher',
+    'neuflow-fast': 'dense_match_ros.core.methods.neuflow:NeuFlowFastMatcher',
     'cnngeo': 'dense_match_ros.core.methods.cnngeo:CnnGeoMatcher',
     'cnngeo-affine': 'dense_match_ros.core.methods.cnngeo:CnnGeoAffineMatcher',
     'deepmatching': 'dense_match_ros.core.methods.deepmatching:DeepMatchingMatcher',

@@ -20,14 +20,25 @@ size Ht x Wt:
 """
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 
 
 def pixel_coords(height: int, width: int) -> np.ndarray:
-    """HxWx2 float32 array of (x, y) pixel coordinates."""
+    """HxWx2 float32 array of (x, y) pixel coordinates (a fresh, writable array)."""
+    return _coords(height, width).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _coords(height: int, width: int) -> np.ndarray:
+    """:func:`pixel_coords`, built once per size and read-only: every warp, round trip and
+    resize of a frame needs it, and building it cost a few ms per use at 640x480."""
     xs, ys = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
-    return np.stack([xs, ys], axis=-1)
+    coords = np.stack([xs, ys], axis=-1)
+    coords.flags.writeable = False
+    return coords
 
 
 def pixels_to_normalized(points: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -58,13 +69,13 @@ def rescale_points(points: np.ndarray, from_size: tuple[int, int],
 def flow_to_map(flow: np.ndarray) -> np.ndarray:
     """Flow (pixels) -> absolute target pixel coordinates."""
     h, w = flow.shape[:2]
-    return (pixel_coords(h, w) + flow).astype(np.float32)
+    return np.add(_coords(h, w), flow, dtype=np.float32)
 
 
 def map_to_flow(pixel_map: np.ndarray) -> np.ndarray:
     """Absolute target pixel coordinates -> flow (pixels)."""
     h, w = pixel_map.shape[:2]
-    return (np.asarray(pixel_map, dtype=np.float32) - pixel_coords(h, w)).astype(np.float32)
+    return np.subtract(pixel_map, _coords(h, w), dtype=np.float32)
 
 
 def flow_to_grid(flow: np.ndarray, target_size: tuple[int, int]) -> np.ndarray:
@@ -91,15 +102,18 @@ def resize_flow(flow: np.ndarray, size: tuple[int, int],
     h, w = flow.shape[:2]
     new_w, new_h = size
     sx, sy = new_w / w, new_h / h
+    tsx, tsy = sx * target_scale[0], sy * target_scale[1]
     displacement = cv2.resize(np.ascontiguousarray(flow, dtype=np.float32), (new_w, new_h),
                               interpolation=cv2.INTER_LINEAR)
-    new_coords = pixel_coords(new_h, new_w)
-    # Each new-grid pixel's position on the old grid, exactly (not interpolated).
-    old_coords = (new_coords + 0.5) / np.array([sx, sy], dtype=np.float32) - 0.5
-    target_old = old_coords + displacement
-    tsx, tsy = sx * target_scale[0], sy * target_scale[1]
-    target_new = (target_old + 0.5) * np.array([tsx, tsy], dtype=np.float32) - 0.5
-    return (target_new - new_coords).astype(np.float32)
+    # A new-grid pixel x sits at (x + .5) / s - .5 on the old grid, exactly; its target
+    # point (old position + displacement) scales by ts about the half-pixel origin, so the
+    # new flow is d ts + (x + .5)(ts / s - 1): only the vectors scale when the target is
+    # resized like the source.
+    flow_new = displacement * np.array([tsx, tsy], dtype=np.float32)
+    if target_scale[0] != 1.0 or target_scale[1] != 1.0:
+        gain = np.array([tsx / sx - 1.0, tsy / sy - 1.0], dtype=np.float32)
+        flow_new += (_coords(new_h, new_w) + 0.5) * gain
+    return flow_new
 
 
 def working_size(size: tuple[int, int], max_side: int, *, min_side: int = 2, multiple: int = 1,
@@ -152,17 +166,19 @@ def warp(target: np.ndarray, flow: np.ndarray, interpolation: int = cv2.INTER_LI
     ``border_value`` (or, with ``border_mode=cv2.BORDER_REPLICATE``, the nearest edge pixel:
     no artificial edge for a later flow estimate to latch onto).
     """
-    pixel_map = flow_to_map(flow)
-    return cv2.remap(target, pixel_map[..., 0], pixel_map[..., 1], interpolation,
+    return cv2.remap(target, flow_to_map(flow), None, interpolation,
                      borderMode=border_mode, borderValue=border_value)
 
 
 def in_bounds(flow: np.ndarray, target_size: tuple[int, int]) -> np.ndarray:
     """Boolean HxW: the flow lands inside the target image (size (W, H))."""
-    pixel_map = flow_to_map(flow)
+    return _map_in_bounds(flow_to_map(flow), target_size)
+
+
+def _map_in_bounds(pixel_map: np.ndarray, target_size: tuple[int, int]) -> np.ndarray:
     w, h = target_size
-    return ((pixel_map[..., 0] >= -0.5) & (pixel_map[..., 0] <= w - 0.5)
-            & (pixel_map[..., 1] >= -0.5) & (pixel_map[..., 1] <= h - 0.5))
+    # One pass over both channels (NaN fails every comparison, so it counts as outside).
+    return cv2.inRange(pixel_map, (-0.5, -0.5), (w - 0.5, h - 0.5)) > 0
 
 
 def forward_backward_error(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
@@ -172,12 +188,14 @@ def forward_backward_error(forward: np.ndarray, backward: np.ndarray) -> np.ndar
     target grid. A consistent pair of flows gives ~0; occlusions and mismatches do not.
     """
     th, tw = backward.shape[:2]
+    pixel_map = flow_to_map(forward)
     # Replicated borders: bilinear sampling on the last row or column weighs in the pixel
     # beyond it (with weight 0), and a NaN border there would make the edge unmatched.
-    back_at_target = warp(backward, forward, border_mode=cv2.BORDER_REPLICATE)
+    back_at_target = cv2.remap(np.ascontiguousarray(backward, dtype=np.float32), pixel_map, None,
+                               cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     loop = forward + back_at_target
     err = cv2.magnitude(np.ascontiguousarray(loop[..., 0]), np.ascontiguousarray(loop[..., 1]))
-    err[~in_bounds(forward, (tw, th)) | ~np.isfinite(err)] = np.inf
+    err[~_map_in_bounds(pixel_map, (tw, th)) | ~np.isfinite(err)] = np.inf
     return err.astype(np.float32)
 
 

@@ -1,13 +1,18 @@
-"""Global pre-alignment: a homography from sparse SIFT matches, so that a dense matcher only
-has to find what is left.
+"""Global pre-alignment: a homography taken out before dense matching, so that the dense
+matcher only has to find what is left.
 
 Why: a CNN trained on a 2-core CPU is not rotation or zoom invariant (the HPatches pair
-turned by 30 degrees costs ``neuflow`` 7x its error), while SIFT is, by construction. When
-the sparse matches agree on a homography that is more than a shift (rotation, zoom,
-perspective), the target is warped onto the source's grid by it, the dense matcher runs on
-that nearly aligned pair, and its flow is composed with the homography. Where the matches
-do not agree (non-rigid scenes, too little texture) or the homography is nearly a shift,
+turned by 30 degrees costs ``neuflow`` 7x its error), while a homography fitted to good
+matches is. When one departs from a shift (rotation, zoom, perspective), the target is
+warped onto the source's grid by it, the dense matcher runs again on that nearly aligned
+pair, and its flow is composed with the homography. Where the matches do not agree
+(non-rigid scenes, parallax, too little texture) or the homography is nearly a shift,
 nothing changes: the dense matcher already handles translation.
+
+Where the homography comes from: first the dense matcher's own reliable matches on
+textured pixels (free, and the usual answer for a camera stream: a near-shift, so one run);
+sparse features (SIFT, or ORB at a twentieth of the time) only when those cannot tell, as
+when the first run failed on a half turn.
 """
 from __future__ import annotations
 
@@ -27,44 +32,67 @@ class PrealignConfig:
     ``min_departure``: how far (fraction of the source diagonal) the homography must move
     some image corner beyond the shift of the image centre before it is used; below it
     the dense matcher is left alone. ``min_inliers`` and ``min_inlier_ratio`` are the
-    evidence that one homography explains the scene. SIFT runs on images brought to
-    longest side ``max_side``.
+    evidence that one homography explains the scene. The features (``features``: SIFT or
+    ORB) are found on images brought to longest side ``max_side``. ``from_flow``: ask the
+    dense matcher's own first result before any features (:func:`match_prealigned`).
     """
 
+    features: str = 'sift'
     max_side: int = 480
     ratio: float = 0.8
     ransac_px: float = 3.0
     min_inliers: int = 40
     min_inlier_ratio: float = 0.5
     min_departure: float = 0.05
+    from_flow: bool = True
+
+    def __post_init__(self) -> None:
+        if self.features not in FEATURES:
+            raise ValueError(f'prealign features must be one of {FEATURES}, got {self.features!r}')
+        if int(self.max_side) < 32:
+            raise ValueError(f'prealign max_side must be at least 32 px, got {self.max_side}')
 
 
-def _grey(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
-    """Grey image at the working size for ``max_side`` (:func:`grid.working_size`, never
-    enlarged) and its scale factor."""
+FEATURES = ('sift', 'orb')
+"""SIFT: the precise homography (about 95 ms at 480 px on one core); ORB: a twentieth of the
+time (FAST corners and binary descriptors over an 8-level pyramid), still rotation and scale
+invariant, with a coarser homography that the dense matcher corrects."""
+_ORB_FEATURES = 1500
+
+
+def _detector(features: str):
+    if features == 'orb':
+        return cv2.ORB_create(_ORB_FEATURES), cv2.NORM_HAMMING
+    return cv2.SIFT_create(), cv2.NORM_L2
+
+
+def _grey(image: np.ndarray, max_side: int, upscale: bool = False) -> tuple[np.ndarray, float]:
+    """Grey image at the working size for ``max_side`` (:func:`grid.working_size`; smaller
+    images are enlarged only with ``upscale``) and its scale factor."""
     h, w = image.shape[:2]
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
-    size = grid.working_size((w, h), max_side)
+    size = grid.working_size((w, h), max_side, upscale=upscale)
     if size != (w, h):
-        grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
-    return grey, min(1.0, max_side / max(h, w))
+        interp = cv2.INTER_AREA if size[0] < w else cv2.INTER_LINEAR
+        grey = cv2.resize(grey, size, interpolation=interp)
+    return grey, size[0] / w
 
 
 def estimate_homography(source: np.ndarray, target: np.ndarray,
                         config: PrealignConfig = PrealignConfig()) -> np.ndarray | None:
-    """The homography (3x3, source pixels -> target pixels) that SIFT matches with Lowe's
+    """The homography (3x3, source pixels -> target pixels) that feature matches with Lowe's
     ratio test and MAGSAC++ agree on, or None when the evidence is short of ``config``."""
-    sift = cv2.SIFT_create()
+    detector, norm = _detector(config.features)
     keypoints, descriptors, scales = [], [], []
     for image in (source, target):
-        grey, scale = _grey(image, config.max_side)
-        kp, desc = sift.detectAndCompute(grey, None)
+        grey, scale = _grey(image, config.max_side, upscale=config.features == 'orb')
+        kp, desc = detector.detectAndCompute(grey, None)
         if desc is None or len(kp) < config.min_inliers:
             return None
         keypoints.append(kp)
         descriptors.append(desc)
         scales.append(scale)
-    pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(descriptors[0], descriptors[1], k=2)
+    pairs = cv2.BFMatcher(norm).knnMatch(descriptors[0], descriptors[1], k=2)
     good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < config.ratio * p[1].distance]
     if len(good) < config.min_inliers:
         return None
@@ -125,13 +153,69 @@ def compose(flow: np.ndarray, matchability: np.ndarray, homography: np.ndarray,
 MatchFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
+def homography_from_flow(source: np.ndarray, flow: np.ndarray, matchability: np.ndarray,
+                         config: PrealignConfig = PrealignConfig()) -> tuple[str, np.ndarray | None]:
+    """What a dense result says about a global homography: ``('unknown', None)`` when too
+    few textured pixels have a reliable match to tell (the matcher failed, e.g. a half turn:
+    ask the features), ``('none', None)`` when the reliable matches do not agree on one
+    homography (parallax, non-rigid motion: nothing to pre-align), else ``('found', H)``.
+
+    Why textured pixels only: on flat areas a near-zero flow is consistent both ways whatever
+    the real motion, so it would vouch for a shift that is not there.
+    """
+    h, w = flow.shape[:2]
+    step = max(1, int(round(max(h, w) / _FLOW_SAMPLES_PER_SIDE)))
+    grey = cv2.cvtColor(source, cv2.COLOR_RGB2GRAY) if source.ndim == 3 else source
+    ys, xs = np.mgrid[step // 2:h:step, step // 2:w:step]
+    small = cv2.resize(grey, (xs.shape[1], xs.shape[0]), interpolation=cv2.INTER_AREA)
+    texture = cv2.cornerMinEigenVal(small.astype(np.float32) / 255.0, 3) >= _MIN_TEXTURE
+    reliable = texture & (matchability[ys, xs] >= _RELIABLE)
+    n_reliable = int(reliable.sum())
+    if n_reliable < _MIN_RELIABLE or n_reliable < _MIN_RELIABLE_SHARE * int(texture.sum()):
+        return 'unknown', None
+    src = np.stack([xs[reliable], ys[reliable]], -1).astype(np.float32)
+    dst = src + flow[ys[reliable], xs[reliable]]
+    if len(src) > _MAX_FIT_POINTS:   # a fixed subsample: the same pair gives the same answer
+        pick = np.random.default_rng(0).choice(len(src), _MAX_FIT_POINTS, replace=False)
+        src, dst = src[pick], dst[pick]
+    homography, inliers = cv2.findHomography(src, dst, cv2.USAC_MAGSAC, config.ransac_px)
+    if homography is None or inliers is None or inliers.sum() < config.min_inlier_ratio * len(src):
+        return 'none', None
+    return 'found', homography.astype(np.float64)
+
+
+_FLOW_SAMPLES_PER_SIDE = 160  # a 640x480 frame is read every 4th pixel: 160 x 120 samples
+_MIN_TEXTURE = 1e-3           # smaller structure-tensor eigenvalue (grey / 255, 3x3) of a sample
+_RELIABLE = 0.5               # matchability of a match trusted for the fit
+_MIN_RELIABLE = 100           # samples, and ...
+_MIN_RELIABLE_SHARE = 0.2     # ... share of the textured ones, before the flow is believed
+_MAX_FIT_POINTS = 2000
+
+
 def match_prealigned(match: MatchFn, source: np.ndarray, target: np.ndarray,
                      config: PrealignConfig = PrealignConfig()) -> tuple[np.ndarray, np.ndarray]:
-    """``match(source, target)`` -> (flow, matchability), run on the pre-aligned pair when a
-    homography is found and departs from a shift by ``config.min_departure``; else as is."""
+    """``match(source, target)`` -> (flow, matchability), run a second time on the
+    pre-aligned pair when a homography departs from a shift by ``config.min_departure``.
+
+    The dense result comes first, and its reliable textured matches are asked for the
+    homography (:func:`homography_from_flow`); features are matched
+    (:func:`estimate_homography`) only when those matches cannot tell or do not agree on
+    one. So a pair that needs no pre-alignment, the usual pair of a camera stream, costs one
+    dense run and no feature matching. The second run replaces the first only if its mean
+    matchability is at least as high: a homography fitted to part of a non-rigid or
+    deformed scene can make the aligned pair harder, not easier.
+    """
     h, w = source.shape[:2]
-    homography = estimate_homography(source, target, config)
+    flow, matchability = match(source, target)
+    verdict, homography = 'unknown', None
+    if config.from_flow:
+        verdict, homography = homography_from_flow(source, flow, matchability, config)
+    if verdict != 'found':
+        homography = estimate_homography(source, target, config)
     if homography is None or departure_from_shift(homography, (w, h)) < config.min_departure:
-        return match(source, target)
-    flow, matchability = match(source, warp_target(target, homography, (w, h)))
-    return compose(flow, matchability, homography, target.shape[1::-1])
+        return flow, matchability
+    aligned, aligned_m = compose(*match(source, warp_target(target, homography, (w, h))),
+                                 homography, target.shape[1::-1])
+    if np.count_nonzero(aligned_m >= _RELIABLE) >= np.count_nonzero(matchability >= _RELIABLE):
+        return aligned, aligned_m
+    return flow, matchability

@@ -11,11 +11,12 @@ Why the three parts:
   candidate with the smaller forward-backward error plus photometric error (each pair is
   matched both ways anyway, for the matchability).
 
-Before all of it, ``prealign`` (default on) takes out what a CPU-trained CNN handles worst,
-rotation, zoom and perspective: when SIFT matches agree on a homography that is more than a
-shift, the matcher runs on the target warped onto the source by it, and the flow is composed
-with it (:mod:`core.geometry.prealign`; HPatches pair 0.90 -> 0.52 px, rotated by 30 degrees
-6.29 -> 0.57).
+Around all of it, ``prealign`` (default on) takes out what a CPU-trained CNN handles worst,
+rotation, zoom and perspective: when the first result's reliable matches (or, if they cannot
+tell, SIFT or ORB matches: ``prealign_features``) agree on a homography that is more than a
+shift, the matcher runs again on the target warped onto the source by it, and the flow is
+composed with it (:mod:`core.geometry.prealign`; HPatches pair 0.90 -> 0.52 px, rotated by
+30 degrees 6.29 -> 0.57).
 
 The network runs on both images resized to one working size (longest side ``max_side``,
 padded to a multiple of 16 by :class:`~core.networks.padding.InputPadder`); both directions
@@ -24,6 +25,7 @@ forward-backward consistency ``exp(-(e / fb_sigma)^2)`` of the chosen flow.
 """
 from __future__ import annotations
 
+import inspect
 
 import cv2
 import numpy as np
@@ -90,7 +92,8 @@ class NeuFlowMatcher(Matcher):
                  fb_sigma: float = 1.0, fb_check: str = 'working', precision: str = 'auto',
                  calibrated: bool = True, cascade_side: int = 640, cascade_steps: int = 4,
                  polish: int = 10, polish_min_texture: float = 1e-4,
-                 prealign: bool = True, net: NeuFlowNet | None = None) -> None:
+                 prealign: bool = True, prealign_features: str = 'sift', prealign_side: int = 480,
+                 polish_scale: float = 1.0, net: NeuFlowNet | None = None) -> None:
         _refine.check_refiner(refine, refine_preset)
         check_preset(dis_preset, 'dis_preset')
         if fuse not in FUSIONS:
@@ -119,7 +122,12 @@ class NeuFlowMatcher(Matcher):
         self.cascade_side, self.cascade_steps = int(cascade_side), int(cascade_steps)
         self.polish = int(polish)
         self.polish_min_texture = float(polish_min_texture)
+        if not 0.1 <= float(polish_scale) <= 1.0:
+            raise ValueError(f'polish_scale must be in [0.1, 1], got {polish_scale}')
+        self.polish_scale = float(polish_scale)
         self.prealign = bool(prealign)
+        self.prealign_config = _prealign.PrealignConfig(features=prealign_features,
+                                                        max_side=int(prealign_side))
         self.refine, self.refine_preset = refine, refine_preset
         self.fuse, self.fb_sigma, self.fb_check = fuse, float(fb_sigma), fb_check
         self._dis = create_dis(dis_preset) if fuse == 'dis' else None
@@ -193,7 +201,8 @@ class NeuFlowMatcher(Matcher):
 
     def _match(self, source: np.ndarray, target: np.ndarray):
         if self.prealign:
-            return _prealign.match_prealigned(self._match_aligned, source, target)
+            return _prealign.match_prealigned(self._match_aligned, source, target,
+                                              self.prealign_config)
         return self._match_aligned(source, target)
 
     def _match_aligned(self, source: np.ndarray, target: np.ndarray):
@@ -219,7 +228,7 @@ class NeuFlowMatcher(Matcher):
             forward, error = self._fuse_with_dis(source, target, forward, error)
         if self.polish:
             forward = _refine.variational_polish(source, target, forward, self.polish,
-                                                  self.polish_min_texture)
+                                                  self.polish_min_texture, self.polish_scale)
         consistency = grid.consistency_from_error(error, self.fb_sigma)
         consistency[~grid.in_bounds(forward, (tw, th))] = 0.0
         return forward, calibration.apply_table(visibility * consistency, self.calibration)
@@ -252,3 +261,24 @@ class NeuFlowMatcher(Matcher):
         use_dis = cv2.medianBlur(use_dis.astype(np.uint8), 5).astype(bool)
         fused = np.where(use_dis[..., None], d_fwd, flow).astype(np.float32)
         return fused, np.where(use_dis, d_error, error).astype(np.float32)
+
+
+FAST_DEFAULTS = {'max_side': 256, 'iterations': 4, 'cascade_side': 0, 'polish': 0,
+                 'refine_preset': 'fast', 'prealign_features': 'orb'}
+"""``neuflow-fast``: the same network and fusion at a time the node can afford per frame.
+Where the time of ``neuflow`` goes at 640x480 on one core (README, "neuflow-fast"): the
+second pass at 640 px and the polish (over half), SIFT (95 ms); here one pass at 256 px with
+4 steps, a DIS residual of the ``fast`` preset, ORB for the pre-alignment, no polish."""
+
+
+class NeuFlowFastMatcher(NeuFlowMatcher):
+    """:class:`NeuFlowMatcher` with :data:`FAST_DEFAULTS`; every option can still be set."""
+
+    def __init__(self, device: str = 'cpu', weights: str | None = None, **options) -> None:
+        super().__init__(device, weights, **{**FAST_DEFAULTS, **options})
+
+
+# The registry checks options against the signature: show the base's, with these defaults.
+NeuFlowFastMatcher.__init__.__signature__ = inspect.signature(NeuFlowMatcher.__init__).replace(
+    parameters=[p.replace(default=FAST_DEFAULTS.get(name, p.default))
+                for name, p in inspect.signature(NeuFlowMatcher.__init__).parameters.items()])
