@@ -164,3 +164,33 @@ def test_forward_backward_consistency_scores_the_round_trip():
     backward[..., 1] = 1.5               # every round trip now misses by 1.5 px
     score = grid.forward_backward_consistency(forward, backward, sigma=1.5)
     np.testing.assert_allclose(score[:, :-3], np.exp(-1.0), rtol=1e-5)
+
+
+@pytest.mark.parametrize('size,target_scale', [((50, 30), (1.0, 1.0)), ((31, 77), (1.0, 1.0)),
+                                               ((50, 30), (0.5, 2.0)), ((17, 64), (1.3, 0.7))])
+def test_resize_flow_moves_every_new_pixel_centre_to_its_target_point(size, target_scale):
+    """The new flow at pixel x is where x's position on the old grid lands, in the rescaled
+    target: (x + .5) / s - .5 + d, mapped by (p + .5) t - .5, minus x (exactly, for a flow
+    that is constant, so interpolation cannot blur it)."""
+    flow = np.zeros((24, 40, 2), np.float32)
+    flow[..., 0], flow[..., 1] = 3.25, -1.5
+    out = grid.resize_flow(flow, size, target_scale)
+    (w, h), (nw, nh) = (40, 24), size
+    s = np.array([nw / w, nh / h])
+    t = s * np.array(target_scale)
+    x = grid.pixel_coords(nh, nw)
+    expected = (((x + 0.5) / s - 0.5 + np.array([3.25, -1.5])) + 0.5) * t - 0.5 - x
+    assert out.shape == (nh, nw, 2) and out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+def test_in_bounds_counts_the_outer_half_pixel_and_refuses_nan():
+    flow = np.zeros((3, 4, 2), np.float32)
+    flow[0, 0] = (-0.5, -0.5)          # on the edge: inside
+    flow[0, 1] = (-1.51, 0.0)          # x = -0.51: outside
+    flow[2, 3] = (0.5, 0.5)            # (3.5, 2.5): the far corner, inside
+    flow[1, 1] = (np.nan, 0.0)
+    inside = grid.in_bounds(flow, (4, 3))
+    assert inside.dtype == bool
+    assert inside[0, 0] and not inside[0, 1] and inside[2, 3] and not inside[1, 1]
+    assert inside.sum() == 10
