@@ -60,7 +60,8 @@ invariant, with a coarser homography that the dense matcher corrects."""
 _ORB_FEATURES = 1500
 
 
-def _detector(features: str):
+def _detector(features: str) -> tuple[cv2.Feature2D, int]:
+    """The detector-descriptor of ``features`` and the norm its descriptors compare by."""
     if features == 'orb':
         return cv2.ORB_create(_ORB_FEATURES), cv2.NORM_HAMMING
     return cv2.SIFT_create(), cv2.NORM_L2
@@ -201,9 +202,11 @@ def match_prealigned(match: MatchFn, source: np.ndarray, target: np.ndarray,
     homography (:func:`homography_from_flow`); features are matched
     (:func:`estimate_homography`) only when those matches cannot tell or do not agree on
     one. So a pair that needs no pre-alignment, the usual pair of a camera stream, costs one
-    dense run and no feature matching. The second run replaces the first only if its mean
-    matchability is at least as high: a homography fitted to part of a non-rigid or
-    deformed scene can make the aligned pair harder, not easier.
+    dense run and no feature matching. The second run replaces the first only if it has at
+    least as many reliable matches (matchability >= 0.5): a homography fitted to part of a
+    non-rigid or deformed scene can make the aligned pair harder, not easier. (Not the mean
+    matchability: a calibrated matcher gives even hopeless pixels some, and the aligned run
+    has none where the homography leaves the target.)
     """
     h, w = source.shape[:2]
     flow, matchability = match(source, target)
