@@ -361,5 +361,17 @@ def test_matcher_applies_the_checkpoint_calibration():
     raw = _tiny_matcher(fuse='none', refine='none')
     m_raw = raw.match(src, tgt).matchability
     raw.calibration = {'matchability': [0.0, 1.0], 'probability': [0.2, 0.3]}
-    m_cal = raw.match(src, tgt).matchability
-    np.testing.assert_allclose(m_cal, 0.2 + 0.1 * m_raw, atol=1e-5)
+    flow, m_cal = raw.match(src, tgt)
+    inside = grid.in_bounds(flow, (64, 48))
+    np.testing.assert_allclose(m_cal[inside], 0.2 + 0.1 * m_raw[inside], atol=1e-5)
+    assert (m_cal[~inside] == 0).all()
+
+
+def test_the_calibration_floor_does_not_reach_matches_that_leave_the_target():
+    src, tgt, _ = affine_photo_pair(96, 64, 0.0, 1.0, (-12.0, 0.0))
+    matcher = _tiny_matcher(refine='none')       # fused with DIS, which follows the shift
+    matcher.calibration = {'matchability': [0.0, 1.0], 'probability': [0.2, 0.3]}
+    flow, matchability = matcher.match(src, tgt)
+    outside = ~grid.in_bounds(flow, (96, 64))
+    assert outside[:, :8].mean() > 0.9                # the columns shifted out of view
+    assert (matchability[outside] == 0).all() and (matchability[~outside] >= 0.2 - 1e-6).all()

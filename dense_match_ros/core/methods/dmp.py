@@ -174,8 +174,10 @@ class DmpMatcher(Matcher):
             # The optimised flow lives on a 240 px grid: a full-resolution DIS residual gives
             # it sub-pixel precision (outside the time budget: one DIS call).
             flow = _refine.dis_residual(source, target, flow, self.refine_preset)
-        matchability = np.nan_to_num(confidence) * grid.in_bounds(flow, (tw, th))
-        return flow, calibration.apply_table(matchability.astype(np.float32), self.calibration)
+        # In-bounds after the table, so its floor never lifts a match that leaves the target.
+        matchability = calibration.apply_table(np.nan_to_num(confidence).astype(np.float32),
+                                               self.calibration)
+        return flow, (matchability * grid.in_bounds(flow, (tw, th))).astype(np.float32)
 
 
 class DmpScratchMatcher(DmpMatcher):

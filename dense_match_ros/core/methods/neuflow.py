@@ -230,8 +230,11 @@ class NeuFlowMatcher(Matcher):
             forward = _refine.variational_polish(source, target, forward, self.polish,
                                                   self.polish_min_texture, self.polish_scale)
         consistency = grid.consistency_from_error(error, self.fb_sigma)
-        consistency[~grid.in_bounds(forward, (tw, th))] = 0.0
-        return forward, calibration.apply_table(visibility * consistency, self.calibration)
+        matchability = calibration.apply_table(visibility * consistency, self.calibration)
+        # After the table: its floor (how often a pixel without any evidence is right anyway)
+        # must not lift a match that leaves the target.
+        matchability[~grid.in_bounds(forward, (tw, th))] = 0.0
+        return forward, matchability
 
     def _fuse_with_dis(self, source: np.ndarray, target: np.ndarray, flow: np.ndarray,
                        error: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
