@@ -46,7 +46,8 @@ def variational_polish(source: np.ndarray, target: np.ndarray, flow: np.ndarray,
                        iterations: int = 10, min_texture: float = 0.0,
                        scale: float = 1.0) -> np.ndarray:
     """``flow`` polished by OpenCV's variational refinement (the last stage of DIS: data
-    term + smoothness) at full resolution, kept only where the source has texture.
+    term + smoothness) at full resolution, or on copies ``scale`` times the size with the
+    update added back, kept only where the source has texture.
 
     Why after a fusion: a per-pixel choice between two flows leaves seams and each
     candidate's sub-pixel bias; one variational pass over the chosen flow evens them out.

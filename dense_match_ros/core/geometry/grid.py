@@ -166,8 +166,14 @@ def warp(target: np.ndarray, flow: np.ndarray, interpolation: int = cv2.INTER_LI
     ``border_value`` (or, with ``border_mode=cv2.BORDER_REPLICATE``, the nearest edge pixel:
     no artificial edge for a later flow estimate to latch onto).
     """
-    return cv2.remap(target, flow_to_map(flow), None, interpolation,
-                     borderMode=border_mode, borderValue=border_value)
+    return _sample(target, flow_to_map(flow), interpolation, border_mode, border_value)
+
+
+def _sample(image: np.ndarray, pixel_map: np.ndarray, interpolation: int = cv2.INTER_LINEAR,
+            border_mode: int = cv2.BORDER_CONSTANT, border_value: float = 0.0) -> np.ndarray:
+    """``image`` sampled at an absolute pixel map (one two-channel map: one pass)."""
+    return cv2.remap(image, pixel_map, None, interpolation, borderMode=border_mode,
+                     borderValue=border_value)
 
 
 def in_bounds(flow: np.ndarray, target_size: tuple[int, int]) -> np.ndarray:
@@ -191,8 +197,8 @@ def forward_backward_error(forward: np.ndarray, backward: np.ndarray) -> np.ndar
     pixel_map = flow_to_map(forward)
     # Replicated borders: bilinear sampling on the last row or column weighs in the pixel
     # beyond it (with weight 0), and a NaN border there would make the edge unmatched.
-    back_at_target = cv2.remap(np.ascontiguousarray(backward, dtype=np.float32), pixel_map, None,
-                               cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    back_at_target = _sample(np.ascontiguousarray(backward, dtype=np.float32), pixel_map,
+                             border_mode=cv2.BORDER_REPLICATE)
     loop = forward + back_at_target
     err = cv2.magnitude(np.ascontiguousarray(loop[..., 0]), np.ascontiguousarray(loop[..., 1]))
     err[~_map_in_bounds(pixel_map, (tw, th)) | ~np.isfinite(err)] = np.inf

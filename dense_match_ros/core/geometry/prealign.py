@@ -67,11 +67,15 @@ def _detector(features: str) -> tuple[cv2.Feature2D, int]:
     return cv2.SIFT_create(), cv2.NORM_L2
 
 
+def _as_grey(image: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
+
+
 def _grey(image: np.ndarray, max_side: int, upscale: bool = False) -> tuple[np.ndarray, float]:
     """Grey image at the working size for ``max_side`` (:func:`grid.working_size`; smaller
     images are enlarged only with ``upscale``) and its scale factor."""
     h, w = image.shape[:2]
-    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
+    grey = _as_grey(image)
     size = grid.working_size((w, h), max_side, upscale=upscale)
     if size != (w, h):
         interp = cv2.INTER_AREA if size[0] < w else cv2.INTER_LINEAR
@@ -166,7 +170,7 @@ def homography_from_flow(source: np.ndarray, flow: np.ndarray, matchability: np.
     """
     h, w = flow.shape[:2]
     step = max(1, int(round(max(h, w) / _FLOW_SAMPLES_PER_SIDE)))
-    grey = cv2.cvtColor(source, cv2.COLOR_RGB2GRAY) if source.ndim == 3 else source
+    grey = _as_grey(source)
     ys, xs = np.mgrid[step // 2:h:step, step // 2:w:step]
     small = cv2.resize(grey, (xs.shape[1], xs.shape[0]), interpolation=cv2.INTER_AREA)
     texture = cv2.cornerMinEigenVal(small.astype(np.float32) / 255.0, 3) >= _MIN_TEXTURE
