@@ -10,7 +10,7 @@ import pytest
 
 from dense_match_ros.core import registry
 from dense_match_ros.core.registry import Matcher
-from dense_match_ros.evaluation import cli
+from dense_match_ros.evaluation import cli, metrics
 
 
 @dataclasses.dataclass
@@ -205,6 +205,22 @@ def test_cli_pose_set_limit_one(tmp_path, shared_data):
     s = rec['sets']['middlebury']
     assert set(s) >= {'auc@5', 'auc@10', 'auc@20'}
     assert s['auc@5'] <= s['auc@10'] <= s['auc@20']
+
+
+def test_cli_pose_seeds_give_the_mean_and_spread_of_the_aucs(tmp_path, shared_data, capsys):
+    out = tmp_path / 'r.json'
+    cli.main(['--method', 'dis', '--sets', 'middlebury', '--limit', '3', '--data-root',
+              str(shared_data), '--json', str(out), '--no-progress', '--pose-seeds', '4'])
+    rec = json.loads(out.read_text())
+    s = rec['sets']['middlebury']
+    assert s['num_seeds'] == 4
+    assert all(len(r['seed_errors_deg']) == 4 for r in rec['rows'])
+    per_seed = [metrics.pose_auc([r['seed_errors_deg'][i] for r in rec['rows']])['auc@10']
+                for i in range(4)]
+    assert s['auc@10_seed_mean'] == pytest.approx(np.mean(per_seed))
+    assert s['auc@10_seed_std'] == pytest.approx(np.std(per_seed))
+    assert per_seed[0] == pytest.approx(s['auc@10'])   # seed 0 is the plain figure
+    assert '4 seeds' in capsys.readouterr().out
 
 
 def test_cli_tum_adds_the_ground_truth_upper_bound(tmp_path, shared_data):

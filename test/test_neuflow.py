@@ -1,4 +1,5 @@
 """The light flow network, its training task, the matcher (refinement, fusion) and padding."""
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -178,7 +179,7 @@ def _tiny_matcher(**options) -> NeuFlowMatcher:
 def test_matcher_contract_and_option_checks():
     src, tgt, _ = affine_photo_pair(72, 50, 3.0, 1.0, (2.0, 1.0))
     for options in ({'fuse': 'none', 'refine': 'none'}, {'fuse': 'dis'}, {'max_side': 32},
-                    {'fb_check': 'working'}):
+                    {'fb_check': 'working'}, {'fb_cross': True, 'agree_px': 2.0}):
         flow, matchability = _tiny_matcher(**options).match(src, tgt)
         assert flow.shape == (50, 72, 2) and flow.dtype == np.float32
         assert matchability.shape == (50, 72) and 0 <= matchability.min() <= matchability.max() <= 1
@@ -188,7 +189,7 @@ def test_matcher_contract_and_option_checks():
     for bad in ({'fuse': 'raft'}, {'fb_sigma': 0}, {'precision': 'fp8'}, {'max_side': 8},
                 {'refine': 'sift'}, {'iterations': -1}, {'fb_check': 'half'},
                 {'cascade_side': 8}, {'cascade_steps': 0}, {'polish': -1},
-                {'polish_min_texture': -1.0}):
+                {'polish_min_texture': -1.0}, {'agree_px': -1.0}):
         with pytest.raises(ValueError):
             _tiny_matcher(**bad)
 
@@ -310,6 +311,33 @@ def test_fusion_keeps_dis_where_the_network_is_wrong():
     assert err['fused'] < err['dis'] + 0.3, err
 
 
+def test_fusion_cross_check_and_agreement(monkeypatch):
+    """The network's refined flow right, its coarse round trip poor; DIS 2 px off with a
+    good round trip. The plain rule takes DIS; through DIS's backward flow (``fb_cross``)
+    the network's flow is seen to be right and kept. And where the two agree within
+    ``agree_px``, DIS is taken whatever the costs."""
+    rng = np.random.default_rng(0)
+    source = cv2.GaussianBlur(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), (5, 5), 1.5)
+    target = np.roll(source, 3, axis=1)                     # source (x, y) <-> target (x + 3, y)
+    truth = np.zeros((48, 64, 2), np.float32)
+    truth[..., 0] = 3.0
+    dis_fwd = truth + np.array([2.0, 0.0], np.float32)
+    dis_bwd = -truth                                        # right: DIS's forward misses by 2 px
+    monkeypatch.setattr(neuflow_method, 'two_way_flow', lambda *a, **k: (dis_fwd, dis_bwd))
+    error = np.full((48, 64), 3.0, np.float32)              # the network's coarse round trip
+    inner = (slice(8, -8), slice(8, -8))
+
+    def fused(network, **options):
+        flow, _ = _tiny_matcher(fuse='dis', **options)._fuse_with_dis(
+            source, target, network, error)
+        return float(np.abs(flow - truth)[inner].max())
+
+    assert fused(truth) == pytest.approx(2.0)
+    assert fused(truth, fb_cross=True) == 0.0
+    assert fused(truth, fb_cross=True, agree_px=3.0) == pytest.approx(2.0)
+    assert fused(truth, fb_cross=True, agree_px=1.5) == 0.0
+
+
 def test_registered_and_missing_weights_name_the_training_command(tmp_path, monkeypatch):
     monkeypatch.setattr(neuflow_method.WEIGHTS, 'directory', tmp_path)
     with pytest.raises(FileNotFoundError, match='dense-match-train neuflow'):
@@ -349,7 +377,8 @@ def test_the_fast_variant_is_neuflow_with_its_own_defaults_and_every_option_open
     assert isinstance(fast, NeuFlowMatcher)
     got = {'max_side': fast.max_side, 'iterations': fast.iterations,
            'cascade_side': fast.cascade_side, 'polish': fast.polish,
-           'refine_preset': fast.refine_preset, 'prealign_features': fast.prealign_config.features}
+           'refine_preset': fast.refine_preset, 'prealign_features': fast.prealign_config.features,
+           'fb_cross': fast.fb_cross, 'agree_px': fast.agree_px}
     assert got == neuflow_method.FAST_DEFAULTS
     assert load_matcher('neuflow-fast', device='cpu', net=_net(), max_side=320).max_side == 320
     with pytest.raises(ValueError, match="neuflow-fast has no option 'windows'"):

@@ -60,6 +60,20 @@ def test_evaluate_pose_pair_scores_the_matcher():
     assert record['match_time_s'] >= 0 and record['estimate_time_s'] > 0
 
 
+def test_several_seeds_reuse_one_flow_and_start_with_the_first_seed():
+    pair = _pair(seed=3)
+    matcher = _OracleMatcher(pair, corrupt=0.4)
+    single = evaluate_pose_pair(matcher, pair, rng=5)
+    several = evaluate_pose_pair(matcher, pair, rng=5, seeds=4)
+    assert matcher.calls == 2   # one match per call, whatever the number of seeds
+    errors = several['seed_errors_deg']
+    assert len(errors) == 4 and all(np.isfinite(errors))
+    assert errors[0] == max(single['rotation_error_deg'], single['translation_error_deg'])
+    assert 'seed_errors_deg' not in single
+    with pytest.raises(ValueError):
+        evaluate_pose_pair(matcher, pair, rng=np.random.default_rng(0), seeds=2)
+
+
 def test_wrong_pose_shows_in_the_errors():
     pair = _pair(seed=2)
     matcher = _OracleMatcher(pair)

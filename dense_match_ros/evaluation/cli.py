@@ -183,7 +183,27 @@ def summarise_pose(rows: Sequence[dict]) -> dict:
         out[f'median_{k}'] = float(np.median(vals)) if vals else None
     for k in ('num_correspondences', 'num_inliers', 'estimate_time_s', 'match_time_s'):
         out[k] = _mean(r.get(k) for r in rows)
+    seeds = {len(r.get('seed_errors_deg') or ()) for r in rows}
+    if len(seeds) == 1 and min(seeds) > 1:
+        # One AUC per seed over the pairs, then their mean and spread.
+        per_seed = [metrics.pose_auc([r['seed_errors_deg'][i] for r in rows],
+                                     POSE_AUC_THRESHOLDS) for i in range(min(seeds))]
+        out['num_seeds'] = min(seeds)
+        for k in per_seed[0]:
+            values = [a[k] for a in per_seed]
+            out[f'{k}_seed_mean'] = float(np.mean(values))
+            out[f'{k}_seed_std'] = float(np.std(values))
     return out
+
+
+def _seed_aucs(summary: dict) -> str:
+    """' (20 seeds: AUC@10 0.693 +- 0.015 ...)' when the summary holds several seeds."""
+    if not summary.get('num_seeds'):
+        return ''
+    parts = '  '.join(f'{k.upper()} {summary[f"{k}_seed_mean"]:.3f} +- '
+                      f'{summary[f"{k}_seed_std"]:.3f}'
+                      for k in summary if k.startswith('auc@') and '_seed_' not in k)
+    return f'  ({summary["num_seeds"]} seeds: {parts})'
 
 
 def _versions() -> dict[str, str]:
@@ -245,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--pose-option', dest='pose_options', action='append', default=[],
                    metavar='KEY=VALUE', help='PoseConfig field for the pose sets, e.g. '
                    'rank_by_matchability=true (as the node\'s pose.* parameters)')
+    p.add_argument('--pose-seeds', type=int, default=1, metavar='N',
+                   help='also run the robust estimator with N-1 more seeds on the same flow '
+                        'and report the mean and spread of the AUCs (default 1: seed 0 only)')
     p.add_argument('--levels', action='store_true',
                    help='also the AEPE of every pyramid level (coarse-to-fine matchers: dgc)')
     p.add_argument('--no-progress', action='store_true', help='no tqdm progress bar')
@@ -387,7 +410,8 @@ def evaluate(args: argparse.Namespace, argv_list: Sequence[str]) -> tuple[int, d
     for set_name in args.sets:
         is_pose = set_name in POSE_SET_NAMES
         try:
-            evaluate_pose = (functools.partial(pose_eval.evaluate_pose_pair, config=pose_config)
+            evaluate_pose = (functools.partial(pose_eval.evaluate_pose_pair, config=pose_config,
+                                               seeds=max(1, args.pose_seeds))
                              if is_pose else None)
             pairs = (_pose_pairs(set_name, root) if is_pose
                      else _flow_pairs(set_name, root, args.synthetic_n))
@@ -418,7 +442,8 @@ def evaluate(args: argparse.Namespace, argv_list: Sequence[str]) -> tuple[int, d
                                      summary_keys={k: f'median_{k}' for k in
                                                    ('rotation_error_deg', 'translation_error_deg')})
                 aucs = '  '.join(f'{k.upper()} {fmt(summary.get(k), 5, ".3f")}'
-                                 for k in summary if k.startswith('auc@'))
+                                 for k in summary if k.startswith('auc@')
+                                 and '_seed_' not in k) + _seed_aucs(summary)
                 _add_block(record, tables, name, rows, summary, table, aucs)
         else:
             rows = _run_flow_set(matcher, set_name, pairs, progress, args, report_dir,

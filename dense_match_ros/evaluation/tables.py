@@ -60,6 +60,10 @@ def format_overview(sets: dict[str, dict], pose_sets: Sequence[str]) -> str:
                              for k in ('auc@5', 'auc@10', 'auc@20'))
             body += (f'  median R {fmt(summ.get("median_rotation_error_deg"), 6, ".2f")} deg'
                      f'  t {fmt(summ.get("median_translation_error_deg"), 6, ".2f")} deg')
+            if summ.get('num_seeds'):
+                body += f'  [{summ["num_seeds"]} seeds, mean +- sd: ' + '  '.join(
+                    f'{k[3:]} {summ[f"{k}_seed_mean"]:.3f} +- {summ[f"{k}_seed_std"]:.3f}'
+                    for k in ('auc@5', 'auc@10', 'auc@20') if f'{k}_seed_mean' in summ) + ']'
         else:
             body = '  '.join(f'{label} {fmt(summ.get(k), width, spec)}' for k, label, width, spec in
                              (('aepe', 'AEPE', 7, '.3f'), ('pck@1', 'PCK@1', 5, '.3f'),

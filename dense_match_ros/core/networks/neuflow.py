@@ -127,20 +127,6 @@ def windowed_softmax_flow(source: torch.Tensor, target: torch.Tensor, window: in
     return (matched - pos[None]).transpose(1, 2).reshape(b, 2, h, w)
 
 
-def _shifted(x: torch.Tensor, radius: int):
-    """The (2r+1)^2 views of ``x`` shifted by -r..r (dy outer), zero-padded at the border.
-
-    Slices of one padded tensor, not an unfold: unfold materialises a (2r+1)^2 times larger
-    tensor and measured 4x slower (forward + backward) on the CPU.
-    """
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (radius,) * 4)
-    k = 2 * radius + 1
-    for dy in range(k):
-        for dx in range(k):
-            yield padded[..., dy:dy + h, dx:dx + w]
-
-
 def local_correlation(source: torch.Tensor, warped: torch.Tensor, radius: int) -> torch.Tensor:
     """(B, (2r+1)^2, H, W) dot products (scaled by 1/sqrt(C)) of each source feature with the
     warped target's features at offsets -r..r (row-major, dy outer); zeros beyond the border.
@@ -227,9 +213,11 @@ class NeuFlowNet(nn.Module):
         """Convex 8x upsampling of a 1/8 flow (cells) to pixels: each output pixel is a
         softmax-weighted mix of its 3x3 coarse neighbours' flows."""
         b, _, h, w = flow8.shape
-        weights = mask.float().contiguous().view(b, 9, 64, h, w).softmax(1)
-        up = sum(weights[:, k, None] * view[:, :, None]                    # (B, 2, 64, H, W)
-                 for k, view in enumerate(_shifted(8.0 * flow8.float(), 1)))
+        weights = mask.float().contiguous().view(b, 1, 9, 64, h, w).softmax(2)
+        # The 3x3 neighbourhoods as one (B, 2, 9, 1, H, W) tensor (zero-padded, dy outer): one
+        # product and one sum instead of nine of each (1.5 of 4.7 ms at 1/8 of 256x192).
+        views = F.unfold(8.0 * flow8.float(), 3, padding=1).view(b, 2, 9, 1, h, w)
+        up = (weights * views).sum(2)                                      # (B, 2, 64, H, W)
         return F.pixel_shuffle(up.reshape(b, 2 * 64, h, w), 8)
 
     def forward(self, source: torch.Tensor, target: torch.Tensor,
