@@ -19,6 +19,7 @@ import torch
 
 from dense_match_ros.core import refine
 from dense_match_ros.core.geometry import prealign
+from dense_match_ros.core.methods import neuflow as neuflow_method
 from dense_match_ros.core.networks.neuflow import NeuFlowConfig, NeuFlowNet
 from dense_match_ros.core.registry import load_matcher
 from dense_match_ros.evaluation.bench_match import photo_pair
@@ -53,9 +54,11 @@ def stages(matcher, pair, n=3):
                 spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
         return timed
     saved = (matcher._pass, matcher._fuse_with_dis, refine.dis_residual, refine.variational_polish,
-             prealign.estimate_homography, prealign.homography_from_flow)
+             prealign.estimate_homography, prealign.homography_from_flow,
+             neuflow_method.two_way_flow)
     matcher._pass = wrap('network passes', saved[0])
-    matcher._fuse_with_dis = wrap('fusion with DIS', saved[1])
+    matcher._fuse_with_dis = wrap('fusion with DIS (after its flows)', saved[1])
+    neuflow_method.two_way_flow = wrap("DIS's two flows for the fusion", saved[6])
     refine.dis_residual = wrap('DIS residual', saved[2])
     refine.variational_polish = wrap('polish', saved[3])
     prealign.estimate_homography = wrap('sparse homography', saved[4])
@@ -67,6 +70,7 @@ def stages(matcher, pair, n=3):
         total = (time.perf_counter() - t0) / n
     finally:
         matcher._pass, matcher._fuse_with_dis = saved[0], saved[1]
+        neuflow_method.two_way_flow = saved[6]
         refine.dis_residual, refine.variational_polish = saved[2], saved[3]
         prealign.estimate_homography, prealign.homography_from_flow = saved[4], saved[5]
     return {'total_ms': 1000 * total, **{k: 1000 * v / n for k, v in spent.items()}}

@@ -311,7 +311,7 @@ def test_fusion_keeps_dis_where_the_network_is_wrong():
     assert err['fused'] < err['dis'] + 0.3, err
 
 
-def test_fusion_cross_check_and_agreement(monkeypatch):
+def test_fusion_cross_check_and_agreement():
     """The network's refined flow right, its coarse round trip poor; DIS 2 px off with a
     good round trip. The plain rule takes DIS; through DIS's backward flow (``fb_cross``)
     the network's flow is seen to be right and kept. And where the two agree within
@@ -323,19 +323,36 @@ def test_fusion_cross_check_and_agreement(monkeypatch):
     truth[..., 0] = 3.0
     dis_fwd = truth + np.array([2.0, 0.0], np.float32)
     dis_bwd = -truth                                        # right: DIS's forward misses by 2 px
-    monkeypatch.setattr(neuflow_method, 'two_way_flow', lambda *a, **k: (dis_fwd, dis_bwd))
     error = np.full((48, 64), 3.0, np.float32)              # the network's coarse round trip
     inner = (slice(8, -8), slice(8, -8))
 
     def fused(network, **options):
         flow, _ = _tiny_matcher(fuse='dis', **options)._fuse_with_dis(
-            source, target, network, error)
+            source, target, network, error,
+            (neuflow_method._done(dis_fwd), neuflow_method._done(dis_bwd)))
         return float(np.abs(flow - truth)[inner].max())
 
     assert fused(truth) == pytest.approx(2.0)
     assert fused(truth, fb_cross=True) == 0.0
     assert fused(truth, fb_cross=True, agree_px=3.0) == pytest.approx(2.0)
     assert fused(truth, fb_cross=True, agree_px=1.5) == 0.0
+
+
+def test_dis_beside_the_network_changes_nothing_but_the_time_and_restores_the_threads():
+    import cv2
+    src, tgt, _ = affine_photo_pair(96, 64, 3.0, 1.0, (2.0, 1.0))
+    apart = _tiny_matcher(concurrent='off').match(src, tgt)
+    beside = _tiny_matcher(concurrent='on')
+    threads = torch.get_num_threads(), cv2.getNumThreads()
+    for _ in range(2):
+        result = beside.match(src, tgt)
+        assert np.array_equal(result.flow, apart.flow)
+        # OpenCV's thread count changes the last bit of a resize on the way.
+        np.testing.assert_allclose(result.matchability, apart.matchability, atol=1e-6)
+    assert (torch.get_num_threads(), cv2.getNumThreads()) == threads
+    assert _tiny_matcher(concurrent=True).concurrent == 'on'   # YAML `on`
+    with pytest.raises(ValueError, match='concurrent'):
+        _tiny_matcher(concurrent='yes')
 
 
 def test_registered_and_missing_weights_name_the_training_command(tmp_path, monkeypatch):
@@ -378,7 +395,7 @@ def test_the_fast_variant_is_neuflow_with_its_own_defaults_and_every_option_open
     got = {'max_side': fast.max_side, 'iterations': fast.iterations,
            'cascade_side': fast.cascade_side, 'polish': fast.polish,
            'refine_preset': fast.refine_preset, 'prealign_features': fast.prealign_config.features,
-           'fb_cross': fast.fb_cross, 'agree_px': fast.agree_px}
+           'fb_cross': fast.fb_cross, 'agree_px': fast.agree_px, 'concurrent': fast.concurrent}
     assert got == neuflow_method.FAST_DEFAULTS
     assert load_matcher('neuflow-fast', device='cpu', net=_net(), max_side=320).max_side == 320
     with pytest.raises(ValueError, match="neuflow-fast has no option 'windows'"):

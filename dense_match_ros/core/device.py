@@ -5,6 +5,7 @@ AMX); elsewhere it emulates and is slower than fp32, so it is detected, not assu
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 
@@ -74,7 +75,6 @@ def inference_dtype(precision: str, device: str):
 
 def autocast(device: str, dtype):
     """``torch.autocast`` on ``device``'s type with ``dtype``; a no-op context for None."""
-    import contextlib
     import torch
     if dtype is None:
         return contextlib.nullcontext()
@@ -102,3 +102,22 @@ def set_threads(threads: int) -> int:
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def limit_threads(threads: int, opencv: bool = True):
+    """torch (and OpenCV, unless ``opencv`` is False) on at most ``threads`` threads inside
+    the block, the previous counts restored after it. For work split by hand over the cores
+    (a network here, DIS in a second thread there): each side on all of them would
+    oversubscribe both."""
+    import cv2
+    import torch
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(min(before[0], threads))
+    if opencv:
+        cv2.setNumThreads(min(before[1], threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])

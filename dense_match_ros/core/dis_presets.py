@@ -3,7 +3,7 @@ method, the DIS refinement of learned flows (:mod:`.refine`) and ``neuflow``'s f
 DIS, so no method imports another."""
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -35,11 +35,29 @@ _backward_worker: ThreadPoolExecutor | None = None
 
 
 def _worker() -> ThreadPoolExecutor:
-    """One process-wide thread for backward flows computed beside the forward one."""
+    """One process-wide thread for DIS flows computed beside other work."""
     global _backward_worker
     if _backward_worker is None:
         _backward_worker = ThreadPoolExecutor(1, thread_name_prefix='dis_backward')
     return _backward_worker
+
+
+def two_way_flow_in_background(dis: cv2.DISOpticalFlow, source: np.ndarray, target: np.ndarray,
+                               size: tuple[int, int]) -> tuple[Future, Future]:
+    """(forward, backward) futures of :func:`two_way_flow`'s two flows, computed one after
+    the other on the process-wide DIS thread, the backward one first: a caller that checks
+    its own flow through it can do so while the forward one is still running. ``dis`` must
+    not be used elsewhere until both are done (it keeps per-call buffers)."""
+    grey_s, grey_t = _greys(source, target, size)
+    backward = _worker().submit(dis.calc, grey_t, grey_s, None)
+    return _worker().submit(dis.calc, grey_s, grey_t, None), backward
+
+
+def _greys(source: np.ndarray, target: np.ndarray, size: tuple[int, int]) -> list[np.ndarray]:
+    """Both RGB images as grey, at the working ``size`` (W, H)."""
+    return [cv2.cvtColor(img if img.shape[1::-1] == tuple(size) else
+                         cv2.resize(img, tuple(size), interpolation=cv2.INTER_AREA),
+                         cv2.COLOR_RGB2GRAY) for img in (source, target)]
 
 
 def two_way_flow(dis: cv2.DISOpticalFlow, source: np.ndarray, target: np.ndarray,
@@ -56,9 +74,7 @@ def two_way_flow(dis: cv2.DISOpticalFlow, source: np.ndarray, target: np.ndarray
     runs (OpenCV releases the GIL; DIS itself uses a second core poorly); it needs its own
     ``backward_dis``, since one DIS instance keeps per-call buffers.
     """
-    grey = [cv2.cvtColor(img if img.shape[1::-1] == tuple(size) else
-                         cv2.resize(img, tuple(size), interpolation=cv2.INTER_AREA),
-                         cv2.COLOR_RGB2GRAY) for img in (source, target)]
+    grey = _greys(source, target, size)
     small = (max(1, round(size[0] * backward_scale)), max(1, round(size[1] * backward_scale)))
     resized = small != tuple(size) and min(small) >= MIN_SIDE
 

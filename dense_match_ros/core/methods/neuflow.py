@@ -25,7 +25,9 @@ forward-backward consistency ``exp(-(e / fb_sigma)^2)`` of the chosen flow.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+from concurrent.futures import Future
 
 import cv2
 import numpy as np
@@ -33,8 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from dense_match_ros.core import calibration, refine as _refine
-from dense_match_ros.core.device import autocast, check_precision, inference_dtype
-from dense_match_ros.core.dis_presets import check_preset, create_dis, two_way_flow
+from dense_match_ros.core.device import autocast, check_precision, inference_dtype, limit_threads
+from dense_match_ros.core.dis_presets import (check_preset, create_dis, two_way_flow,
+                                              two_way_flow_in_background)
 from dense_match_ros.core.geometry import grid, prealign as _prealign
 from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.networks.neuflow import NeuFlowNet, config_from_dict
@@ -47,6 +50,7 @@ WEIGHTS = _weights.LearnedWeights('neuflow', lambda cfg: NeuFlowNet(config_from_
                                   TRAIN_HINT)
 FUSIONS = ('none', 'dis')
 FB_CHECKS = ('full', 'working')
+CONCURRENCY = ('auto', 'on', 'off')
 """Where the network's forward-backward error is taken: on the full grid after refining both
 directions (two DIS residuals), or on the working grid before refinement (one: faster)."""
 _PHOTO_PX_PER_GREY = 1.0 / 20.0  # photometric error of 20 grey levels weighs like 1 px of FB error
@@ -59,6 +63,13 @@ def _flow_tensor(flow: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     if flow.shape[1::-1] != tuple(size):
         flow = grid.resize_flow(flow, tuple(size))
     return torch.from_numpy(np.ascontiguousarray(flow, np.float32)).permute(2, 0, 1)[None]
+
+
+def _done(value) -> Future:
+    """A future that already holds ``value`` (the serial path hands the fusion the same)."""
+    future = Future()
+    future.set_result(value)
+    return future
 
 
 def _better_round_trip(first: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -94,7 +105,7 @@ class NeuFlowMatcher(Matcher):
                  polish: int = 10, polish_min_texture: float = 1e-4,
                  prealign: bool = True, prealign_features: str = 'sift', prealign_side: int = 480,
                  polish_scale: float = 1.0, fb_cross: bool = False, agree_px: float = 0.0,
-                 net: NeuFlowNet | None = None) -> None:
+                 concurrent: str | bool = 'off', net: NeuFlowNet | None = None) -> None:
         _refine.check_refiner(refine, refine_preset)
         check_preset(dis_preset, 'dis_preset')
         if fuse not in FUSIONS:
@@ -114,6 +125,10 @@ class NeuFlowMatcher(Matcher):
             raise ValueError(f'cascade_steps must be >= 1, got {cascade_steps}')
         if not float(agree_px) >= 0:
             raise ValueError(f'agree_px must be >= 0 px, got {agree_px}')
+        if isinstance(concurrent, bool):   # YAML reads a bare on/off as a boolean
+            concurrent = 'on' if concurrent else 'off'
+        if concurrent not in CONCURRENCY:
+            raise ValueError(f'concurrent must be one of {CONCURRENCY}, got {concurrent!r}')
         if int(polish) < 0:
             raise ValueError(f'polish must be >= 0 iterations, got {polish}')
         if not polish_min_texture >= 0:
@@ -134,6 +149,7 @@ class NeuFlowMatcher(Matcher):
         self.refine, self.refine_preset = refine, refine_preset
         self.fuse, self.fb_sigma, self.fb_check = fuse, float(fb_sigma), fb_check
         self.fb_cross, self.agree_px = bool(fb_cross), float(agree_px)
+        self.concurrent = concurrent
         self._dis = create_dis(dis_preset) if fuse == 'dis' else None
         self._amp = inference_dtype(precision, device)
         self.net.correlation_dtype(self._amp)
@@ -211,27 +227,51 @@ class NeuFlowMatcher(Matcher):
                                               self.prealign_config)
         return self._match_aligned(source, target)
 
+    def _concurrent(self) -> bool:
+        """Whether DIS's two flows run beside the network: ``auto`` when OpenCV may use
+        more than one thread (``threads`` >= 2 in the node), so one thread stays one core.
+
+        It pays where the network takes about as long as those flows (``neuflow-fast``:
+        'auto'); ``neuflow``'s two passes take several times as long, and one thread for
+        them costs more than the overlap saves (640x480, two threads: 305 -> 350 ms)."""
+        return self.fuse == 'dis' and (self.concurrent == 'on' or (
+            self.concurrent == 'auto' and cv2.getNumThreads() > 1))
+
     def _match_aligned(self, source: np.ndarray, target: np.ndarray):
         h, w = source.shape[:2]
         th, tw = target.shape[:2]
-        forward, backward, visibility = self.network_flows(source, target)
-        wh, ww = forward.shape[:2]
-        if self.fb_check == 'working':
-            # The round trip on the working grid, in source pixels: the check needs no
-            # full-resolution backward flow, so only the forward one is refined.
-            error = grid.forward_backward_error(forward, backward) * (w / ww)
-            error = cv2.resize(np.minimum(error, 1e6), (w, h), interpolation=cv2.INTER_LINEAR)
-        # Back to each image's own grid and pixels (the backward flow lives on the target).
-        forward, visibility = grid.to_source_grid(forward, visibility, (w, h), (ww, wh), (tw, th))
-        if self.refine == 'dis':
-            forward = _refine.dis_residual(source, target, forward, self.refine_preset)
-        if self.fb_check == 'full':
-            backward, _ = grid.to_source_grid(backward, None, (tw, th), (ww, wh), (w, h))
+        with contextlib.ExitStack() as split:
+            pending = None
+            if self._concurrent():
+                # DIS's two flows (the fusion's candidate, independent of the network) on a
+                # second thread while the network and its residual run here. torch on one
+                # thread, or both pools fight for the two cores (640x480, two threads:
+                # 88 ms; serial 82; split so 66-68, dis 34-37); OpenCV keeps its pool.
+                split.enter_context(limit_threads(1, opencv=False))
+                pending = two_way_flow_in_background(self._dis, source, target, (w, h))
+            forward, backward, visibility = self.network_flows(source, target)
+            wh, ww = forward.shape[:2]
+            if self.fb_check == 'working':
+                # The round trip on the working grid, in source pixels: the check needs no
+                # full-resolution backward flow, so only the forward one is refined.
+                error = grid.forward_backward_error(forward, backward) * (w / ww)
+                error = cv2.resize(np.minimum(error, 1e6), (w, h), interpolation=cv2.INTER_LINEAR)
+            # Back to each image's own grid and pixels (the backward flow lives on the target).
+            forward, visibility = grid.to_source_grid(forward, visibility, (w, h), (ww, wh),
+                                                      (tw, th))
             if self.refine == 'dis':
-                backward = _refine.dis_residual(target, source, backward, self.refine_preset)
-            error = grid.forward_backward_error(forward, backward)
-        if self.fuse == 'dis':
-            forward, error = self._fuse_with_dis(source, target, forward, error)
+                forward = _refine.dis_residual(source, target, forward, self.refine_preset)
+            if self.fb_check == 'full':
+                backward, _ = grid.to_source_grid(backward, None, (tw, th), (ww, wh), (w, h))
+                if self.refine == 'dis':
+                    backward = _refine.dis_residual(target, source, backward, self.refine_preset)
+                error = grid.forward_backward_error(forward, backward)
+            if self.fuse == 'dis':
+                if pending is None:
+                    # DIS on the source's grid, as the dis method runs it (the target resized).
+                    pending = tuple(_done(f) for f in
+                                    two_way_flow(self._dis, source, target, (w, h)))
+                forward, error = self._fuse_with_dis(source, target, forward, error, pending)
         if self.polish:
             forward = _refine.variational_polish(source, target, forward, self.polish,
                                                   self.polish_min_texture, self.polish_scale)
@@ -243,10 +283,13 @@ class NeuFlowMatcher(Matcher):
         return forward, matchability
 
     def _fuse_with_dis(self, source: np.ndarray, target: np.ndarray, flow: np.ndarray,
-                       error: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                       error: np.ndarray, dis_flows: tuple[Future, Future]
+                       ) -> tuple[np.ndarray, np.ndarray]:
         """Per pixel, the network's or DIS's flow: whichever has the smaller forward-backward
         plus photometric error (DIS wins ties: it is the more precise where both agree), and
-        DIS where both fail the round trip.
+        DIS where both fail the round trip. ``dis_flows``: futures of DIS's (forward, backward)
+        flows on the source's grid (:func:`two_way_flow_in_background`); the network's side is
+        costed while they may still be running.
 
         ``fb_cross``: the network's refined flow also goes round through DIS's backward flow,
         and the smaller error counts. Its own round trip is taken on the working grid before
@@ -257,23 +300,27 @@ class NeuFlowMatcher(Matcher):
         """
         h, w = source.shape[:2]
         th, tw = target.shape[:2]
-        # DIS on the source's grid, as the dis method runs it (the target resized to it).
-        d_fwd, d_bwd = two_way_flow(self._dis, source, target, (w, h))
-        d_error = grid.forward_backward_error(d_fwd, d_bwd)
-        d_fwd, _ = grid.to_source_grid(d_fwd, None, (w, h), (w, h), (tw, th))
-        if self.fb_cross:
-            # DIS's backward flow lies on the target resized to the source's grid.
-            d_bwd, _ = grid.to_source_grid(d_bwd, None, (tw, th), (w, h), (w, h))
-            error = np.minimum(error, grid.forward_backward_error(flow, d_bwd))
         grey_s = cv2.cvtColor(source, cv2.COLOR_RGB2GRAY)
         grey_t = cv2.cvtColor(target, cv2.COLOR_RGB2GRAY)
 
-        def cost(candidate: np.ndarray, fb: np.ndarray) -> np.ndarray:
+        def photometric(candidate: np.ndarray) -> np.ndarray:
             warped = grid.warp(grey_t, candidate, border_mode=cv2.BORDER_REPLICATE)
-            photo = cv2.blur(np.abs(warped.astype(np.float32) - grey_s), (5, 5))
+            return cv2.blur(np.abs(warped.astype(np.float32) - grey_s), (5, 5))
+
+        photo_net = photometric(flow)
+        d_bwd = dis_flows[1].result()
+        if self.fb_cross:
+            # DIS's backward flow lies on the target resized to the source's grid.
+            d_bwd_t, _ = grid.to_source_grid(d_bwd, None, (tw, th), (w, h), (w, h))
+            error = np.minimum(error, grid.forward_backward_error(flow, d_bwd_t))
+        d_fwd = dis_flows[0].result()
+        d_error = grid.forward_backward_error(d_fwd, d_bwd)
+        d_fwd, _ = grid.to_source_grid(d_fwd, None, (w, h), (w, h), (tw, th))
+
+        def cost(fb: np.ndarray, photo: np.ndarray) -> np.ndarray:
             return np.minimum(fb, _FB_CAP) + _PHOTO_PX_PER_GREY * photo
 
-        use_dis = cost(d_fwd, d_error) <= cost(flow, error)
+        use_dis = cost(d_error, photometric(d_fwd)) <= cost(error, photo_net)
         # Where neither flow survives its round trip, the photometric term alone would decide,
         # and there (occlusions, large non-rigid motion) it favours the network's smooth flow
         # wrongly: keep DIS, the conservative choice (Sintel subset 14.13 -> 13.21 px, HPatches
@@ -289,7 +336,7 @@ class NeuFlowMatcher(Matcher):
 
 FAST_DEFAULTS = {'max_side': 256, 'iterations': 4, 'cascade_side': 0, 'polish': 0,
                  'refine_preset': 'fast', 'prealign_features': 'orb', 'fb_cross': True,
-                 'agree_px': 8.0}
+                 'agree_px': 8.0, 'concurrent': 'auto'}
 """``neuflow-fast``: the same network and fusion at a time the node can afford per frame.
 At 640x480 on one core ``neuflow`` spends most of its time in two network passes and the
 polish (README, "`neuflow` against `dis`"); here one pass at 256 px with 4 steps, a DIS
@@ -297,7 +344,8 @@ residual of the ``fast`` preset, no polish, and ORB where the pre-alignment need
 Without the second pass the network's flow is the less precise candidate, so the fusion
 checks it through DIS's backward flow too and defers to DIS where both agree within 8 px
 (``fb_cross``, ``agree_px``: Sintel 12.95 -> 12.69 px, PCK@1 0.545 -> 0.548, synthetic
-5.80 -> 5.20, pose AUCs unchanged over 20 seeds, +4 ms): 114 ms, 1.8x ``dis``."""
+5.80 -> 5.20, pose AUCs unchanged over 20 seeds, +4 ms): 116 ms, 1.8x ``dis``. With two
+threads DIS's flows run beside the network (``concurrent``): 72 ms, 2.0x ``dis``'s 36."""
 
 
 class NeuFlowFastMatcher(NeuFlowMatcher):
