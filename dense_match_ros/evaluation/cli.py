@@ -24,7 +24,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from dense_match_ros.core.geometry.pose import PoseConfig
 from dense_match_ros.core.registry import LEVELS, available_methods, load_matcher
 from dense_match_ros.data import shared_sets, synthetic
 from dense_match_ros.evaluation import metrics, pose_eval
+from dense_match_ros.evaluation.summary import (PCK_CURVE_THRESHOLDS, seed_aucs, summarise_flow,
+                                                summarise_pose)
+from dense_match_ros.evaluation.summary import pose_errors as errors_per_pair
 from dense_match_ros.evaluation.tables import (FLOW_COLUMNS, POSE_COLUMNS, fmt,
                                                format_overview, format_table)
 
@@ -42,8 +45,6 @@ POSE_SET_NAMES = ('tum', 'middlebury')
 ALL_SETS = FLOW_SET_NAMES + POSE_SET_NAMES
 SYNTHETIC_SIZE = (240, 240)
 SYNTHETIC_SEED = 2026
-PCK_CURVE_THRESHOLDS = tuple(float(t) for t in np.linspace(0.0, 20.0, 41))
-POSE_AUC_THRESHOLDS = (5, 10, 20)
 
 class SetUnavailable(Exception):
     """A set cannot be evaluated here (its data is absent)."""
@@ -140,70 +141,6 @@ def evaluate_flow_pair(matcher, pair: Any, levels: bool = False) -> tuple[dict, 
                               if valid.any() else None for f in flows]
         row['level_labels'] = list(matcher.level_labels(pair.source))
     return row, result
-
-
-def _mean(values: Iterable[Any]) -> float | None:
-    vals = [float(v) for v in values
-            if isinstance(v, (int, float, np.generic)) and not isinstance(v, bool)
-            and math.isfinite(float(v))]
-    return float(np.mean(vals)) if vals else None
-
-
-def summarise_flow(rows: Sequence[dict]) -> dict:
-    """Per-set means of every numeric metric (pairs weigh equally) and the mean PCK curve."""
-    skip = ('set', 'pair', 'pck_curve', 'aepe_levels', 'level_labels', 'reliability')
-    keys = [k for k in rows[0] if k not in skip] if rows else []
-    out: dict[str, Any] = {'num_pairs': len(rows)}
-    for k in keys:
-        out[k] = _mean(r.get(k) for r in rows)
-    if rows and 'aepe_levels' in rows[0]:
-        out['aepe_levels'] = [_mean(r['aepe_levels'][i] for r in rows)
-                              for i in range(len(rows[0]['aepe_levels']))]
-        out['level_labels'] = rows[0]['level_labels']
-    if rows and 'reliability' in rows[0]:
-        out['reliability'] = metrics.merge_reliability(r['reliability'] for r in rows)
-        out['calibration_error'] = metrics.calibration_error(out['reliability'])
-    curves = np.array([[np.nan if x is None else x for x in r['pck_curve']] for r in rows],
-                      dtype=np.float64)
-    if len(rows):
-        out['pck_curve'] = {'thresholds_px': list(PCK_CURVE_THRESHOLDS),
-                            'values': np.nanmean(curves, axis=0).tolist()}
-    return out
-
-
-def summarise_pose(rows: Sequence[dict]) -> dict:
-    """AUC@5/10/20 of max(R, t) error (failures infinite), medians, and time."""
-    errors = _pose_errors(rows)
-    out: dict[str, Any] = {'num_pairs': len(rows),
-                           'num_valid': int(sum(math.isfinite(e) for e in errors))}
-    out.update(metrics.pose_auc(errors, POSE_AUC_THRESHOLDS))
-    valid_rows = [r for r in rows if r.get('valid', True)]
-    for k in ('rotation_error_deg', 'translation_error_deg'):
-        vals = [r.get(k) for r in valid_rows if r.get(k) is not None and math.isfinite(r.get(k))]
-        out[f'median_{k}'] = float(np.median(vals)) if vals else None
-    for k in ('num_correspondences', 'num_inliers', 'estimate_time_s', 'match_time_s'):
-        out[k] = _mean(r.get(k) for r in rows)
-    seeds = {len(r.get('seed_errors_deg') or ()) for r in rows}
-    if len(seeds) == 1 and min(seeds) > 1:
-        # One AUC per seed over the pairs, then their mean and spread.
-        per_seed = [metrics.pose_auc([r['seed_errors_deg'][i] for r in rows],
-                                     POSE_AUC_THRESHOLDS) for i in range(min(seeds))]
-        out['num_seeds'] = min(seeds)
-        for k in per_seed[0]:
-            values = [a[k] for a in per_seed]
-            out[f'{k}_seed_mean'] = float(np.mean(values))
-            out[f'{k}_seed_std'] = float(np.std(values))
-    return out
-
-
-def _seed_aucs(summary: dict) -> str:
-    """' (20 seeds: AUC@10 0.693 +- 0.015 ...)' when the summary holds several seeds."""
-    if not summary.get('num_seeds'):
-        return ''
-    parts = '  '.join(f'{k.upper()} {summary[f"{k}_seed_mean"]:.3f} +- '
-                      f'{summary[f"{k}_seed_std"]:.3f}'
-                      for k in summary if k.startswith('auc@') and '_seed_' not in k)
-    return f'  ({summary["num_seeds"]} seeds: {parts})'
 
 
 def _versions() -> dict[str, str]:
@@ -323,12 +260,6 @@ def _run_pose_set(matcher, set_name: str, pairs: Sequence[Any], progress,
     return rows
 
 
-def _pose_errors(rows: Sequence[dict]) -> list[float]:
-    """max(R, t) error per pair; an invalid estimate is a failure (inf) whatever it says."""
-    return [metrics.pose_error_deg(r.get('rotation_error_deg'), r.get('translation_error_deg'))
-            if r.get('valid', True) else math.inf for r in rows]
-
-
 def _add_block(record: dict, tables: list[str], name: str, rows: list[dict], summary: dict,
                table: str, aucs: str) -> None:
     record['sets'][name] = summary
@@ -436,14 +367,14 @@ def evaluate(args: argparse.Namespace, argv_list: Sequence[str]) -> tuple[int, d
             for name, evaluate in variants:
                 rows = _run_pose_set(matcher, name, pairs, progress, evaluate)
                 summary = summarise_pose(rows)
-                pose_errors[name] = _pose_errors(rows)
+                pose_errors[name] = errors_per_pair(rows)
                 table = format_table(rows, POSE_COLUMNS, summary,
                                      summary_label='median errors (valid pairs), mean others',
                                      summary_keys={k: f'median_{k}' for k in
                                                    ('rotation_error_deg', 'translation_error_deg')})
                 aucs = '  '.join(f'{k.upper()} {fmt(summary.get(k), 5, ".3f")}'
                                  for k in summary if k.startswith('auc@')
-                                 and '_seed_' not in k) + _seed_aucs(summary)
+                                 and '_seed_' not in k) + seed_aucs(summary)
                 _add_block(record, tables, name, rows, summary, table, aucs)
         else:
             rows = _run_flow_set(matcher, set_name, pairs, progress, args, report_dir,
