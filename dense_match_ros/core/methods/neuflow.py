@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from concurrent import futures
 from concurrent.futures import Future
 
 import cv2
@@ -249,6 +250,9 @@ class NeuFlowMatcher(Matcher):
                 # 88 ms; serial 82; split so 66-68, dis 34-37); OpenCV keeps its pool.
                 split.enter_context(limit_threads(1, opencv=False))
                 pending = two_way_flow_in_background(self._dis, source, target, (w, h))
+                # Never leave with DIS still running (an exception here): the next call
+                # may use the same DIS instance.
+                split.callback(futures.wait, pending)
             forward, backward, visibility = self.network_flows(source, target)
             wh, ww = forward.shape[:2]
             if self.fb_check == 'working':
