@@ -93,7 +93,8 @@ class _LocalCorrelation(torch.autograd.Function):
                 out[:, x0:x1, dy] = scores.gather(2, index.expand(b * h, -1, -1))
         ctx.save_for_backward(cells, rows)
         ctx.shape = (b, c, h, w, radius)
-        return out.reshape(b, h, w, k * k).permute(0, 3, 1, 2).contiguous()
+        # (B, k*k, h, w) in channels-last memory, the layout the 1x1 convolution after it takes.
+        return out.reshape(b, h, w, k * k).permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
