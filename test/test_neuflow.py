@@ -329,7 +329,8 @@ def test_fusion_cross_check_and_agreement():
     def fused(network, **options):
         flow, _ = _tiny_matcher(fuse='dis', **options)._fuse_with_dis(
             source, target, network, error,
-            (neuflow_method._done(dis_fwd), neuflow_method._done(dis_bwd)))
+            tuple(neuflow_method._done(x) for x in
+                  (dis_fwd, dis_bwd, grid.forward_backward_error(dis_fwd, dis_bwd))))
         return float(np.abs(flow - truth)[inner].max())
 
     assert fused(truth) == pytest.approx(2.0)

@@ -53,6 +53,13 @@ def two_way_flow_in_background(dis: cv2.DISOpticalFlow, source: np.ndarray, targ
     return _worker().submit(dis.calc, grey_s, grey_t, None), backward
 
 
+def in_background(fn, *args) -> Future:
+    """``fn(*args)`` on the process-wide DIS thread, after everything handed to it before:
+    work that needs the flows of :func:`two_way_flow_in_background` (their ``.result()`` is
+    ready by then) can follow them there."""
+    return _worker().submit(fn, *args)
+
+
 def _greys(source: np.ndarray, target: np.ndarray, size: tuple[int, int]) -> list[np.ndarray]:
     """Both RGB images as grey, at the working ``size`` (W, H)."""
     return [cv2.cvtColor(img if img.shape[1::-1] == tuple(size) else

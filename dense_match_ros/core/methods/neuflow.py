@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from dense_match_ros.core import calibration, refine as _refine
 from dense_match_ros.core.device import autocast, check_precision, inference_dtype, limit_threads
-from dense_match_ros.core.dis_presets import (check_preset, create_dis, two_way_flow,
-                                              two_way_flow_in_background)
+from dense_match_ros.core.dis_presets import (check_preset, create_dis, in_background,
+                                              two_way_flow, two_way_flow_in_background)
 from dense_match_ros.core.geometry import grid, prealign as _prealign
 from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.networks.neuflow import NeuFlowNet, config_from_dict
@@ -249,7 +249,11 @@ class NeuFlowMatcher(Matcher):
                 # thread, or both pools fight for the two cores (640x480, two threads:
                 # 88 ms; serial 82; split so 66-68, dis 34-37); OpenCV keeps its pool.
                 split.enter_context(limit_threads(1, opencv=False))
-                pending = two_way_flow_in_background(self._dis, source, target, (w, h))
+                fwd, bwd = two_way_flow_in_background(self._dis, source, target, (w, h))
+                # DIS's own round trip follows its flows there, while the fusion here costs
+                # the forward flow's photometric error.
+                pending = (fwd, bwd, in_background(
+                    lambda: grid.forward_backward_error(fwd.result(), bwd.result())))
                 # Never leave with DIS still running (an exception here): the next call
                 # may use the same DIS instance.
                 split.callback(futures.wait, pending)
@@ -273,8 +277,9 @@ class NeuFlowMatcher(Matcher):
             if self.fuse == 'dis':
                 if pending is None:
                     # DIS on the source's grid, as the dis method runs it (the target resized).
-                    pending = tuple(_done(f) for f in
-                                    two_way_flow(self._dis, source, target, (w, h)))
+                    fwd, bwd = two_way_flow(self._dis, source, target, (w, h))
+                    pending = (_done(fwd), _done(bwd),
+                               _done(grid.forward_backward_error(fwd, bwd)))
                 forward, error = self._fuse_with_dis(source, target, forward, error, pending)
         if self.polish:
             forward = _refine.variational_polish(source, target, forward, self.polish,
@@ -287,13 +292,13 @@ class NeuFlowMatcher(Matcher):
         return forward, matchability
 
     def _fuse_with_dis(self, source: np.ndarray, target: np.ndarray, flow: np.ndarray,
-                       error: np.ndarray, dis_flows: tuple[Future, Future]
+                       error: np.ndarray, dis_flows: tuple[Future, Future, Future]
                        ) -> tuple[np.ndarray, np.ndarray]:
         """Per pixel, the network's or DIS's flow: whichever has the smaller forward-backward
         plus photometric error (DIS wins ties: it is the more precise where both agree), and
         DIS where both fail the round trip. ``dis_flows``: futures of DIS's (forward, backward)
-        flows on the source's grid (:func:`two_way_flow_in_background`); the network's side is
-        costed while they may still be running.
+        flows on the source's grid (:func:`two_way_flow_in_background`) and of their round-trip
+        error; the network's side is costed while they may still be running.
 
         ``fb_cross``: the network's refined flow also goes round through DIS's backward flow,
         and the smaller error counts. Its own round trip is taken on the working grid before
@@ -317,22 +322,26 @@ class NeuFlowMatcher(Matcher):
             # DIS's backward flow lies on the target resized to the source's grid.
             d_bwd_t, _ = grid.to_source_grid(d_bwd, None, (tw, th), (w, h), (w, h))
             error = np.minimum(error, grid.forward_backward_error(flow, d_bwd_t))
-        d_fwd = dis_flows[0].result()
-        d_error = grid.forward_backward_error(d_fwd, d_bwd)
-        d_fwd, _ = grid.to_source_grid(d_fwd, None, (w, h), (w, h), (tw, th))
 
         def cost(fb: np.ndarray, photo: np.ndarray) -> np.ndarray:
             return np.minimum(fb, _FB_CAP) + _PHOTO_PX_PER_GREY * photo
 
-        use_dis = cost(d_error, photometric(d_fwd)) <= cost(error, photo_net)
+        cost_net = cost(error, photo_net)
+        d_fwd, _ = grid.to_source_grid(dis_flows[0].result(), None, (w, h), (w, h), (tw, th))
+        photo_dis = photometric(d_fwd)
+        agree = None
+        if self.agree_px:
+            gap = d_fwd - flow
+            agree = cv2.magnitude(gap[..., 0], gap[..., 1]) < self.agree_px
+        d_error = dis_flows[2].result()
+        use_dis = cost(d_error, photo_dis) <= cost_net
         # Where neither flow survives its round trip, the photometric term alone would decide,
         # and there (occlusions, large non-rigid motion) it favours the network's smooth flow
         # wrongly: keep DIS, the conservative choice (Sintel subset 14.13 -> 13.21 px, HPatches
         # 240 unchanged; README, "Measured results").
         use_dis |= (d_error >= _FB_CAP) & (error >= _FB_CAP)
-        if self.agree_px:
-            gap = d_fwd - flow
-            use_dis |= cv2.magnitude(gap[..., 0], gap[..., 1]) < self.agree_px
+        if agree is not None:
+            use_dis |= agree
         use_dis = cv2.medianBlur(use_dis.astype(np.uint8), 5).astype(bool)
         fused = np.where(use_dis[..., None], d_fwd, flow).astype(np.float32)
         return fused, np.where(use_dis, d_error, error).astype(np.float32)
