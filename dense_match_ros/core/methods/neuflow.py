@@ -357,8 +357,9 @@ residual of the ``fast`` preset, no polish, and ORB where the pre-alignment need
 Without the second pass the network's flow is the less precise candidate, so the fusion
 checks it through DIS's backward flow too and defers to DIS where both agree within 8 px
 (``fb_cross``, ``agree_px``: Sintel 12.95 -> 12.69 px, PCK@1 0.545 -> 0.548, synthetic
-5.80 -> 5.20, pose AUCs unchanged over 20 seeds, +4 ms): 116 ms, 1.8x ``dis``. With two
-threads DIS's flows run beside the network (``concurrent``): 72 ms, 2.0x ``dis``'s 36."""
+5.80 -> 5.20, pose AUCs unchanged over 20 seeds, +4 ms): 118-125 ms at 640x480 on one
+thread, 1.85-1.92x ``dis``. With two threads DIS's flows run beside the network
+(``concurrent``): 68-70 ms, 1.8-2.0x ``dis``'s 34-38."""
 
 
 class NeuFlowFastMatcher(NeuFlowMatcher):
