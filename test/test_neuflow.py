@@ -414,6 +414,24 @@ def test_matcher_applies_the_checkpoint_calibration():
     assert (m_cal[~inside] == 0).all()
 
 
+def test_a_variant_reads_its_own_calibration_table_and_falls_back_to_the_methods(monkeypatch):
+    own = {'matchability': [0.0, 1.0], 'probability': [0.5, 0.6]}
+    shared = {'matchability': [0.0, 1.0], 'probability': [0.1, 0.2]}
+    record = {'method': 'neuflow', 'calibration': shared, 'calibrations': {'neuflow-fast': own}}
+    monkeypatch.setattr(neuflow_method.WEIGHTS, 'network_for',
+                        lambda net, weights, variant, device: (net, record, None))
+    assert load_matcher('neuflow', device='cpu', net=_net()).calibration is shared
+    assert load_matcher('neuflow-fast', device='cpu', net=_net()).calibration is own
+    assert load_matcher('neuflow-fast', device='cpu', net=_net(), calibrated=False).calibration is None
+    del record['calibrations']
+    assert load_matcher('neuflow-fast', device='cpu', net=_net()).calibration is shared
+    # dense-match-calibrate --write puts a variant's table beside the method's.
+    from dense_match_ros.evaluation.calibrate import store_table
+    assert store_table(record, 'neuflow-fast', own) == 'calibrations.neuflow-fast'
+    assert store_table(record, 'neuflow', shared) == 'calibration'
+    assert record['calibration'] is shared and record['calibrations'] == {'neuflow-fast': own}
+
+
 def test_the_calibration_floor_does_not_reach_matches_that_leave_the_target():
     src, tgt, _ = affine_photo_pair(96, 64, 0.0, 1.0, (-12.0, 0.0))
     matcher = _tiny_matcher(refine='none')       # fused with DIS, which follows the shift

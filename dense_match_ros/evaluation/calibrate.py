@@ -44,6 +44,19 @@ def reliability_of(matcher, pairs) -> dict:
     return metrics.merge_reliability(parts)
 
 
+def store_table(record: dict, method: str, entry: dict) -> str:
+    """Put ``method``'s calibration ``entry`` into a checkpoint ``record``; returns where.
+
+    The record's own method gets ``calibration``. A variant sharing the checkpoint
+    (``neuflow-fast`` on ``neuflow``'s weights) scores on its own scale, so its table goes
+    to ``calibrations[method]``, beside the method's and never over it."""
+    if record.get('method', method) == method:
+        record['calibration'] = entry
+        return 'calibration'
+    record.setdefault('calibrations', {})[method] = entry
+    return f'calibrations.{method}'
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--method', default='neuflow')
@@ -81,13 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         record_path = Path(matcher.weights).with_suffix('.json')
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-        record['calibration'] = {**table, 'pairs': len(pairs), 'seed': args.seed,
-                                 'size': args.size,
-                                 'correct_px': metrics.CORRECT_PX, 'options': options,
-                                 'error_before': before,
-                                 'command': 'dense-match-calibrate ' + ' '.join(argv or sys.argv[1:])}
+        entry = {**table, 'pairs': len(pairs), 'seed': args.seed, 'size': args.size,
+                 'correct_px': metrics.CORRECT_PX, 'options': options, 'error_before': before,
+                 'command': 'dense-match-calibrate ' + ' '.join(argv or sys.argv[1:])}
+        where = store_table(record, args.method, entry)
         record_path.write_text(json.dumps(record, indent=2) + '\n')
-        print(f'wrote the calibration into {record_path}')
+        print(f'wrote the calibration into {record_path} ({where})')
     return 0
 
 

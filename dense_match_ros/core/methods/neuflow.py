@@ -98,6 +98,9 @@ class NeuFlowMatcher(Matcher):
     pipeline).
     """
 
+    calibration_key = 'neuflow'
+    """Which of the record's ``calibrations`` is this matcher's (see ``__init__``)."""
+
     def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
                  max_side: int = 320, iterations: int | None = 8, refine: str = 'dis',
                  refine_preset: str = 'medium', fuse: str = 'dis', dis_preset: str = 'medium',
@@ -158,7 +161,11 @@ class NeuFlowMatcher(Matcher):
             # Channels-last weights as well as inputs: the convolutions then need no layout
             # conversion per call (network 38.5 -> 32.3 ms at 256 px on one thread, same output).
             self.net.fold_batch_norm().to(memory_format=torch.channels_last)
-        self.calibration = self.record.get('calibration') if calibrated else None
+        # A registered variant reads its own table when the record has one (it scores on
+        # its own scale), else the method's (``dense-match-calibrate --method M --write``).
+        tables = self.record.get('calibrations') or {}
+        self.calibration = ((tables.get(self.calibration_key) or self.record.get('calibration'))
+                            if calibrated else None)
 
     # -- the network ----------------------------------------------------------------
 
@@ -364,6 +371,8 @@ thread, 1.85-1.92x ``dis``. With two threads DIS's flows run beside the network
 
 class NeuFlowFastMatcher(NeuFlowMatcher):
     """:class:`NeuFlowMatcher` with :data:`FAST_DEFAULTS`; every option can still be set."""
+
+    calibration_key = 'neuflow-fast'
 
     def __init__(self, device: str = 'cpu', weights: str | None = None, **options) -> None:
         super().__init__(device, weights, **{**FAST_DEFAULTS, **options})
