@@ -18,6 +18,26 @@ PRESETS = {
     'medium': cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
 }
 
+CONCURRENCY = ('auto', 'on', 'off')
+"""A method's ``concurrent`` option: DIS flows in a second thread beside other work always,
+never, or (``auto``) when OpenCV may use more than one thread (``threads`` >= 2 in the node),
+so a one-thread setting stays on one core."""
+
+
+def check_concurrency(concurrent: str | bool) -> str:
+    """The ``concurrent`` option as one of :data:`CONCURRENCY` (YAML reads a bare on/off as a
+    boolean), or a ValueError naming the choices."""
+    if isinstance(concurrent, bool):
+        concurrent = 'on' if concurrent else 'off'
+    if concurrent not in CONCURRENCY:
+        raise ValueError(f'concurrent must be one of {CONCURRENCY}, got {concurrent!r}')
+    return concurrent
+
+
+def runs_concurrently(concurrent: str) -> bool:
+    """Whether a checked ``concurrent`` setting puts DIS beside other work now."""
+    return concurrent == 'on' or (concurrent == 'auto' and cv2.getNumThreads() > 1)
+
 
 def check_preset(preset: str, what: str = 'preset') -> None:
     """Refuse an unknown preset name, naming the option it came from."""

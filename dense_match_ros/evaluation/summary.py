@@ -8,6 +8,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from dense_match_ros.evaluation import metrics
+from dense_match_ros.evaluation.pose_eval import seed_pose_error
 
 PCK_CURVE_THRESHOLDS = tuple(float(t) for t in np.linspace(0.0, 20.0, 41))
 POSE_AUC_THRESHOLDS = (5, 10, 20)
@@ -79,5 +80,4 @@ def seed_aucs(summary: dict) -> str:
 
 def pose_errors(rows: Sequence[dict]) -> list[float]:
     """max(R, t) error per pair; an invalid estimate is a failure (inf) whatever it says."""
-    return [metrics.pose_error_deg(r.get('rotation_error_deg'), r.get('translation_error_deg'))
-            if r.get('valid', True) else math.inf for r in rows]
+    return [seed_pose_error(r) for r in rows]

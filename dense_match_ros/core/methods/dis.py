@@ -5,15 +5,14 @@ network exists, and it is the baseline every learned method has to beat.
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 from dense_match_ros.core.geometry import grid
-from dense_match_ros.core.dis_presets import MIN_SIDE, check_preset, create_dis, two_way_flow
+from dense_match_ros.core.dis_presets import (MIN_SIDE, check_concurrency, check_preset, create_dis,
+                                              runs_concurrently, two_way_flow)
 from dense_match_ros.core.registry import Matcher
 
 
-CONCURRENCY = ('auto', 'on', 'off')
 
 
 class DisMatcher(Matcher):
@@ -44,10 +43,7 @@ class DisMatcher(Matcher):
         if not 0.1 <= float(fb_scale) <= 1.0:
             raise ValueError(f'fb_scale must be in [0.1, 1] (the backward flow\'s resolution '
                              f'relative to the working grid), got {fb_scale}')
-        if isinstance(concurrent, bool):   # YAML reads a bare on/off as a boolean
-            concurrent = 'on' if concurrent else 'off'
-        if concurrent not in CONCURRENCY:
-            raise ValueError(f'concurrent must be one of {CONCURRENCY}, got {concurrent!r}')
+        concurrent = check_concurrency(concurrent)
         self.device = 'cpu'  # OpenCV's DIS runs on the CPU whatever was asked for.
         self.preset = preset
         self.fb_sigma = float(fb_sigma)
@@ -67,8 +63,7 @@ class DisMatcher(Matcher):
                              f'{w}x{h} and target {tw}x{th}')
         # Work on one grid: the source's size, optionally capped by max_side.
         ww, wh = grid.working_size((w, h), self.max_side, min_side=MIN_SIDE)
-        concurrent = (self.concurrent == 'on'
-                      or (self.concurrent == 'auto' and cv2.getNumThreads() > 1))
+        concurrent = runs_concurrently(self.concurrent)
         forward, backward = two_way_flow(self._dis, source, target, (ww, wh), self._dis_backward,
                                          self.fb_scale, concurrent)
         matchability = grid.forward_backward_consistency(forward, backward, self.fb_sigma)

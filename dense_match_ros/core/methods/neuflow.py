@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 from dense_match_ros.core import calibration, refine as _refine
 from dense_match_ros.core.device import autocast, check_precision, inference_dtype, limit_threads
-from dense_match_ros.core.dis_presets import (check_preset, create_dis, in_background,
-                                              two_way_flow, two_way_flow_in_background)
+from dense_match_ros.core.dis_presets import (check_concurrency, check_preset, create_dis,
+                                              in_background, runs_concurrently, two_way_flow,
+                                              two_way_flow_in_background)
 from dense_match_ros.core.geometry import grid, prealign as _prealign
 from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.networks.neuflow import NeuFlowNet, config_from_dict
@@ -51,7 +52,6 @@ WEIGHTS = _weights.LearnedWeights('neuflow', lambda cfg: NeuFlowNet(config_from_
                                   TRAIN_HINT)
 FUSIONS = ('none', 'dis')
 FB_CHECKS = ('full', 'working')
-CONCURRENCY = ('auto', 'on', 'off')
 """Where the network's forward-backward error is taken: on the full grid after refining both
 directions (two DIS residuals), or on the working grid before refinement (one: faster)."""
 _PHOTO_PX_PER_GREY = 1.0 / 20.0  # photometric error of 20 grey levels weighs like 1 px of FB error
@@ -129,10 +129,7 @@ class NeuFlowMatcher(Matcher):
             raise ValueError(f'cascade_steps must be >= 1, got {cascade_steps}')
         if not float(agree_px) >= 0:
             raise ValueError(f'agree_px must be >= 0 px, got {agree_px}')
-        if isinstance(concurrent, bool):   # YAML reads a bare on/off as a boolean
-            concurrent = 'on' if concurrent else 'off'
-        if concurrent not in CONCURRENCY:
-            raise ValueError(f'concurrent must be one of {CONCURRENCY}, got {concurrent!r}')
+        concurrent = check_concurrency(concurrent)
         if int(polish) < 0:
             raise ValueError(f'polish must be >= 0 iterations, got {polish}')
         if not polish_min_texture >= 0:
@@ -242,8 +239,7 @@ class NeuFlowMatcher(Matcher):
         It pays where the network takes about as long as those flows (``neuflow-fast``:
         'auto'); ``neuflow``'s two passes take several times as long, and one thread for
         them costs more than the overlap saves (640x480, two threads: 305 -> 350 ms)."""
-        return self.fuse == 'dis' and (self.concurrent == 'on' or (
-            self.concurrent == 'auto' and cv2.getNumThreads() > 1))
+        return self.fuse == 'dis' and runs_concurrently(self.concurrent)
 
     def _match_aligned(self, source: np.ndarray, target: np.ndarray):
         h, w = source.shape[:2]
