@@ -92,6 +92,52 @@ def test_the_backward_flow_beside_the_forward_one_changes_nothing_but_the_time()
         load_matcher('dis', device='cpu', concurrent='yes')
 
 
+class _CountingDis:
+    """Stands in for a DIS instance and counts its flows."""
+
+    def __init__(self, dis) -> None:
+        self.dis, self.calls = dis, 0
+
+    def calc(self, *args):
+        self.calls += 1
+        return self.dis.calc(*args)
+
+
+@pytest.mark.parametrize('concurrent', ['off', 'on'])
+@pytest.mark.parametrize('max_side', [0, 96])
+def test_the_flow_comes_before_the_backward_flow_of_its_check(concurrent, max_side):
+    """match_staged hands the flow out before the check's backward flow is computed (the
+    node publishes it meanwhile), and both equal match()'s."""
+    src = _texture(120, 160, seed=3)
+    tgt = cv2.resize(_translated(src, 2.5, 1.0), (150, 110))
+    whole = load_matcher('dis', device='cpu', max_side=max_side).match(src, tgt)
+    matcher = load_matcher('dis', device='cpu', max_side=max_side, concurrent=concurrent)
+    matcher._dis_backward = counting = _CountingDis(matcher._dis_backward)
+    staged = matcher.match_staged(src, tgt)
+    if concurrent == 'off':
+        assert counting.calls == 0          # the flow is out, its check not started
+    np.testing.assert_array_equal(staged.flow, whole.flow)
+    first = staged.matchability()
+    assert counting.calls == 1 and staged.matchability() is first   # computed once
+    np.testing.assert_array_equal(first, whole.matchability)
+    assert first.dtype == np.float32 and 0 <= first.min() and first.max() <= 1
+
+
+def test_methods_without_a_split_hand_out_both_at_once():
+    """The default match_staged: match()'s two results, checked the same way."""
+    from dense_match_ros.core.registry import Matcher
+
+    class Constant(Matcher):
+        def _match(self, source, target):
+            return np.ones(source.shape[:2] + (2,), np.float64), np.full(source.shape[:2], 2.0)
+
+    staged = Constant().match_staged(_texture(20, 30), _texture(20, 30, seed=1))
+    assert staged.flow.dtype == np.float32 and staged.flow.shape == (20, 30, 2)
+    assert staged.matchability().max() == 1.0               # clipped like match()'s
+    flow, matchability = staged.result()
+    assert flow is staged.flow and matchability.shape == (20, 30)
+
+
 def test_dis_refuses_what_would_break_it_with_its_own_errors():
     with pytest.raises(ValueError, match='fb_sigma'):
         load_matcher('dis', device='cpu', fb_sigma=0)

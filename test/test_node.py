@@ -467,7 +467,8 @@ def test_diagnostics(mono):
     stages = {k[len('stage_'):-len('_ms')]: float(v) for k, v in values.items()
               if k.startswith('stage_')}
     flow_path = ('queue', 'decode', 'prepare', 'match', 'output', 'flow_messages', 'flow_publish')
-    assert set(flow_path) | {'pose', 'pose_messages', 'pose_publish'} <= set(stages), values
+    assert set(flow_path) | {'matchability', 'matchability_messages', 'matchability_publish',
+                             'pose', 'pose_messages', 'pose_publish'} <= set(stages), values
     assert all(v >= 0 for v in stages.values())
     latency = float(values['latency_median_ms'])
     assert stages['match'] > 0 and 0.3 * latency < sum(stages[k] for k in flow_path) < 3 * latency

@@ -158,28 +158,43 @@ def test_pose_from_parallax_and_without_intrinsics():
     assert out.flow.shape == (H, W, 2)
 
 
-def test_flow_is_handed_over_before_the_pose_is_estimated():
-    """on_flow sees flow and matchability while the pose is pending; the returned result is
-    the same object, completed (the node publishes flow first: its latency has no pose)."""
+def test_flow_then_matchability_are_handed_over_before_the_pose_is_estimated():
+    """on_flow sees the flow with the matchability still missing, on_matchability both, each
+    while the pose is pending; the returned result is the same object, completed (the node
+    publishes in this order: its latency is the flow's)."""
     p, _ = _pipe(estimate_pose=True)
     seen = []
 
-    def on_flow(out):
-        seen.append((out, out.pose, out.pose_status, 'pose' in out.timings,
-                     out.flow.copy(), out.counters))
-    assert p.process(frame(view(0.0), 0), on_flow=on_flow) is None
+    def hand(stage):
+        def on(out):
+            seen.append((stage, out, out.pose_status, 'pose' in out.timings, out.flow.copy(),
+                         None if out.matchability is None else out.matchability.copy(),
+                         out.matchable_fraction, out.counters))
+        return on
+
+    callbacks = dict(on_flow=hand('flow'), on_matchability=hand('matchability'))
+    assert p.process(frame(view(0.0), 0), **callbacks) is None
     assert seen == []                                  # nothing to match yet
-    out = p.process(frame(view(0.1), 1), on_flow=on_flow)
-    (early, pose, status, had_pose_time, flow, counters), = seen
-    assert early is out and pose is None and status == 'pending' and not had_pose_time
-    assert counters == {}                              # counted once the result is complete
-    np.testing.assert_array_equal(flow, out.flow)
+    out = p.process(frame(view(0.1), 1), **callbacks)
+    (stage1, early, status1, pose1, flow1, match1, frac1, counters1), \
+        (stage2, later, status2, pose2, flow2, match2, frac2, counters2) = seen
+    assert (stage1, stage2) == ('flow', 'matchability') and early is out and later is out
+    assert status1 == status2 == 'pending' and not pose1 and not pose2
+    assert match1 is None and np.isnan(frac1)          # the flow went first
+    assert 'match' in out.timings and 'matchability' in out.timings
+    np.testing.assert_array_equal(flow1, out.flow)
+    np.testing.assert_array_equal(flow2, out.flow)
+    np.testing.assert_array_equal(match2, out.matchability)
+    assert frac2 == out.matchable_fraction and 0 < frac2 <= 1
+    assert counters1 == counters2 == {}                # counted once the result is complete
     assert out.pose.valid and out.pose_status == 'ok' and 'pose' in out.timings
     assert out.counters['outputs'] == 1 and out.counters['pose_valid'] == 1
     seen.clear()
-    p2, _ = _pipe(mode='pair', estimate_pose=True)
-    out = p2.process_pair(frame(view(0.0), 0), frame(view(0.1), 0), on_flow=on_flow)
-    assert len(seen) == 1 and seen[0][0] is out and seen[0][2] == 'pending' and out.pose.valid
+    p2, _ = _pipe(mode='pair', estimate_pose=True, full_resolution_output=True,
+                  process_width=W // 2)
+    out = p2.process_pair(frame(view(0.0), 0), frame(view(0.1), 0), **callbacks)
+    assert [s[0] for s in seen] == ['flow', 'matchability'] and seen[0][1] is out
+    assert out.flow.shape == (H, W, 2) and out.matchability.shape == (H, W) and out.pose.valid
 
 
 def test_pose_with_downscaled_processing_uses_scaled_intrinsics():

@@ -4,6 +4,7 @@ DIS, so no method imports another."""
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -101,6 +102,20 @@ def two_way_flow(dis: cv2.DISOpticalFlow, source: np.ndarray, target: np.ndarray
     runs (OpenCV releases the GIL; DIS itself uses a second core poorly); it needs its own
     ``backward_dis``, since one DIS instance keeps per-call buffers.
     """
+    forward, backward = two_way_flow_staged(dis, source, target, size, backward_dis,
+                                            backward_scale, concurrent)
+    return forward, backward()
+
+
+def two_way_flow_staged(dis: cv2.DISOpticalFlow, source: np.ndarray, target: np.ndarray,
+                        size: tuple[int, int], backward_dis: cv2.DISOpticalFlow | None = None,
+                        backward_scale: float = 1.0, concurrent: bool = False
+                        ) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
+    """:func:`two_way_flow` with the backward flow left for later: the forward flow and a
+    call that returns the backward one. Without ``concurrent`` the call computes it (the
+    forward flow can be used meanwhile: the node publishes it); with it, it was started on
+    the DIS thread before the forward one and the call waits for it. Call it before
+    ``dis`` (or ``backward_dis``) is used again."""
     grey = _greys(source, target, size)
     small = (max(1, round(size[0] * backward_scale)), max(1, round(size[1] * backward_scale)))
     resized = small != tuple(size) and min(small) >= MIN_SIDE
@@ -115,5 +130,5 @@ def two_way_flow(dis: cv2.DISOpticalFlow, source: np.ndarray, target: np.ndarray
         if backward_dis is None or backward_dis is dis:
             raise ValueError('a concurrent backward flow needs its own DIS instance')
         pending = _worker().submit(backward)
-        return dis.calc(grey[0], grey[1], None), pending.result()
-    return dis.calc(grey[0], grey[1], None), backward()
+        return dis.calc(grey[0], grey[1], None), pending.result
+    return dis.calc(grey[0], grey[1], None), backward

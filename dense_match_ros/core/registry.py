@@ -35,6 +35,25 @@ class MatchResult:
         yield self.matchability
 
 
+class StagedMatch:
+    """A :class:`MatchResult` whose matchability may still be in the making
+    (:meth:`Matcher.match_staged`): ``flow`` is ready, :meth:`matchability` finishes the rest
+    once and then returns the same array."""
+
+    def __init__(self, flow: np.ndarray, finish: Callable[[], np.ndarray]) -> None:
+        self.flow = flow
+        self._finish: Callable[[], np.ndarray] | None = finish
+        self._matchability: np.ndarray | None = None
+
+    def matchability(self) -> np.ndarray:
+        if self._finish is not None:
+            self._matchability, self._finish = self._finish(), None
+        return self._matchability
+
+    def result(self) -> MatchResult:
+        return MatchResult(self.flow, self.matchability())
+
+
 LEVELS = 'levels'
 """Capability: :meth:`Matcher.level_flows` and :meth:`Matcher.level_labels` (coarse-to-fine
 methods; ``dense-match-eval --levels``)."""
@@ -75,17 +94,47 @@ class Matcher(abc.ABC):
         source = _as_rgb_uint8(source, 'source')
         target = _as_rgb_uint8(target, 'target')
         flow, matchability = self._match(source, target)
-        h, w = source.shape[:2]
+        return MatchResult(self._checked_flow(flow, source),
+                           self._checked_matchability(matchability, source))
+
+    def match_staged(self, source: np.ndarray, target: np.ndarray) -> StagedMatch:
+        """:meth:`match` in two steps: the flow now, the matchability when asked for.
+
+        A method whose matchability needs work the flow does not (``dis``: the backward
+        flow of its round-trip check) returns as soon as the flow exists, so a caller can
+        hand the flow on (the node publishes it) while the rest is computed; the others
+        compute both here. The results equal :meth:`match`'s.
+        """
+        source = _as_rgb_uint8(source, 'source')
+        target = _as_rgb_uint8(target, 'target')
+        flow, finish = self._match_staged(source, target)
+        return StagedMatch(self._checked_flow(flow, source),
+                           lambda: self._checked_matchability(finish(), source))
+
+    def _checked_flow(self, flow: np.ndarray, source: np.ndarray) -> np.ndarray:
         flow = np.ascontiguousarray(flow, dtype=np.float32)
+        if flow.shape != source.shape[:2] + (2,):
+            raise RuntimeError(f'{self.name}: returned flow {flow.shape} for a '
+                               f'{source.shape[0]}x{source.shape[1]} source')
+        return flow
+
+    def _checked_matchability(self, matchability: np.ndarray, source: np.ndarray) -> np.ndarray:
         matchability = np.clip(np.ascontiguousarray(matchability, dtype=np.float32), 0.0, 1.0)
-        if flow.shape != (h, w, 2) or matchability.shape != (h, w):
-            raise RuntimeError(f'{self.name}: returned flow {flow.shape} / matchability '
-                               f'{matchability.shape} for a {h}x{w} source')
-        return MatchResult(flow, matchability)
+        if matchability.shape != source.shape[:2]:
+            raise RuntimeError(f'{self.name}: returned matchability {matchability.shape} for '
+                               f'a {source.shape[0]}x{source.shape[1]} source')
+        return matchability
 
     @abc.abstractmethod
     def _match(self, source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return (flow HxWx2, matchability HxW) for RGB uint8 inputs."""
+
+    def _match_staged(self, source: np.ndarray, target: np.ndarray
+                      ) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
+        """(flow, a call that returns the matchability); override where the flow is ready
+        before the matchability."""
+        flow, matchability = self._match(source, target)
+        return flow, lambda: matchability
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}(name={self.name!r}, device={self.device!r})'

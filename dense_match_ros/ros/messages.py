@@ -41,20 +41,24 @@ def output_types() -> dict[str, type | None]:
     return {name: types[name] for name in OUTPUTS}
 
 
-FLOW_OUTPUTS = ('flow', 'matchability', 'flow_color', 'match_result')
-"""The outputs that exist as soon as the flow does (the node publishes them before the pose)."""
+FLOW_OUTPUTS = ('flow', 'flow_color')
+"""The outputs that exist as soon as the flow does (the node publishes them first)."""
+MATCHABILITY_OUTPUTS = ('matchability', 'match_result')
+"""The outputs that also need the matchability (published next, before the pose)."""
 POSE_OUTPUTS = ('relative_pose', 'pose')
 
 
-def output_messages(out: PipelineOutput, which: Collection[str] = OUTPUTS) -> dict[str, Any]:
+def output_messages(out: PipelineOutput, which: Collection[str] = OUTPUTS,
+                    built: dict[str, Any] | None = None) -> dict[str, Any]:
     """The messages for one result, by topic name (relative), for the topics in ``which``.
 
     ``flow_color`` is present only when ``out.flow_color`` was computed, ``relative_pose``
-    unless pose estimation is disabled, ``pose`` only for a valid estimate.
+    unless pose estimation is disabled, ``pose`` only for a valid estimate. ``built``:
+    messages of this result built before (the flow published first), reused, not rebuilt.
     """
     stamp, frame_id = out.target_stamp_ns, out.source_frame_id
-    msgs: dict[str, Any] = {}
-    if {'flow', 'match_result'} & set(which):
+    msgs: dict[str, Any] = dict(built or {})
+    if {'flow', 'match_result'} & set(which) and 'flow' not in msgs:
         msgs['flow'] = convert.make_image_msg(out.flow, '32FC2', stamp, frame_id)
     if {'matchability', 'match_result'} & set(which):
         msgs['matchability'] = convert.make_image_msg(out.matchability, '32FC1', stamp, frame_id)
@@ -86,7 +90,7 @@ def match_result_msg(out: PipelineOutput, flow: Image, matchability: Image):
     res.flow, res.matchability = flow, matchability
     res.scale_x, res.scale_y = float(out.scale[0]), float(out.scale[1])
     res.method = out.method
-    res.match_time = float(out.timings.get('match', 0.0))
+    res.match_time = float(out.timings.get('match', 0.0) + out.timings.get('matchability', 0.0))
     return res
 
 

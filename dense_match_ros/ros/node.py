@@ -307,17 +307,20 @@ class DenseMatchNode(Node):
                 continue
             kind, msgs, intrinsics, receipt = job
             stages = {'queue': time.monotonic() - receipt}
+            built: dict = {}   # this result's flow message, built once for two topics
+            outputs = dict(on_flow=lambda out: self._publish_flow(out, built),
+                           on_matchability=lambda out: self._publish_matchability(out, built))
             try:
                 t0 = time.perf_counter()
                 if kind == 'mono':
                     frame = self._decode(msgs, intrinsics, receipt, self._cameras[0])
                     stages['decode'] = time.perf_counter() - t0
-                    out = self.pipeline.process(frame, on_flow=self._publish_flow)
+                    out = self.pipeline.process(frame, **outputs)
                 else:
                     left = self._decode(msgs[0], intrinsics[0], receipt, self._cameras[0])
                     right = self._decode(msgs[1], intrinsics[1], receipt, self._cameras[1])
                     stages['decode'] = time.perf_counter() - t0
-                    out = self.pipeline.process_pair(left, right, on_flow=self._publish_flow)
+                    out = self.pipeline.process_pair(left, right, **outputs)
             except FrameRejected as exc:  # already counted, by _decode or the pipeline
                 self._throttle.warn(exc.reason, f'frame dropped: {exc}')
                 continue
@@ -345,26 +348,41 @@ class DenseMatchNode(Node):
         return [n for n in names if n in self._outputs and self._on(n)
                 and self._outputs[n].get_subscription_count() > 0]
 
-    def _publish_flow(self, out: PipelineOutput) -> None:
-        """The flow outputs, as soon as the matcher is done (the pose comes after)."""
+    def _publish_flow(self, out: PipelineOutput, built: dict) -> None:
+        """The flow outputs, as soon as the flow exists (the node's latency is theirs)."""
+        def flow_color() -> None:
+            if out.flow_color is None and 'flow_color' in self._wanted(('flow_color',)):
+                out.flow_color = self.pipeline.flow_color(out.flow)  # only for someone watching
+        if self._send('flow', out, messages.FLOW_OUTPUTS, built, flow_color):
+            if out.receipt_time is not None:
+                with self._stats_lock:
+                    self._latencies.append(time.monotonic() - out.receipt_time)
+            self._out_rate.tick(time.monotonic())
+
+    def _publish_matchability(self, out: PipelineOutput, built: dict) -> None:
+        """The outputs that need the matchability too, before the pose is estimated."""
+        self._send('matchability', out, messages.MATCHABILITY_OUTPUTS, built)
+
+    def _send(self, stage: str, out: PipelineOutput, names, built: dict, before=None) -> bool:
+        """Build and publish the wanted ones of ``names``, timed as ``<stage>_messages`` and
+        ``<stage>_publish``; ``built`` collects the messages for the next stage's reuse.
+        False after a failure, which is logged: the later outputs still go out."""
         try:
             t0 = time.perf_counter()
-            wanted = self._wanted(messages.FLOW_OUTPUTS)
-            if out.flow_color is None and 'flow_color' in wanted:
-                out.flow_color = self.pipeline.flow_color(out.flow)  # only for someone watching
-            built = messages.output_messages(out, wanted)
+            if before is not None:
+                before()
+            msgs = messages.output_messages(out, self._wanted(names), built)
+            built.update(msgs)
             t1 = time.perf_counter()
-            for name, msg in built.items():
+            for name, msg in msgs.items():
                 self._outputs[name].publish(msg)
-            out.timings.update(flow_messages=t1 - t0, flow_publish=time.perf_counter() - t1)
-        except Exception as exc:  # the pose outputs still go out
+            out.timings.update({f'{stage}_messages': t1 - t0,
+                                f'{stage}_publish': time.perf_counter() - t1})
+            return True
+        except Exception as exc:
             if self._running and rclpy.ok(context=self.context):
                 self._throttle.warn('publish_error', f'{type(exc).__name__}: {exc}')
-            return
-        if out.receipt_time is not None:
-            with self._stats_lock:
-                self._latencies.append(time.monotonic() - out.receipt_time)
-        self._out_rate.tick(time.monotonic())
+            return False
 
     def _publish(self, out: PipelineOutput, stages: dict[str, float] | None = None) -> None:
         """The pose outputs of a result whose flow outputs went out already."""

@@ -36,7 +36,7 @@ MODES = ('mono', 'pair')
 # PipelineConfig fields that make up the model: changed with set_matcher(), not update().
 MODEL_FIELDS = ('method', 'weights', 'device', 'method_options')
 # PipelineOutput.pose_status with pose estimation switched off, and while the pose is still
-# being estimated (what an on_flow callback sees). The other statuses are
+# being estimated (what the on_flow and on_matchability callbacks see). The other statuses are
 # core.geometry.pose.STATUS_* (the strings of RelativePose.STATUS_*).
 STATUS_DISABLED = 'disabled'
 STATUS_PENDING = 'pending'
@@ -60,6 +60,9 @@ class Frame:
         """(width, height)."""
         return int(self.image.shape[1]), int(self.image.shape[0])
 
+
+Callback = Callable[['PipelineOutput'], None]
+"""What :meth:`MatchPipeline.process` hands a result to as it grows."""
 
 MIN_PROCESS_SIDE = 16
 """Smallest processing width or height: every method works at this size (DIS needs 12)."""
@@ -132,8 +135,9 @@ class PipelineOutput:
     target_frame_id: str
     flow: np.ndarray
     """float32 (h, w, 2) on the source output grid, pointing into the target output grid."""
-    matchability: np.ndarray
-    """float32 (h, w) in [0, 1]."""
+    matchability: np.ndarray | None
+    """float32 (h, w) in [0, 1]; None while it is still being computed (what an ``on_flow``
+    callback sees)."""
     scale: tuple[float, float]
     """(sx, sy): input-resolution pixels per output-grid pixel (1, 1 at full resolution)."""
     pose: Any | None
@@ -141,6 +145,8 @@ class PipelineOutput:
     pose_status: str
     """'ok' or the reason the pose is missing or invalid (RelativePose.STATUS_* strings)."""
     matchable_fraction: float
+    """Of the pixels, those at or above ``matchability_threshold`` (NaN until the
+    matchability exists)."""
     timings: dict[str, float]
     counters: dict[str, int]
     method: str
@@ -355,14 +361,16 @@ class MatchPipeline:
             intrinsics = intrinsics.scaled(calib, target)
         return dataclasses.replace(frame, image=image, intrinsics=intrinsics)
 
-    def process(self, frame: Frame, on_flow: Callable[[PipelineOutput], None] | None = None
-                ) -> PipelineOutput | None:
+    def process(self, frame: Frame, on_flow: Callback | None = None,
+                on_matchability: Callback | None = None) -> PipelineOutput | None:
         """Mono mode: match the reference frame against ``frame``.
 
         Returns None for the first frame of a sequence (nothing to match against yet).
-        ``on_flow`` is called with the result as soon as flow and matchability exist, before
-        the pose is estimated (its pose is None, its status :data:`STATUS_PENDING`; the same
-        object is completed and returned).
+        The result is handed out as it grows, so each output can leave as soon as it exists
+        (the node's latency is the flow's): ``on_flow`` once the flow does (matchability
+        still None, where the method computes it after the flow: ``dis``'s backward flow),
+        ``on_matchability`` once that does too, both before the pose is estimated (its pose
+        is None, its status :data:`STATUS_PENDING`); the same object is completed and returned.
         Raises FrameRejected for an unusable frame; the reference frame is kept then.
         """
         with self._lock:
@@ -396,7 +404,7 @@ class MatchPipeline:
                 self._set_key(current, frame.size)
                 return None
             out = self._match(self._key, current, self._key_original_size, frame.size, t_prep,
-                              on_flow)
+                              on_flow, on_matchability)
             self._frames_since_key += 1
             stride = max(1, int(self.config.keyframe_stride))
             if (self._frames_since_key >= stride
@@ -409,49 +417,61 @@ class MatchPipeline:
         self._key_original_size = original_size
         self._frames_since_key = 0
 
-    def process_pair(self, source: Frame, target: Frame,
-                     on_flow: Callable[[PipelineOutput], None] | None = None) -> PipelineOutput:
+    def process_pair(self, source: Frame, target: Frame, on_flow: Callback | None = None,
+                     on_matchability: Callback | None = None) -> PipelineOutput:
         """Pair mode: match ``source`` (left camera) against ``target`` (right camera);
-        ``on_flow`` as for :meth:`process`."""
+        ``on_flow`` and ``on_matchability`` as for :meth:`process`."""
         with self._lock:
             self._receive(source, target)
             t0 = time.perf_counter()
             src, tgt = self._prepare(source), self._prepare(target)
             return self._match(src, tgt, source.size, target.size, time.perf_counter() - t0,
-                               on_flow)
+                               on_flow, on_matchability)
 
     def _match(self, source: Frame, target: Frame, source_input_size: tuple[int, int],
                target_input_size: tuple[int, int], t_prep: float,
-               on_flow: Callable[[PipelineOutput], None] | None = None) -> PipelineOutput:
+               on_flow: Callback | None = None, on_matchability: Callback | None = None
+               ) -> PipelineOutput:
         timings = {'prepare': t_prep}
         t0 = time.perf_counter()
-        result = self.matcher.match(source.image, target.image)
+        staged = self.matcher.match_staged(source.image, target.image)
         timings['match'] = time.perf_counter() - t0
-        flow, matchability = result.flow, result.matchability
+        flow = staged.flow
         self.counters.processed += 1
-        matchable = float(np.mean(matchability >= self.config.matchability_threshold))
 
         t0 = time.perf_counter()
         out_size = source_input_size if self.config.full_resolution_output else source.size
         scale = (source_input_size[0] / out_size[0], source_input_size[1] / out_size[1])
-        out_flow, out_matchability = flow, matchability
-        if self.config.full_resolution_output:
+
+        def to_output_grid(matchability: np.ndarray | None):
+            if not self.config.full_resolution_output:
+                return flow, matchability
             # The target goes back to its own input size too (in pair mode it may have been
             # scaled differently from the source).
-            out_flow, out_matchability = grid.to_source_grid(flow, matchability, out_size,
-                                                             target.size, target_input_size)
+            return grid.to_source_grid(flow, matchability, out_size, target.size,
+                                       target_input_size)
+
+        out_flow, _ = to_output_grid(None)
         color = self.flow_color(out_flow) if self.config.color_output else None
         timings['output'] = time.perf_counter() - t0
         out = PipelineOutput(
             source_stamp_ns=source.stamp_ns, source_frame_id=source.frame_id,
             target_stamp_ns=target.stamp_ns, target_frame_id=target.frame_id,
-            flow=out_flow, matchability=out_matchability, scale=scale, pose=None,
-            pose_status=STATUS_PENDING, matchable_fraction=matchable, timings=timings,
+            flow=out_flow, matchability=None, scale=scale, pose=None,
+            pose_status=STATUS_PENDING, matchable_fraction=float('nan'), timings=timings,
             counters={}, method=self.matcher.name or self.config.method,
             device=str(getattr(self.matcher, 'device', '')), flow_color=color,
             receipt_time=target.receipt_time)
         if on_flow is not None:
-            on_flow(out)  # flow consumers need not wait for the pose
+            on_flow(out)  # flow consumers wait neither for the matchability nor the pose
+
+        t0 = time.perf_counter()
+        matchability = staged.matchability()
+        timings['matchability'] = time.perf_counter() - t0
+        out.matchable_fraction = float(np.mean(matchability >= self.config.matchability_threshold))
+        out.matchability = to_output_grid(matchability)[1]
+        if on_matchability is not None:
+            on_matchability(out)
 
         t0 = time.perf_counter()
         out.pose, out.pose_status = self._estimate_pose(flow, matchability, source, target)

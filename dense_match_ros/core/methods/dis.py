@@ -9,10 +9,8 @@ import numpy as np
 
 from dense_match_ros.core.geometry import grid
 from dense_match_ros.core.dis_presets import (MIN_SIDE, check_concurrency, check_preset, create_dis,
-                                              runs_concurrently, two_way_flow)
+                                              runs_concurrently, two_way_flow_staged)
 from dense_match_ros.core.registry import Matcher
-
-
 
 
 class DisMatcher(Matcher):
@@ -56,6 +54,12 @@ class DisMatcher(Matcher):
         self.concurrent = concurrent
 
     def _match(self, source: np.ndarray, target: np.ndarray):
+        flow, matchability = self._match_staged(source, target)
+        return flow, matchability()
+
+    def _match_staged(self, source: np.ndarray, target: np.ndarray):
+        # The flow is out before the backward flow of the check is computed: the node
+        # publishes it meanwhile (640x480, one thread: 34 of the 85 ms).
         h, w = source.shape[:2]
         th, tw = target.shape[:2]
         if min(h, w, th, tw) < MIN_SIDE:
@@ -64,7 +68,12 @@ class DisMatcher(Matcher):
         # Work on one grid: the source's size, optionally capped by max_side.
         ww, wh = grid.working_size((w, h), self.max_side, min_side=MIN_SIDE)
         concurrent = runs_concurrently(self.concurrent)
-        forward, backward = two_way_flow(self._dis, source, target, (ww, wh), self._dis_backward,
-                                         self.fb_scale, concurrent)
-        matchability = grid.forward_backward_consistency(forward, backward, self.fb_sigma)
-        return grid.to_source_grid(forward, matchability, (w, h), (ww, wh), (tw, th))
+        forward, backward = two_way_flow_staged(self._dis, source, target, (ww, wh),
+                                                self._dis_backward, self.fb_scale, concurrent)
+        flow, _ = grid.to_source_grid(forward, None, (w, h), (ww, wh), (tw, th))
+
+        def matchability() -> np.ndarray:
+            consistency = grid.forward_backward_consistency(forward, backward(), self.fb_sigma)
+            return grid.to_source_grid(forward, consistency, (w, h), (ww, wh), (tw, th))[1]
+
+        return flow, matchability
