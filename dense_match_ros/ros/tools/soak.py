@@ -148,7 +148,7 @@ def run(args) -> int:
     dis_all_ms = dis_reference_ms(frames, 0)
     print(f'bare DIS-medium call at {size[0]}x{size[1]}: {dis_ms:.1f} ms with the node\'s '
           f'{args.threads} thread(s), {dis_all_ms:.1f} ms with OpenCV\'s default threads')
-    env = node_process.ros_env(out, args.domain)
+    env = node_process.ros_env(out, args.domain, args.large_data)
     node_process.adopt_ros_env(env)
     params = [f'method:={args.method}', f'threads:={args.threads}', *args.node_param]
     proc, node_log = node_process.start_node(
@@ -338,6 +338,7 @@ def summarise(args, t0: float, samples: list[Sample], injections: list[Injection
     return {
         'method': args.method, 'size': list(args.size), 'rate_hz': args.rate,
         'minutes': args.minutes, 'threads': args.threads, 'node_params': list(args.node_param),
+        'large_data': bool(args.large_data),
         'warmup_s': warm, 'published': published, 'outputs': len(receipts),
         'answered_fraction': len(receipts) / published if published else 0.0,
         'latency_ms': {'p50': p50, 'p95': p95, 'p99': p99,
@@ -454,6 +455,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--frames', type=int, default=30, help='distinct camera frames (looped)')
     p.add_argument('--startup-timeout', type=float, default=60.0)
     p.add_argument('--domain', type=int, default=0, help='ROS_DOMAIN_ID (0: random)')
+    p.add_argument('--large-data', action='store_true',
+                   help='run the node and this process with FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA')
     p.add_argument('--out', type=Path, default=Path('out') / 'soak')
     p.add_argument('--verbose', action='store_true', help='print every sample')
     return p
