@@ -60,6 +60,21 @@ def test_demo_synthetic_short_sequence(tmp_path):
     assert 'latency (image publish -> flow receipt): median' in proc.stdout
 
 
+def test_demo_reports_another_method_beside_the_first(tmp_path):
+    """--compare runs the same stream through the node with each named method and prints
+    the figures side by side (make demo: the default beside dis)."""
+    proc, out = _demo(tmp_path, '--synthetic', '--frames', '4', '--size', '96x72', '--rate',
+                      '0.25', '--method', 'dis', '--compare', 'dis', 'cnngeo-affine')
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _report(out)['method'] == 'dis'
+    other = _report(out / 'compare' / 'cnngeo-affine')
+    assert other['method'] == 'cnngeo-affine' and other['outputs'] >= 1
+    table = proc.stdout[proc.stdout.rindex('method '):].splitlines()
+    assert table[0].split()[:4] == ['method', 'outputs', 'no', 'output']
+    assert [line.split()[0] for line in table[1:]] == ['dis', 'cnngeo-affine']  # dis once
+    assert table[2].split()[1] == str(other['outputs'])
+
+
 def test_demo_fails_when_the_node_cannot_start(tmp_path):
     proc, _ = _demo(tmp_path, '--synthetic', '--frames', '3', '--size', '64x48',
                     '-p', 'method:=no_such_method', '--startup-timeout', '30')

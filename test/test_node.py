@@ -714,6 +714,25 @@ def test_config_files_only_set_declared_parameters(config_file):
     assert config.pose_options['ransac_threshold_px'] == params['pose.ransac_threshold_px']
 
 
+def test_config_and_launch_files_name_the_default_method():
+    """One default for the node, its files and the tools: switching it is one constant and
+    these files, and this test says which were forgotten."""
+    import xml.etree.ElementTree as ET
+
+    import yaml
+    from dense_match_ros.core.registry import DEFAULT_METHOD
+    from dense_match_ros.ros.parameters import parameter_table
+    from dense_match_ros.ros.pipeline import PipelineConfig
+    assert {p.name: p.default for p in parameter_table()}['method'] == DEFAULT_METHOD
+    assert PipelineConfig().method == DEFAULT_METHOD
+    for config_file in ('mono.yaml', 'stereo.yaml'):
+        (body,) = yaml.safe_load((REPO_ROOT / 'config' / config_file).read_text()).values()
+        assert body['ros__parameters']['method'] == DEFAULT_METHOD, config_file
+    args = {a.get('name'): a.get('default')
+            for a in ET.parse(REPO_ROOT / 'launch' / 'mono.launch.xml').getroot().iter('arg')}
+    assert args['method'] == DEFAULT_METHOD
+
+
 def test_method_options_parameter_is_a_yaml_mapping():
     from dense_match_ros.ros.parameters import parse_method_options, pipeline_config_from_params
     assert parse_method_options('') == {} and parse_method_options('  ') == {}

@@ -173,6 +173,12 @@ _BUILTIN = {
 }
 
 
+DEFAULT_METHOD = 'dis'
+"""The method the node, its config files and launch files, the demo and the soak use unless
+told otherwise: the one that measures best on every shared set within the node's time budget
+(README, "Measured results"). ``test_launch`` checks the config and launch files name it."""
+
+
 def register(name: str, factory: Factory | str) -> None:
     """Register a method under ``name``: a callable or a ``'module:attr'`` path."""
     if not name or not name.replace('_', '').replace('-', '').isalnum():

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from dense_match_ros.core.geometry import essential, essential_ransac
+from dense_match_ros.core.registry import DEFAULT_METHOD
 from dense_match_ros.evaluation import metrics
 from dense_match_ros.core.geometry.pose import PoseConfig, estimate_from_correspondences, estimate_relative_pose
 from dense_match_ros.evaluation import pose_eval
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--noise-px', type=float, default=1.0)
     parser.add_argument('--outliers', type=float, default=0.3)
     parser.add_argument('--runs', type=int, default=100, help='timing runs per estimator')
-    parser.add_argument('--method', default='dis', help='matcher for the real pairs')
+    parser.add_argument('--method', default=DEFAULT_METHOD, help='matcher for the real pairs')
     parser.add_argument('--sets', nargs='*', default=['tum', 'middlebury'],
                         help='real pose sets (none: skip real data)')
     parser.add_argument('--data', default=None, help='shared data root (default ../shared/data)')

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dense_match_ros.core.device import DEFAULT_THREADS, resolve_device
-from dense_match_ros.core.registry import available_methods
+from dense_match_ros.core.registry import DEFAULT_METHOD, available_methods
 from dense_match_ros.ros.pipeline import MODEL_FIELDS, PipelineConfig, pose_config_fields
 
 # Output topics, relative to the node's namespace; each has a publish_<name> switch.
@@ -67,7 +67,7 @@ class Param:
 def parameter_table() -> list[Param]:
     """Every node parameter in declaration order (methods as registered right now)."""
     table = [
-        Param('method', 'dis', 'Matching method; changing it swaps the model at run time.',
+        Param('method', DEFAULT_METHOD, 'Matching method; changing it swaps the model at run time.',
               constraints=f'one of: {", ".join(available_methods())}', config=True),
         Param('weights', '', 'Checkpoint of a learned method (empty: the shipped one).',
               config=True),

@@ -26,7 +26,7 @@ import numpy as np
 from dense_match_ros.core.geometry import grid
 from dense_match_ros.core.geometry import essential_ransac, pose as _pose
 from dense_match_ros.core.flowviz import flow_to_color as _flow_to_color
-from dense_match_ros.core.registry import Matcher, load_matcher
+from dense_match_ros.core.registry import DEFAULT_METHOD, Matcher, load_matcher
 from dense_match_ros.core.geometry.camera import CameraIntrinsics
 from dense_match_ros.ros.convert import FrameRejected
 
@@ -72,7 +72,7 @@ MIN_PROCESS_SIDE = 16
 class PipelineConfig:
     """Everything that decides what the pipeline computes (the node's parameters)."""
 
-    method: str = 'dis'
+    method: str = DEFAULT_METHOD
     weights: str = ''
     device: str = 'auto'
     method_options: dict = dataclasses.field(default_factory=dict)

@@ -13,6 +13,9 @@
    as on a robot), pose errors against the ground truth with AUC, and writes a report
    folder (flow images, error and latency plots, JSON).
 
+6. with ``--compare`` (default: ``dis``, unless that is ``--method``), runs the same demo for
+   each named method and prints their figures side by side.
+
 It exits non-zero when something real failed: the node did not start or died, or nothing
 came back. Poor pose numbers are results, not failures.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import subprocess
 import sys
 import threading
@@ -30,6 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dense_match_ros import paths
+from dense_match_ros.core.registry import DEFAULT_METHOD
 from dense_match_ros.ros.parameters import OUTPUTS
 from dense_match_ros.ros.tools import bag_io, make_bag, node_process, pose_report
 from dense_match_ros.ros.tools.trajectory import DEFAULT_MAX_DT, read_tum, write_tum
@@ -421,7 +426,8 @@ def _parser() -> argparse.ArgumentParser:
                    help='use the synthetic sequence even when the TUM data is present')
     p.add_argument('--frames', type=int, default=16, help='synthetic: number of frames')
     p.add_argument('--size', default='320x240', help='synthetic: WIDTHxHEIGHT')
-    p.add_argument('--method', default='dis')
+    p.add_argument('--method', default=DEFAULT_METHOD,
+                   help=f'the node\'s method (default: its default, {DEFAULT_METHOD})')
     p.add_argument('--device', default='cpu')
     p.add_argument('-p', '--node-param', action='append', default=[], metavar='NAME:=VALUE',
                    help='extra node parameter, e.g. -p keyframe_stride:=4 (repeatable)')
@@ -429,6 +435,10 @@ def _parser() -> argparse.ArgumentParser:
                    choices=RECORDED + ('all',), metavar='TOPIC',
                    help=f'node outputs to record: some of {", ".join(RECORDED)}, or all '
                         f'(default: {" ".join(DEFAULT_RECORD)}; flow and relative_pose always)')
+    p.add_argument('--compare', nargs='+', default=['dis'], metavar='METHOD',
+                   help='after the run, the same demo with these methods (default: dis, the '
+                        'baseline; skipped where it is --method; none: no comparison), and '
+                        'their figures side by side')
     p.add_argument('--domain', type=int, default=0, help='ROS_DOMAIN_ID (default: random 1-100)')
     p.add_argument('--startup-timeout', type=float, default=60.0)
     p.add_argument('--drain-timeout', type=float, default=20.0,
@@ -438,13 +448,55 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def compare(args, methods: Sequence[str]) -> int:
+    """The same demo for each of ``methods`` too (``out/compare/<method>``), then their
+    figures side by side: what a user weighs when choosing the node's method."""
+    runs = [(args.method, Path(args.out))]
+    status = run(args)
+    for method in methods:
+        print(f'\n=== the same stream with method {method} ===')
+        other = argparse.Namespace(**{**vars(args), 'method': method,
+                                      'out': Path(args.out) / 'compare' / method})
+        status = max(status, run(other))
+        runs.append((method, other.out))
+    print('\n' + format_comparison(runs))
+    return status
+
+
+def format_comparison(runs: Sequence[tuple[str, Path]]) -> str:
+    """One line per demo run, from its report.json."""
+    header = ('method', 'outputs', 'no output', 'latency ms', *[f'AUC@{t}' for t in
+                                                               pose_report.AUC_THRESHOLDS],
+              'rot err deg', 'dir err deg')
+    rows = [header]
+    for method, out in runs:
+        path = out / 'report' / 'report.json'
+        if not path.is_file():
+            rows.append((method, 'failed', *[''] * (len(header) - 2)))
+            continue
+        rep = json.loads(path.read_text())
+        s = rep['summary']
+
+        def fmt(value, spec):
+            return '-' if value is None else format(value, spec)
+        rows.append((method, str(rep['outputs']), str(rep['frames_without_output']),
+                     fmt(rep['latency_ms']['median'], '.0f'),
+                     *[fmt(s.get(f'auc@{t}'), '.3f') for t in pose_report.AUC_THRESHOLDS],
+                     fmt(s.get('median_rotation_error_deg'), '.2f'),
+                     fmt(s.get('median_translation_error_deg'), '.2f')))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return '\n'.join('  '.join(c.rjust(w) if i else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.rate <= 0:
         print('dense-match-demo: error: --rate must be > 0', file=sys.stderr)
         return 2
+    others = [m for m in args.compare if m not in ('none', args.method)]
     try:
-        return run(args)
+        return compare(args, others) if others else run(args)
     except KeyboardInterrupt:
         print('dense-match-demo: interrupted', file=sys.stderr)
         return 130

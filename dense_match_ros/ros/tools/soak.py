@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from dense_match_ros.core.dis_presets import create_dis
+from dense_match_ros.core.registry import DEFAULT_METHOD
 from dense_match_ros.ros.tools import node_process
 from dense_match_ros.ros.tools.soak_inputs import (BAD_INPUTS, camera_frames, image_msg, info_msg,
                                                    set_stamp)
@@ -441,7 +442,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--minutes', type=float, default=2.0)
     p.add_argument('--rate', type=float, default=30.0, help='frames per second (Hz)')
     p.add_argument('--size', type=_size, default=(640, 480), help='WIDTHxHEIGHT (640x480)')
-    p.add_argument('--method', default='dis', help="the node's method parameter")
+    p.add_argument('--method', default=DEFAULT_METHOD, help="the node's method parameter")
     p.add_argument('--threads', type=int, default=1, help="the node's threads parameter")
     p.add_argument('--node-param', action='append', default=[], metavar='NAME:=VALUE',
                    help='another node parameter (repeatable)')
