@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dense_match_ros.core.device import DEFAULT_THREADS, resolve_device
+from dense_match_ros.core.geometry import pose as _pose
 from dense_match_ros.core.registry import DEFAULT_METHOD, available_methods
-from dense_match_ros.ros.pipeline import MODEL_FIELDS, PipelineConfig, pose_config_fields
+from dense_match_ros.ros.pipeline import MODEL_FIELDS, PipelineConfig
 
 # Output topics, relative to the node's namespace; each has a publish_<name> switch.
 OUTPUTS = ('flow', 'matchability', 'flow_color', 'relative_pose', 'pose', 'match_result')
@@ -145,7 +146,7 @@ def parameter_table() -> list[Param]:
               (0.05, 3600.0), read_only=True),
     ]
     table += [Param(f'publish_{name}', True, f'Publish the {name} topic.') for name in OUTPUTS]
-    for name, default in pose_config_fields().items():
+    for name, default in _pose.config_fields().items():
         if isinstance(default, tuple):
             default = [int(v) for v in default]
         if isinstance(default, (bool, int, float, str, list)):
@@ -173,7 +174,7 @@ def parse_method_options(value: str | dict) -> dict[str, Any]:
 
 def _pose_options(params: dict[str, Any]) -> dict[str, Any]:
     """PoseConfig fields from ``pose.*`` entries (lists back to tuples); others are ignored."""
-    fields = pose_config_fields()
+    fields = _pose.config_fields()
     options = {}
     for key, value in params.items():
         name = key[len(POSE_PREFIX):] if key.startswith(POSE_PREFIX) else None

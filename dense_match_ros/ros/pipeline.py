@@ -163,26 +163,6 @@ class PipelineOutput:
         return float(self.pose.num_inliers) / float(self.pose.num_correspondences)
 
 
-def pose_config_fields() -> dict[str, Any]:
-    """Name -> default of every core.geometry.pose.PoseConfig field (the node's pose.* parameters)."""
-    out = {}
-    for field in dataclasses.fields(_pose.PoseConfig):
-        if field.default is not dataclasses.MISSING:
-            out[field.name] = field.default
-        elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            out[field.name] = field.default_factory()  # type: ignore[misc]
-    return out
-
-
-def make_pose_config(options: dict):
-    """core.geometry.pose.PoseConfig from a dict; unknown keys raise ValueError (typos in YAML)."""
-    known = pose_config_fields()
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(f'unknown pose options {unknown}; known: {sorted(known)}')
-    return _pose.PoseConfig(**options)
-
-
 def process_size(size: tuple[int, int], width: int, height: int) -> tuple[int, int]:
     """The matching resolution for an input of ``size`` (w, h) under the size settings."""
     w, h = size
@@ -246,7 +226,7 @@ class MatchPipeline:
         return matcher
 
     def _make_pose_config(self, options: dict):
-        config = make_pose_config(dict(options))
+        config = _pose.config_from_dict(dict(options))
         missing = essential_ransac.missing_package(config.estimator)
         self.pose_estimator_note = ''
         if missing:

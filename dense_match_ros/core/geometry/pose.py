@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 import numpy as np
 
@@ -109,6 +110,25 @@ class PoseConfig:
             raise ValueError('spread_grid cells and max_correspondences (>= 5) must be positive')
         if self.ransac_threshold_px <= 0 or not 0 < self.confidence < 1:
             raise ValueError('ransac_threshold_px must be > 0 and confidence in (0, 1)')
+
+
+def config_fields() -> dict[str, Any]:
+    """Name -> default of every :class:`PoseConfig` field (the node's ``pose.*`` parameters)."""
+    out = {}
+    for field in dataclasses.fields(PoseConfig):
+        if field.default is not dataclasses.MISSING:
+            out[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[field.name] = field.default_factory()  # type: ignore[misc]
+    return out
+
+
+def config_from_dict(options: dict) -> PoseConfig:
+    """:class:`PoseConfig` from a dict; unknown keys raise ValueError (typos in YAML)."""
+    unknown = sorted(set(options) - set(config_fields()))
+    if unknown:
+        raise ValueError(f'unknown pose options {unknown}; known: {sorted(config_fields())}')
+    return PoseConfig(**options)
 
 
 @dataclasses.dataclass

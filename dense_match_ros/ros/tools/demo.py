@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import subprocess
 import sys
 import threading
@@ -459,34 +458,8 @@ def compare(args, methods: Sequence[str]) -> int:
                                       'out': Path(args.out) / 'compare' / method})
         status = max(status, run(other))
         runs.append((method, other.out))
-    print('\n' + format_comparison(runs))
+    print('\n' + pose_report.format_runs(runs))
     return status
-
-
-def format_comparison(runs: Sequence[tuple[str, Path]]) -> str:
-    """One line per demo run, from its report.json."""
-    header = ('method', 'outputs', 'no output', 'latency ms', *[f'AUC@{t}' for t in
-                                                               pose_report.AUC_THRESHOLDS],
-              'rot err deg', 'dir err deg')
-    rows = [header]
-    for method, out in runs:
-        path = out / 'report' / 'report.json'
-        if not path.is_file():
-            rows.append((method, 'failed', *[''] * (len(header) - 2)))
-            continue
-        rep = json.loads(path.read_text())
-        s = rep['summary']
-
-        def fmt(value, spec):
-            return '-' if value is None else format(value, spec)
-        rows.append((method, str(rep['outputs']), str(rep['frames_without_output']),
-                     fmt(rep['latency_ms']['median'], '.0f'),
-                     *[fmt(s.get(f'auc@{t}'), '.3f') for t in pose_report.AUC_THRESHOLDS],
-                     fmt(s.get('median_rotation_error_deg'), '.2f'),
-                     fmt(s.get('median_translation_error_deg'), '.2f')))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return '\n'.join('  '.join(c.rjust(w) if i else c.ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
