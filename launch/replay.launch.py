@@ -14,14 +14,12 @@ use ``dense-match-replay`` instead.
 import os
 
 from launch import LaunchDescription
-from launch.actions import (DeclareLaunchArgument, EmitEvent, ExecuteProcess, LogInfo,
-                            OpaqueFunction, RegisterEventHandler, SetEnvironmentVariable,
-                            TimerAction)
-from launch.conditions import IfCondition
+from launch.actions import (EmitEvent, ExecuteProcess, LogInfo, OpaqueFunction,
+                            RegisterEventHandler, TimerAction)
 from launch.event_handlers import OnProcessExit
 from launch.events import Shutdown
-from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node
+
+from dense_match_ros.ros import launch_args as common
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_PARAMS = os.path.normpath(os.path.join(_HERE, '..', 'config', 'mono.yaml'))
@@ -35,54 +33,42 @@ ARGUMENTS = (
     ('image_topic', '/camera/image', 'image topic in the bag'),
     ('camera_info_topic', '/camera/camera_info', 'camera_info topic in the bag'),
     ('compressed', 'false', 'the bag holds sensor_msgs/CompressedImage on image_topic/compressed'),
-    ('method', '', 'matching method (empty: from params_file)'),
-    ('device', '', 'auto, cpu, cuda or cuda:N (empty: from params_file)'),
+    *common.MATCHER_ARGUMENTS,
     ('params_file', _DEFAULT_PARAMS, 'node parameters YAML'),
     ('input_qos', 'reliable',
      'QoS of the node inputs. reliable by default: best-effort raw images larger than the '
      'DDS shared-memory segment (Fast DDS: 512 KiB, i.e. above ~480x360 rgb8) are sent as '
      'UDP fragments and lost whole under load; the node still takes only the newest frame'),
     ('namespace', 'dense_match', 'namespace of the node and its outputs'),
+    ('log_level', 'info', 'node log level'),
     ('record', 'false', 'also record the outputs with ros2 bag record'),
     ('record_path', 'dense_match_outputs', 'output bag of record:=true'),
     ('shutdown_after_play', 'false', 'end the launch 3 s after the player exits'),
-    ('large_data', 'false',
-     'true: start the node, ros2 bag play and ros2 bag record with '
-     'FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA, the large-data transport of Fast DDS (shared '
-     'memory and TCP), for best-effort raw images larger than its 512 KiB shared-memory '
-     'segment, which otherwise travel as UDP fragments and get lost. Both ends must use '
-     'it: any other process that exchanges images with these (a camera driver, a viewer) '
-     'needs the same variable. false: the environment is left as it is'),
+    common.large_data_argument('the node, ros2 bag play and ros2 bag record'),
 )
 
 
-def _truthy(value: str) -> bool:
-    return value.strip().lower() in ('1', 'true', 'yes', 'on')
-
-
 def _actions(context):
-    arg = {name: LaunchConfiguration(name).perform(context) for name, _, _ in ARGUMENTS}
-    overrides = {k: arg[k] for k in ('method', 'device', 'input_qos') if arg[k]}
-    overrides['compressed'] = _truthy(arg['compressed'])
-    parameters = ([arg['params_file']] if arg['params_file'] else []) + [overrides]
-    image = arg['image_topic']
-    remappings = [('image', image), ('camera_info', arg['camera_info_topic'])]
-    if overrides['compressed']:
-        remappings.append(('image/compressed', image.rstrip('/') + '/compressed'))
-    node = Node(package='dense_match_ros', executable='dense_match_node',
-                name='dense_match_node', namespace=arg['namespace'], output='screen',
-                parameters=parameters, remappings=remappings)
-    play_cmd = ['ros2', 'bag', 'play', arg['bag'], '--rate', arg['rate']]
-    if _truthy(arg['loop']):
+    get = common.reader(context)
+    overrides = common.matcher_overrides(get)
+    if get('input_qos'):
+        overrides['input_qos'] = get('input_qos')
+    overrides['compressed'] = common.truthy(get('compressed'))
+    parameters = ([get('params_file')] if get('params_file') else []) + [overrides]
+    remappings = common.image_remappings(get('image_topic'), get('camera_info_topic'),
+                                         overrides['compressed'])
+    node = common.matcher_node(get, parameters, remappings)
+    play_cmd = ['ros2', 'bag', 'play', get('bag'), '--rate', get('rate')]
+    if common.truthy(get('loop')):
         play_cmd.append('--loop')
     player = ExecuteProcess(cmd=play_cmd, name='bag_play', output='screen')
-    actions = [node, TimerAction(period=float(arg['start_delay']), actions=[player])]
-    if _truthy(arg['record']):
-        ns = '/' + arg['namespace'].strip('/') if arg['namespace'].strip('/') else ''
+    actions = [node, TimerAction(period=float(get('start_delay')), actions=[player])]
+    if common.truthy(get('record')):
+        ns = '/' + get('namespace').strip('/') if get('namespace').strip('/') else ''
         topics = [f'{ns}/{name}' for name in OUTPUTS] + ['/diagnostics']
-        actions.append(ExecuteProcess(cmd=['ros2', 'bag', 'record', '-o', arg['record_path'],
+        actions.append(ExecuteProcess(cmd=['ros2', 'bag', 'record', '-o', get('record_path'),
                                            *topics], name='bag_record', output='screen'))
-    if _truthy(arg['shutdown_after_play']):
+    if common.truthy(get('shutdown_after_play')):
         actions.append(RegisterEventHandler(OnProcessExit(
             target_action=player,
             on_exit=[LogInfo(msg='bag play finished; shutting down in 3 s'),
@@ -92,10 +78,4 @@ def _actions(context):
 
 
 def generate_launch_description() -> LaunchDescription:
-    declared = [DeclareLaunchArgument(name, description=desc) if default is None else
-                DeclareLaunchArgument(name, default_value=default, description=desc)
-                for name, default, desc in ARGUMENTS]
-    large_data = SetEnvironmentVariable(  # before the processes: they copy the environment
-        'FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA',
-        condition=IfCondition(LaunchConfiguration('large_data')))
-    return LaunchDescription(declared + [large_data, OpaqueFunction(function=_actions)])
+    return LaunchDescription(common.declare(ARGUMENTS) + [OpaqueFunction(function=_actions)])

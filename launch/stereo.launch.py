@@ -11,11 +11,9 @@ installed). Empty method/method_options/device/weights/slop come from ``params_f
 import os
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
-from launch.conditions import IfCondition
-from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node
-from launch_ros.parameter_descriptions import ParameterValue
+from launch.actions import OpaqueFunction
+
+from dense_match_ros.ros import launch_args as common
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_PARAMS = os.path.normpath(os.path.join(_HERE, '..', 'config', 'stereo.yaml'))
@@ -25,50 +23,27 @@ ARGUMENTS = [
     ('left_camera_info', '/left/camera_info', 'left camera_info topic'),
     ('right_image', '/right/image_raw', 'right (target) image topic'),
     ('right_camera_info', '/right/camera_info', 'right camera_info topic'),
-    ('method', '', 'matching method (empty: from params_file)'),
-    ('device', '', 'auto, cpu, cuda or cuda:N (empty: from params_file)'),
-    ('weights', '', 'checkpoint of a learned method (empty: from params_file)'),
-    ('method_options', '', 'options of the method, a YAML mapping such as "{refine: dis}" '
-                           '(empty: from params_file)'),
+    *common.MATCHER_ARGUMENTS,
     ('sync_slop', '', 'largest stamp difference of a pair in seconds (empty: params_file)'),
     ('params_file', _DEFAULT_PARAMS, 'ROS 2 parameters file for dense_match_node'),
-    ('namespace', '', 'namespace of the node and its output topics'),
-    ('use_sim_time', 'false', 'use /clock (bag replay)'),
-    ('log_level', 'info', 'node log level'),
-    ('large_data', 'false',
-     'true: start the node with FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA, '
-     'the large-data transport of Fast DDS (shared memory and TCP), for best-effort '
-     'raw images larger than its 512 KiB shared-memory segment, which otherwise travel '
-     'as UDP fragments and get lost. Both ends must use it: start the camera driver '
-     'process (or whatever publishes the images) with the same variable. '
-     'false: the environment is left as it is'),
+    *common.NODE_ARGUMENTS,
+    common.large_data_argument('the node'),
 ]
 
 
 def _node(context):
-    get = lambda name: LaunchConfiguration(name).perform(context)  # noqa: E731
-    overrides = {k: get(k) for k in ('method', 'device', 'weights') if get(k)}
-    if get('method_options'):  # declared a string, whatever YAML it looks like
-        overrides['method_options'] = ParameterValue(get('method_options'), value_type=str)
+    get = common.reader(context)
+    overrides = common.matcher_overrides(get)
     if get('sync_slop'):
         overrides['sync_slop'] = float(get('sync_slop'))
     overrides['mode'] = 'pair'
-    overrides['use_sim_time'] = get('use_sim_time').lower() in ('1', 'true', 'yes')
+    overrides['use_sim_time'] = common.truthy(get('use_sim_time'))
     remappings = [('left/image', get('left_image')),
                   ('left/camera_info', get('left_camera_info')),
                   ('right/image', get('right_image')),
                   ('right/camera_info', get('right_camera_info'))]
-    return [Node(package='dense_match_ros', executable='dense_match_node',
-                 name='dense_match_node', namespace=get('namespace'),
-                 parameters=[get('params_file'), overrides], remappings=remappings,
-                 arguments=['--ros-args', '--log-level', get('log_level')],
-                 output='screen', emulate_tty=True)]
+    return [common.matcher_node(get, [get('params_file'), overrides], remappings)]
 
 
 def generate_launch_description():
-    large_data = SetEnvironmentVariable(  # before the node: it copies the environment
-        'FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA',
-        condition=IfCondition(LaunchConfiguration('large_data')))
-    return LaunchDescription(
-        [DeclareLaunchArgument(name, default_value=default, description=text)
-         for name, default, text in ARGUMENTS] + [large_data, OpaqueFunction(function=_node)])
+    return LaunchDescription(common.declare(ARGUMENTS) + [OpaqueFunction(function=_node)])
