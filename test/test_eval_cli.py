@@ -96,6 +96,35 @@ def test_cli_json_on_known_flow(tmp_path, fake_synthetic, capsys):
     assert '== summary' in printed
 
 
+def test_cli_summarises_synthetic_pairs_per_kind_of_warp(tmp_path, fake_synthetic, monkeypatch,
+                                                         capsys):
+    """A parametric matcher is judged on the kinds of warp it can express: the synthetic set's
+    summary holds each kind's means beside the set's."""
+    def heldout_pairs(n, size=(240, 240), seed=2026):
+        pairs = []
+        for i, pair in enumerate(_shift_pairs(n, (24, 16), seed)):
+            kind = 'affine' if i % 2 == 0 else 'tps'
+            if kind == 'tps':   # the truth moves 2 px further: the matcher is 2 px off there
+                pair = dataclasses.replace(pair, flow=pair.flow + np.float32([2.0, 0.0]))
+            pairs.append(types.SimpleNamespace(**dataclasses.asdict(pair), kind=kind))
+        return pairs
+
+    monkeypatch.setattr(cli.synthetic, 'heldout_pairs', heldout_pairs)
+    out = tmp_path / 'r.json'
+    assert cli.main(['--method', 'test_shift', '--sets', 'synthetic', '--synthetic-n', '4',
+                     '--json', str(out), '--no-progress']) == 0
+    rec = json.loads(out.read_text())
+    assert [r['kind'] for r in rec['rows']] == ['affine', 'tps', 'affine', 'tps']
+    s = rec['sets']['synthetic']
+    assert s['aepe'] == pytest.approx(1.0)
+    assert s['by_kind']['affine']['num_pairs'] == 2
+    assert s['by_kind']['affine']['aepe'] == pytest.approx(0.0)
+    assert s['by_kind']['tps']['aepe'] == pytest.approx(2.0)
+    assert s['by_kind']['tps']['pck@1'] == pytest.approx(0.0)
+    overview = capsys.readouterr().out.split('== summary')[-1]
+    assert '  affine' in overview and '  tps' in overview
+
+
 def test_cli_compares_several_methods_with_a_record_each(tmp_path, fake_synthetic, capsys):
     """``--method a,b``: each method in turn (its own JSON), then the summaries side by side;
     per-call figures a matcher reports (``last_run``) land in its rows."""

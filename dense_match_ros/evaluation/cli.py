@@ -239,7 +239,9 @@ def _run_flow_set(matcher, set_name: str, pairs: Sequence[Any], progress, args,
                 report_dir / f'{set_name}_{safe(name)}.png', f'{args.method}: {name}',
                 pair.source, pair.target, np.asarray(pair.flow),
                 np.asarray(pair.valid, bool), result.flow, result.matchability)))
-        rows.append({'set': set_name, 'pair': name, **_json_value(row)})
+        kind = getattr(pair, 'kind', None)
+        rows.append({'set': set_name, 'pair': name, **({'kind': kind} if kind else {}),
+                     **_json_value(row)})
     return rows
 
 

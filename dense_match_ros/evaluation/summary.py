@@ -23,7 +23,7 @@ def _mean(values: Iterable[Any]) -> float | None:
 
 def summarise_flow(rows: Sequence[dict]) -> dict:
     """Per-set means of every numeric metric (pairs weigh equally) and the mean PCK curve."""
-    skip = ('set', 'pair', 'pck_curve', 'aepe_levels', 'level_labels', 'reliability')
+    skip = ('set', 'pair', 'kind', 'pck_curve', 'aepe_levels', 'level_labels', 'reliability')
     keys = [k for k in rows[0] if k not in skip] if rows else []
     out: dict[str, Any] = {'num_pairs': len(rows)}
     for k in keys:
@@ -40,7 +40,20 @@ def summarise_flow(rows: Sequence[dict]) -> dict:
     if len(rows):
         out['pck_curve'] = {'thresholds_px': list(PCK_CURVE_THRESHOLDS),
                             'values': np.nanmean(curves, axis=0).tolist()}
+    kinds = sorted({r['kind'] for r in rows if r.get('kind')})
+    if kinds:
+        out['by_kind'] = {kind: summarise_kind([r for r in rows if r.get('kind') == kind])
+                          for kind in kinds}
     return out
+
+
+KIND_KEYS = ('aepe', 'pck@1', 'pck@3', 'pck@5', 'jaccard')
+
+
+def summarise_kind(rows: Sequence[dict]) -> dict:
+    """The headline means over the synthetic pairs of one warp kind: a parametric matcher is
+    judged on the kinds its transform can express (CNNGeo: affine and TPS, not homography)."""
+    return {'num_pairs': len(rows), **{k: _mean(r.get(k) for r in rows) for k in KIND_KEYS}}
 
 
 def summarise_pose(rows: Sequence[dict]) -> dict:

@@ -71,4 +71,9 @@ def format_overview(sets: dict[str, dict], pose_sets: Sequence[str]) -> str:
                               ('jaccard', 'Jacc', 5, '.3f')))
         body += f'  {fmt(summ.get("match_time_s"), 6, ".3f")} s/pair'
         lines.append(f'{name:<14} {n:4d} pairs  {body}')
+        for kind, part in (summ.get('by_kind') or {}).items():
+            lines.append(f'{"  " + kind:<14} {part["num_pairs"]:4d} pairs  ' + '  '.join(
+                f'{label} {fmt(part.get(k), width, spec)}' for k, label, width, spec in
+                (('aepe', 'AEPE', 7, '.3f'), ('pck@1', 'PCK@1', 5, '.3f'),
+                 ('pck@5', 'PCK@5', 5, '.3f'), ('jaccard', 'Jacc', 5, '.3f'))))
     return '\n'.join(lines)
