@@ -47,7 +47,7 @@ def summarise_flow(rows: Sequence[dict]) -> dict:
     return out
 
 
-KIND_KEYS = ('aepe', 'pck@1', 'pck@3', 'pck@5', 'jaccard')
+KIND_KEYS = ('aepe', 'pck@1', 'pck@3', 'pck@5', 'fl', 'jaccard')
 
 
 def summarise_kind(rows: Sequence[dict]) -> dict:

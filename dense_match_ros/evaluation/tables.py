@@ -65,15 +65,20 @@ def format_overview(sets: dict[str, dict], pose_sets: Sequence[str]) -> str:
                     f'{k[3:]} {summ[f"{k}_seed_mean"]:.3f} +- {summ[f"{k}_seed_std"]:.3f}'
                     for k in ('auc@5', 'auc@10', 'auc@20') if f'{k}_seed_mean' in summ) + ']'
         else:
-            body = '  '.join(f'{label} {fmt(summ.get(k), width, spec)}' for k, label, width, spec in
-                             (('aepe', 'AEPE', 7, '.3f'), ('pck@1', 'PCK@1', 5, '.3f'),
-                              ('pck@5', 'PCK@5', 5, '.3f'), ('fl', 'Fl', 5, '.3f'),
-                              ('jaccard', 'Jacc', 5, '.3f')))
+            body = _flow_headline(summ)
         body += f'  {fmt(summ.get("match_time_s"), 6, ".3f")} s/pair'
         lines.append(f'{name:<14} {n:4d} pairs  {body}')
         for kind, part in (summ.get('by_kind') or {}).items():
-            lines.append(f'{"  " + kind:<14} {part["num_pairs"]:4d} pairs  ' + '  '.join(
-                f'{label} {fmt(part.get(k), width, spec)}' for k, label, width, spec in
-                (('aepe', 'AEPE', 7, '.3f'), ('pck@1', 'PCK@1', 5, '.3f'),
-                 ('pck@5', 'PCK@5', 5, '.3f'), ('jaccard', 'Jacc', 5, '.3f'))))
+            lines.append(f'{"  " + kind:<14} {part["num_pairs"]:4d} pairs  '
+                         + _flow_headline(part))
     return '\n'.join(lines)
+
+
+FLOW_HEADLINE = (('aepe', 'AEPE', 7, '.3f'), ('pck@1', 'PCK@1', 5, '.3f'),
+                 ('pck@5', 'PCK@5', 5, '.3f'), ('fl', 'Fl', 5, '.3f'), ('jaccard', 'Jacc', 5, '.3f'))
+"""(key, label, width, format) of a flow set's overview line, and of each warp kind's."""
+
+
+def _flow_headline(summary: dict) -> str:
+    return '  '.join(f'{label} {fmt(summary.get(k), width, spec)}'
+                     for k, label, width, spec in FLOW_HEADLINE)
