@@ -396,7 +396,8 @@ def test_the_fast_variant_is_neuflow_with_its_own_defaults_and_every_option_open
     got = {'max_side': fast.max_side, 'iterations': fast.iterations,
            'cascade_side': fast.cascade_side, 'polish': fast.polish,
            'refine_preset': fast.refine_preset, 'prealign_features': fast.prealign_config.features,
-           'fb_cross': fast.fb_cross, 'agree_px': fast.agree_px, 'concurrent': fast.concurrent}
+           'fb_cross': fast.fb_cross, 'agree_px': fast.agree_px, 'concurrent': fast.concurrent,
+           'settled_share': fast.settled_share}
     assert got == neuflow_method.FAST_DEFAULTS
     assert load_matcher('neuflow-fast', device='cpu', net=_net(), max_side=320).max_side == 320
     with pytest.raises(ValueError, match="neuflow-fast has no option 'windows'"):
@@ -440,3 +441,33 @@ def test_the_calibration_floor_does_not_reach_matches_that_leave_the_target():
     outside = ~grid.in_bounds(flow, (96, 64))
     assert outside[:, :8].mean() > 0.9                # the columns shifted out of view
     assert (matchability[outside] == 0).all() and (matchability[~outside] >= 0.2 - 1e-6).all()
+
+
+def test_a_pair_that_dis_settles_gets_dis_s_result_without_the_network(monkeypatch):
+    """``settled_share``: where DIS's round trip closes within ``settled_px`` on all but that
+    share of the pixels, the result is ``dis``'s, flow and matchability, and the network is
+    not run; where it does not, DIS's flows computed for the check feed the fusion."""
+    calls = []
+    original = NeuFlowMatcher.network_flows
+
+    def counted(self, source, target):
+        calls.append(source.shape)
+        return original(self, source, target)
+
+    monkeypatch.setattr(NeuFlowMatcher, 'network_flows', counted)
+    small = affine_photo_pair(128, 96, 0.0, 1.0, (2.0, 1.0))[:2]
+    large = affine_photo_pair(128, 96, 25.0, 1.2, (9.0, -6.0))[:2]
+    gated = _tiny_matcher(settled_share=0.05, prealign=False)
+    flow, matchability = gated.match(*small)
+    expected = load_matcher('dis', device='cpu').match(*small)
+    assert calls == []
+    assert np.array_equal(flow, expected.flow)
+    np.testing.assert_array_equal(matchability, expected.matchability)
+    gated_large = gated.match(*large)
+    assert len(calls) == 1
+    plain = _tiny_matcher(prealign=False).match(*large)
+    assert np.array_equal(gated_large.flow, plain.flow)
+    for bad in ({'settled_share': 1.0}, {'settled_share': -0.1}, {'settled_px': 0.0},
+                {'settled_share': 0.05, 'fuse': 'none'}):
+        with pytest.raises(ValueError, match='settled'):
+            _tiny_matcher(**bad)

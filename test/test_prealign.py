@@ -154,3 +154,24 @@ def test_without_from_flow_only_features_decide():
     config = prealign.PrealignConfig(from_flow=False)
     result, _ = prealign.match_prealigned(match, src, tgt, config)
     assert match.targets == [tgt] and np.array_equal(result, flow)
+
+
+@pytest.mark.parametrize('angle,verdict', [(8.0, 'found'), (60.0, 'none')])
+def test_a_homography_that_part_of_the_matches_hold_is_used_only_while_it_warps_gently(
+        angle, verdict):
+    """Two thirds of the reliable matches follow one rotation, the rest scatter: a fit
+    held by that share describes a part of the scene. Gentle (8 degrees, departure 0.07),
+    it may pre-align; strong (60 degrees, 0.5), nothing bounds it beyond its inliers."""
+    src, _, flow = affine_photo_pair(320, 240, angle, 1.0, (4.0, -3.0))
+    rng = np.random.default_rng(3)
+    partial = flow.copy()
+    scatter = rng.random((240, 320)) < 0.35
+    partial[scatter] += rng.uniform(-60, 60, (int(scatter.sum()), 2)).astype(np.float32)
+    confident = np.ones((240, 320), np.float32)
+    assert prealign.homography_from_flow(src, flow, confident)[0] == 'found'
+    found, homography = prealign.homography_from_flow(src, partial, confident)
+    assert found == verdict
+    if verdict == 'found':
+        assert prealign.departure_from_shift(homography, (320, 240)) < 0.1
+    with pytest.raises(ValueError, match='inlier ratios'):
+        prealign.PrealignConfig(full_support=1.5)
