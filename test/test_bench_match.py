@@ -1,6 +1,7 @@
 """dense-match-bench on tiny inputs: entries, record, and the timing helper itself."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,3 +64,24 @@ def test_busy_processes_slow_down_is_measured_and_they_are_stopped(tmp_path):
     import subprocess
     left = subprocess.run(['pgrep', '-f', 'a = \\(a @ a\\)'], capture_output=True, text=True)
     assert left.stdout.strip() == ''
+
+
+def test_the_shifted_pair_is_one_dis_settles_and_the_turned_one_is_not(tmp_path):
+    """``--pair shifted``: the next frame of a slow camera (DIS's round trip closes almost
+    everywhere); the default turned pair moves part of the view out, so a method that hands
+    settled pairs to DIS (``neuflow-fast``) runs its network on it."""
+    from dense_match_ros.core.dis_presets import create_dis, two_way_flow
+    from dense_match_ros.core.geometry import grid
+    open_share = {}
+    for kind in bench_match.PAIRS:
+        source, target = bench_match.photo_pair((120, 160), kind)
+        assert source.shape == target.shape == (120, 160, 3)
+        forward, backward = two_way_flow(create_dis('medium'), source, target, (160, 120))
+        open_share[kind] = float(np.mean(grid.forward_backward_error(forward, backward) > 3.0))
+    assert open_share['shifted'] < 0.05 < open_share['turned'], open_share
+    out = tmp_path / 's.json'
+    assert bench_match.main(['--method', 'dis', '--pair', 'shifted', '--sizes', '64x48',
+                             '--n', '2', '--json', str(out)]) == 0
+    assert json.loads(out.read_text())['pair'] == 'shifted'
+    with pytest.raises(ValueError, match='pair must be one of'):
+        bench_match.photo_pair((48, 64), 'spun')

@@ -4,7 +4,10 @@ Two measurements, printed as a markdown table and written to one JSON file:
 
 1. ``match``: the whole :meth:`Matcher.match` call a node makes per frame pair (resizing,
    the network or the classical pipeline, conversion back to a full-resolution flow and
-   matchability), on a real photo pair of each requested size;
+   matchability), on a real photo pair of each requested size: by default the photo and a
+   copy turned by 3 degrees, zoomed 2 % and shifted (part of it leaves the view), ``--pair
+   shifted`` the photo and a copy shifted by 1 % (the next frame of a slow camera stream:
+   a pair ``dis`` settles, so ``neuflow-fast`` returns DIS's result without its network);
 2. ``network`` (``--network``, learned methods with a torch module in ``.net``): the forward
    pass alone at the working size, in fp32 and, on CUDA, in bf16 autocast and with
    ``torch.compile(mode='reduce-overhead')`` (CUDA graphs), so the table shows what each
@@ -62,9 +65,16 @@ def timed(fn: Callable[[], Any], n: int, warmup: int = 5,
             'p90_ms': float(q[1]), 'n': n}
 
 
-def photo_pair(size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """A real image and a slightly rotated, shifted copy at (H, W): classical methods
-    take data-dependent time, so noise would misstate them."""
+PAIRS = ('turned', 'shifted')
+"""The photo pairs :func:`photo_pair` makes (``--pair``)."""
+
+
+def photo_pair(size: tuple[int, int], kind: str = 'turned') -> tuple[np.ndarray, np.ndarray]:
+    """A real image and a copy at (H, W): turned by 3 degrees, zoomed 2 % and shifted by
+    (2 %, 1 %) of the size (``turned``), or only shifted by (1 %, 0.5 %) (``shifted``).
+    A real photo, not noise: classical methods take data-dependent time."""
+    if kind not in PAIRS:
+        raise ValueError(f'pair must be one of {PAIRS}, got {kind!r}')
     h, w = size
     try:
         from skimage import data as skdata
@@ -72,8 +82,11 @@ def photo_pair(size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     except Exception:  # pragma: no cover - scikit-image is a dependency
         image = (np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8)
     source = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
-    m = cv2.getRotationMatrix2D((w / 2, h / 2), 3.0, 1.02)
-    m[:, 2] += (0.02 * w, 0.01 * h)
+    if kind == 'turned':
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), 3.0, 1.02)
+        m[:, 2] += (0.02 * w, 0.01 * h)
+    else:
+        m = np.float64([[1, 0, 0.01 * w], [0, 1, 0.005 * h]])
     target = cv2.warpAffine(source, m, (w, h), borderMode=cv2.BORDER_REFLECT)
     return source, target
 
@@ -85,10 +98,11 @@ def _sync_for(device: str) -> Callable[[], None]:
     return lambda: None
 
 
-def bench_match(matcher, sizes: Sequence[tuple[int, int]], n: int) -> dict[str, Any]:
+def bench_match(matcher, sizes: Sequence[tuple[int, int]], n: int,
+                pair: str = 'turned') -> dict[str, Any]:
     out = {}
     for size in sizes:
-        source, target = photo_pair(size)
+        source, target = photo_pair(size, pair)
         out[f'{size[1]}x{size[0]}'] = timed(lambda: matcher.match(source, target), n,
                                             sync=_sync_for(matcher.device))
     return out
@@ -182,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    type=lambda s: [parse_size(x) for x in s.split(',') if x.strip()],
                    help='comma list of WIDTHxHEIGHT (default 240x240,640x480)')
     p.add_argument('--n', type=int, default=100, help='timed calls per entry (default 100)')
+    p.add_argument('--pair', choices=PAIRS, default='turned',
+                   help='the photo pair timed: turned by 3 degrees, zoomed and shifted '
+                        '(default), or only shifted by 1 %% (a pair DIS settles)')
     p.add_argument('--busy', type=int, default=0, metavar='N',
                    help='also time match() while N competing busy processes run (BLAS on every '
                         'core) and report the slow-down')
@@ -242,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_threads(args.threads)
     record: dict[str, Any] = {
         'command': 'dense-match-bench ' + ' '.join(sys.argv[1:] if argv is None else argv),
-        'device': args.device, 'batch': 1, 'n': args.n, 'torch_threads': torch.get_num_threads(),
+        'device': args.device, 'batch': 1, 'n': args.n, 'pair': args.pair,
+        'torch_threads': torch.get_num_threads(),
         'platform': platform.platform(), 'processor': platform.processor(),
         'torch': torch.__version__, 'results': {}}
     if str(args.device).startswith('cuda'):
@@ -259,10 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             kwargs['net'] = _random_network(method, weights.get(method))
             kwargs.pop('weights', None)
         matcher = load_matcher(method, **kwargs)
-        res = {'match': bench_match(matcher, args.sizes, args.n)}
+        res = {'match': bench_match(matcher, args.sizes, args.n, args.pair)}
         if args.busy > 0:
             with BusyProcesses(args.busy):
-                busy = bench_match(matcher, args.sizes, args.n)
+                busy = bench_match(matcher, args.sizes, args.n, args.pair)
             res[f'match_busy{args.busy}'] = busy
             res['slowdown_busy'] = {k: busy[k]['median_ms'] / res['match'][k]['median_ms']
                                     for k in busy}
