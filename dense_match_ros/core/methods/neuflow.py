@@ -265,9 +265,9 @@ class NeuFlowMatcher(Matcher):
         of the pixels (leaving the target counts as open): then the network has nothing to
         add. On the shared sets: 1.0-1.9 % of the pixels stay open on the TUM pairs and the
         two small-motion Sintel pairs, where the fusion took DIS's flow anyway, 8.6 % and
-        more on every other pair (Middlebury 39-98 %, the HPatches pair 20-33 %, held-out
-        synthetic pairs 12 % and more); ``out/s19/gate.py``, README "`neuflow-fast`
-        settled by DIS")."""
+        more on every other pair (Middlebury 39-93 %, the HPatches pair 20-33 %, held-out
+        synthetic pairs 12-99 %; ``scripts/dis_open_share.py``, README "Partial
+        pre-alignment fits, and DIS first")."""
         return float(np.mean(dis_error.result() > self.settled_px)) <= self.settled_share
 
     def _dis_result(self, source: np.ndarray, target: np.ndarray,
@@ -416,11 +416,12 @@ Without the second pass the network's flow is the less precise candidate, so the
 checks it through DIS's backward flow too and defers to DIS where both agree within 8 px
 (``fb_cross``, ``agree_px``: Sintel 12.95 -> 12.69 px, PCK@1 0.545 -> 0.548, synthetic
 5.80 -> 5.20, pose AUCs unchanged over 20 seeds, +4 ms): 118-125 ms at 640x480 on one
-thread, 1.85-1.92x ``dis``. With two threads DIS's flows run beside the network
-(``concurrent``): 68-70 ms, 1.8-2.0x ``dis``'s 34-38. And DIS goes first
+thread, 1.85-1.92x ``dis`` (an AMX machine; 2.14-2.17x without AMX). And DIS goes first
 (``settled_share``): a pair whose DIS round trip closes within 3 px on 95 % of the pixels,
 the usual pair of a camera stream, gets ``dis``'s result without the network (the TUM
-pairs: 1.04-1.10x ``dis``'s time instead of 2-2.5x, and its pose exactly)."""
+pairs: 1.01-1.04x ``dis``'s time instead of 2.2-2.5x, and its pose exactly). With two
+threads DIS's two flows then run side by side before the network (other pairs 2.4-2.6x
+``dis``); with ``settled_share=0`` they run beside it (``concurrent``: 2.2x)."""
 
 
 class NeuFlowFastMatcher(NeuFlowMatcher):
