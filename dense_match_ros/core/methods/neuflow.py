@@ -280,9 +280,8 @@ class NeuFlowMatcher(Matcher):
         h, w = source.shape[:2]
         th, tw = target.shape[:2]
         flow, _ = grid.to_source_grid(dis_flows[0].result(), None, (w, h), (w, h), (tw, th))
-        matchability = grid.consistency_from_error(dis_flows[2].result(), self.fb_sigma)
-        matchability[~grid.in_bounds(flow, (tw, th))] = 0.0
-        return flow, matchability
+        # The round trip is infinite where the match leaves the target: consistency 0 there.
+        return flow, grid.consistency_from_error(dis_flows[2].result(), self.fb_sigma)
 
     def _concurrent(self) -> bool:
         """Whether DIS's two flows run beside the network: ``auto`` when OpenCV may use
@@ -335,9 +334,7 @@ class NeuFlowMatcher(Matcher):
             if self.fuse == 'dis':
                 if pending is None:
                     # DIS on the source's grid, as the dis method runs it (the target resized).
-                    fwd, bwd = two_way_flow(self._dis, source, target, (w, h))
-                    pending = (_done(fwd), _done(bwd),
-                               _done(grid.forward_backward_error(fwd, bwd)))
+                    pending = self._dis_flows(source, target)
                 forward, error = self._fuse_with_dis(source, target, forward, error, pending)
         if self.polish:
             forward = _refine.variational_polish(source, target, forward, self.polish,
