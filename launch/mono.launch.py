@@ -1,7 +1,7 @@
 """One camera -> dense_match_node in mono mode (each frame against the previous/key frame).
 
     ros2 launch dense_match_ros mono.launch.py image:=/camera/image_raw \
-        camera_info:=/camera/camera_info method:=dis device:=auto
+        camera_info:=/camera/camera_info method:=neuflow-fast device:=auto
 
 Arguments left empty (method, method_options, device, weights) take their value from
 ``params_file`` (default: this package's config/mono.yaml), so a params file is never

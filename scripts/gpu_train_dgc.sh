@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train dgc (DGC+M-Net) on the lent GPU machine; see docs/GPU_TRAINING.md for the whole procedure.
+# Train dgc (DGC+M-Net), or the method METHOD names (neuflow: config/train_neuflow_gpu.yaml), on the
+# lent GPU machine; see docs/GPU_TRAINING.md for the whole procedure.
 #
 # HERE (before the first device call):
 #   scripts/gpu_train_dgc.sh prepare            # copy ../shared/train_pack to gpu_carry/ (git-ignored)
@@ -16,14 +17,16 @@
 # (passed as --set model.init_weights=INIT; the optimiser and the schedule restart).
 # The trainer:  python3 -m dense_match_ros.training.cli dgc --config CONFIG --out RUN
 #   --set data.photos=PHOTOS --minutes M   (needs only torch, numpy, OpenCV, tqdm; no PyYAML)
-# Environment: PHOTOS (default gpu_carry/train_pack), RUN (runs/dgc_gpu), CONFIG
-# (config/train_dgc_gpu.yaml), PY (python3), INIT (weights to start from).
+# Environment: METHOD (dgc), PHOTOS (default gpu_carry/train_pack), RUN (runs/${METHOD}_gpu),
+# CONFIG (config/train_${METHOD}_gpu.yaml), PY (python3), INIT (weights to start from).
+# Files are named after METHOD: ${METHOD}_gpu.pt parts, ${METHOD}_gpu.json.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ -z "${PY:-}" ]; then [ -x .venv/bin/python ] && PY=.venv/bin/python || PY=python3; fi
+METHOD="${METHOD:-dgc}"
 PHOTOS="${PHOTOS:-gpu_carry/train_pack}"
-RUN="${RUN:-runs/dgc_gpu}"
-CONFIG="${CONFIG:-config/train_dgc_gpu.yaml}"
+RUN="${RUN:-runs/${METHOD}_gpu}"
+CONFIG="${CONFIG:-config/train_${METHOD}_gpu.yaml}"
 OUT="${OUT:-/tmp/dgc_out}"
 PART_BYTES=$((15 * 1024 * 1024))
 log() { printf '[gpu_train_dgc %4ss] %s\n' "$SECONDS" "$*"; }
@@ -36,7 +39,7 @@ snapshot() {
   [ -f "$RUN/train.out" ] && tail -c 20000 "$RUN/train.out" > "$OUT/train.out.tail"
   if [ -f "$RUN/last.pt" ]; then
     # fp16 model weights + JSON record (sha256) from the latest training state.
-    "$PY" - "$RUN/last.pt" "$OUT/dgc_gpu.pt" <<'EOF'
+    "$PY" - "$RUN/last.pt" "$OUT/${METHOD}_gpu.pt" <<'EOF'
 import sys, time
 from dense_match_ros.training import checkpoint as ckpt
 state = ckpt.load_training_state(sys.argv[1])
@@ -48,7 +51,7 @@ rec = ckpt.export_weights(state, sys.argv[2], {
     'note': 'snapshot of a GPU run (scripts/gpu_train_dgc.sh); not evaluated yet'}, half=True)
 print('snapshot', rec['steps'], 'steps', rec['bytes'], 'bytes')
 EOF
-    (cd "$OUT" && split -b "$PART_BYTES" -d -a 1 dgc_gpu.pt dgc_gpu.pt.part && rm dgc_gpu.pt)
+    (cd "$OUT" && split -b "$PART_BYTES" -d -a 1 "${METHOD}_gpu.pt" "${METHOD}_gpu.pt.part" && rm "${METHOD}_gpu.pt")
   fi
   if [ -f "$RUN/log.jsonl" ]; then
     "$PY" - "$RUN/log.jsonl" <<'EOF'
@@ -56,7 +59,7 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 for r in rows[-3:]:
     print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
-           if k in ('step', 'loss', 'epe_pool4', 'epe_conv3', 'epe_conv1', 'loss_bce', 'pairs_per_s', 'wall_time_s')})
+           if k in ('step', 'loss', 'epe', 'epe_global', 'bce', 'epe_pool4', 'epe_conv3', 'epe_conv1', 'loss_bce', 'pairs_per_s', 'wall_time_s')})
 EOF
   fi
   ls -l "$OUT"
@@ -84,7 +87,7 @@ case "${1:-}" in
     [ -n "${INIT:-}" ] && extra=(--set "model.init_weights=$INIT")
     # The shared loop (training/loop.py) with pairs made on the GPU (data.sampler: device);
     # --minutes is the budget of the whole run (a resumed run counts the time already spent).
-    setsid nohup "$PY" -m dense_match_ros.training.cli dgc --config "$CONFIG" --out "$RUN" \
+    setsid nohup "$PY" -m dense_match_ros.training.cli "$METHOD" --config "$CONFIG" --out "$RUN" \
       --set "data.photos=$PHOTOS" --minutes "$minutes" --no-progress ${extra[@]+"${extra[@]}"} \
       > "$RUN/train.out" 2>&1 < /dev/null &
     echo $! > "$RUN/train.pid"
@@ -101,19 +104,19 @@ case "${1:-}" in
     # (or of the defaults) when there is no checkpoint yet.
     mkdir -p "$OUT"
     ckpt=()
-    [ -f "$RUN/last.pt" ] && ckpt=(--weights "dgc=$RUN/last.pt")
-    "$PY" -m dense_match_ros.evaluation.bench_match --method dgc "${ckpt[@]}" --random-weights \
+    [ -f "$RUN/last.pt" ] && ckpt=(--weights "$METHOD=$RUN/last.pt")
+    "$PY" -m dense_match_ros.evaluation.bench_match --method "$METHOD" "${ckpt[@]}" --random-weights \
       --device "${BENCH_DEVICE:-cuda}" --n "${BENCH_N:-100}" --network --raft-small \
       --json "$OUT/bench.json" | tee "$OUT/bench.txt"
     ;;
   assemble)
-    src="${2:?usage: assemble FILES_AT}"; dst="${3:-runs/dgc_gpu_fetched}"
+    src="${2:?usage: assemble FILES_AT}"; dst="${3:-runs/${METHOD}_gpu_fetched}"
     mkdir -p "$dst"
-    cat "$src"/dgc_gpu.pt.part* > "$dst/dgc_gpu.pt"
-    for f in dgc_gpu.json log.jsonl config.json train.out.tail bench.txt; do
+    cat "$src"/"${METHOD}_gpu.pt.part"* > "$dst/${METHOD}_gpu.pt"
+    for f in "${METHOD}_gpu.json" log.jsonl config.json train.out.tail bench.txt; do
       [ -f "$src/$f" ] && cp "$src/$f" "$dst/"
     done
-    "$PY" -c "import sys; from dense_match_ros.training.checkpoint import load_weights; c, s, r = load_weights('$dst/dgc_gpu.pt', 'dgc'); print('ok', r['steps'], 'steps, sha256 verified')"
+    "$PY" -c "import sys; from dense_match_ros.training.checkpoint import load_weights; c, s, r = load_weights('$dst/${METHOD}_gpu.pt', '$METHOD'); print('ok', r['steps'], 'steps, sha256 verified')"
     ls -l "$dst"
     ;;
   *)

@@ -421,3 +421,10 @@ def test_shipped_cpu_checkpoint_recovers_a_known_warp():
         err = np.median(np.linalg.norm(flow - gt, axis=-1)[inner])
         assert err < 0.5 * still, (name, err, still)
         assert np.isfinite(match).all()
+
+
+def test_the_network_timing_runs_cnngeo_at_its_one_size_whatever_the_frame():
+    # On the lent GPU, `dense-match-bench --network` at 640x480 stopped on CNNGeo's size check.
+    from dense_match_ros.evaluation.bench_match import bench_network
+    times = bench_network(_net(), 'cpu', [(48, 80), (96, 128)], n=1)
+    assert list(times) == ['64x64 fp32'] and times['64x64 fp32']['median_ms'] > 0

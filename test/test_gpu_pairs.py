@@ -147,3 +147,6 @@ def test_train_pack_names_split_like_the_original_folders(tmp_path):
                   for i in range(len(PhotoSource(nested, split='heldout'))))
     got = sorted(gpu_pairs.load_photo_tensor(str(flat), (8, 8), split='heldout')[:, 0, 0, 0].tolist())
     assert got == want and 0 < len(got) < 40
+    # The CPU sampler reading the pack (as on the GPU machine) holds out the same photos.
+    pack = PhotoSource(flat, split='heldout', short_side=None)
+    assert sorted(int(pack[i][0, 0, 0]) for i in range(len(pack))) == want

@@ -23,6 +23,7 @@ pytest.importorskip('launch_ros', reason=f'run: bash {KIT}/install.sh VENV')
 
 from test_node import Client, camera_info, image_msg, render  # noqa: E402
 from dense_match_ros.ros import convert  # noqa: E402
+from dense_match_ros.core.registry import DEFAULT_METHOD  # noqa: E402
 
 EXECUTABLES = ('dense_match_node',)
 
@@ -216,7 +217,7 @@ def test_mono_launch_xml_uses_package_share(overlay):
     values = _run_launch(REPO_ROOT / 'launch' / 'mono.launch.xml',
                          {'image': '/lt_xml_cam/image', 'camera_info': '/lt_xml_cam/camera_info',
                           'namespace': ns, 'device': 'cpu'}, check)
-    assert values['method'] == 'dis' and values['input_qos'] == 'auto'
+    assert values['method'] == DEFAULT_METHOD and values['input_qos'] == 'auto'
     # The default params file came from $(find-pkg-share): a missing file would have made
     # the node exit at start (recorded in `died`).
     assert values['pose.estimator'] == 'poselib'

@@ -1,5 +1,7 @@
 """The light flow network, its training task, the matcher (refinement, fusion) and padding."""
 import cv2
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -179,7 +181,8 @@ def _tiny_matcher(**options) -> NeuFlowMatcher:
 def test_matcher_contract_and_option_checks():
     src, tgt, _ = affine_photo_pair(72, 50, 3.0, 1.0, (2.0, 1.0))
     for options in ({'fuse': 'none', 'refine': 'none'}, {'fuse': 'dis'}, {'max_side': 32},
-                    {'fb_check': 'working'}, {'fb_cross': True, 'agree_px': 2.0}):
+                    {'fb_check': 'working'}, {'fb_cross': True, 'agree_px': 2.0},
+                    {'dis_cross': True, 'dis_margin_px': 1.0}):
         flow, matchability = _tiny_matcher(**options).match(src, tgt)
         assert flow.shape == (50, 72, 2) and flow.dtype == np.float32
         assert matchability.shape == (50, 72) and 0 <= matchability.min() <= matchability.max() <= 1
@@ -189,7 +192,7 @@ def test_matcher_contract_and_option_checks():
     for bad in ({'fuse': 'raft'}, {'fb_sigma': 0}, {'precision': 'fp8'}, {'max_side': 8},
                 {'refine': 'sift'}, {'iterations': -1}, {'fb_check': 'half'},
                 {'cascade_side': 8}, {'cascade_steps': 0}, {'polish': -1},
-                {'polish_min_texture': -1.0}, {'agree_px': -1.0}):
+                {'polish_min_texture': -1.0}, {'agree_px': -1.0}, {'dis_margin_px': -1.0}):
         with pytest.raises(ValueError):
             _tiny_matcher(**bad)
 
@@ -339,6 +342,34 @@ def test_fusion_cross_check_and_agreement():
     assert fused(truth, fb_cross=True, agree_px=1.5) == 0.0
 
 
+def test_fusion_checks_dis_through_the_network_s_backward_flow_and_leans_to_dis():
+    """DIS's forward flow right, its backward flow wrong (its own round trip misses by
+    15 px); the network 4 px off. The plain rule takes the network wherever its cost is
+    lower; through the network's backward flow (``dis_cross``) DIS's flow is seen to close
+    and is kept; a ``dis_margin_px`` larger than the gap in cost keeps DIS as well."""
+    rng = np.random.default_rng(1)
+    source = cv2.GaussianBlur(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), (5, 5), 1.5)
+    target = np.roll(source, 3, axis=1)                     # source (x, y) <-> target (x + 3, y)
+    truth = np.zeros((48, 64, 2), np.float32)
+    truth[..., 0] = 3.0
+    network = truth + np.array([0.0, 4.0], np.float32)
+    dis_bwd = -truth + np.array([0.0, 15.0], np.float32)     # DIS cannot find its way back
+    net_bwd = cv2.resize(-truth, (32, 24)) / 2.0             # right, on a half-size working grid
+    inner = (slice(8, -8), slice(8, -8))
+
+    def fused(net_error, **options):
+        flow, _ = _tiny_matcher(fuse='dis', **options)._fuse_with_dis(
+            source, target, network, np.full((48, 64), net_error, np.float32),
+            tuple(neuflow_method._done(x) for x in
+                  (truth, dis_bwd, grid.forward_backward_error(truth, dis_bwd))), net_bwd)
+        return float(np.abs(flow - truth)[inner].max())
+
+    assert fused(1.2) == pytest.approx(4.0)
+    assert fused(1.2, dis_cross=True) == 0.0
+    assert fused(1.2, dis_margin_px=30.0) == 0.0
+    assert fused(1.2, dis_margin_px=0.5) == pytest.approx(4.0)
+
+
 def test_dis_beside_the_network_changes_nothing_but_the_time_and_restores_the_threads():
     import cv2
     src, tgt, _ = affine_photo_pair(96, 64, 3.0, 1.0, (2.0, 1.0))
@@ -360,6 +391,28 @@ def test_registered_and_missing_weights_name_the_training_command(tmp_path, monk
     monkeypatch.setattr(neuflow_method.WEIGHTS, 'directory', tmp_path)
     with pytest.raises(FileNotFoundError, match='dense-match-train neuflow'):
         load_matcher('neuflow', device='cpu')
+
+
+def test_each_variant_loads_the_checkpoint_that_measured_best_for_it(tmp_path, monkeypatch):
+    """``neuflow-fast`` takes the GPU stage where it ships (else the CPU one), ``neuflow``
+    the CPU stage, unless a variant or weights are named."""
+    from dense_match_ros.training import checkpoint as ckpt
+    net = _net()
+    state = {'model': net.state_dict(), 'method': 'neuflow', 'step': 1,
+             'config': {'model': dict(TINY.__dict__)}}
+    for variant in ('cpu', 'gpu'):
+        ckpt.export_weights(state, tmp_path / f'neuflow_{variant}.pt', {'note': variant})
+    monkeypatch.setattr(neuflow_method.WEIGHTS, 'directory', tmp_path)
+
+    def loaded(method, **options):
+        return Path(load_matcher(method, device='cpu', **options).weights).name
+
+    assert loaded('neuflow-fast') == 'neuflow_gpu.pt'
+    assert loaded('neuflow') == 'neuflow_cpu.pt'
+    assert loaded('neuflow', variant='gpu') == 'neuflow_gpu.pt'
+    assert loaded('neuflow-fast', variant='cpu') == 'neuflow_cpu.pt'
+    (tmp_path / 'neuflow_gpu.pt').unlink()
+    assert loaded('neuflow-fast') == 'neuflow_cpu.pt'
 
 
 @pytest.mark.parametrize('method', ['neuflow', 'neuflow-fast'])
@@ -397,7 +450,8 @@ def test_the_fast_variant_is_neuflow_with_its_own_defaults_and_every_option_open
            'cascade_side': fast.cascade_side, 'polish': fast.polish,
            'refine_preset': fast.refine_preset, 'prealign_features': fast.prealign_config.features,
            'fb_cross': fast.fb_cross, 'agree_px': fast.agree_px, 'concurrent': fast.concurrent,
-           'settled_share': fast.settled_share}
+           'settled_share': fast.settled_share, 'dis_cross': fast.dis_cross,
+           'dis_margin_px': fast.dis_margin_px}
     assert got == neuflow_method.FAST_DEFAULTS
     assert load_matcher('neuflow-fast', device='cpu', net=_net(), max_side=320).max_side == 320
     with pytest.raises(ValueError, match="neuflow-fast has no option 'windows'"):

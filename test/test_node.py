@@ -36,6 +36,7 @@ from geometry_msgs.msg import PoseWithCovarianceStamped  # noqa: E402
 
 dm_msg = pytest.importorskip('dense_match_ros.msg')
 from dense_match_ros.ros import convert  # noqa: E402
+from dense_match_ros.core.registry import DEFAULT_METHOD  # noqa: E402
 
 F, CX, CY = 500.0, 319.5, 239.5
 RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE,
@@ -440,7 +441,7 @@ def test_mono_ten_frames_640x480(mono):
     results = [m for m in client.received['match_result']
                if convert.stamp_to_ns(m.header.stamp) in sent]
     assert [convert.stamp_to_ns(m.source_stamp) for m in results] == sent[:-1]
-    assert all(r.flow.encoding == '32FC2' and r.method == 'dis' for r in results)
+    assert all(r.flow.encoding == '32FC2' and r.method == DEFAULT_METHOD for r in results)
     assert node.alive()
 
 
@@ -457,7 +458,7 @@ def test_diagnostics(mono):
         time.sleep(0.1)
     status = ours()[-1]
     values = {kv.key: kv.value for kv in status.values}
-    assert values['method'] == 'dis' and values['device'] == 'cpu' and values['mode'] == 'mono'
+    assert (values['method'], values['device'], values['mode']) == (DEFAULT_METHOD, 'cpu', 'mono')
     assert int(values['outputs']) >= 9 and int(values['pose_valid']) >= 9
     assert float(values['latency_median_ms']) > 0
     assert 0.5 < float(values['inlier_ratio_mean']) <= 1.0
@@ -574,16 +575,16 @@ def test_runtime_method_change_rejected_keeps_old(mono):
     res = _set_param(client, '/dm_mono/dense_match_node', 'device', 'tpu')
     assert not res.successful and 'device' in res.reason
     # Options the method does not take, or that are not a mapping, are refused too.
-    res = _set_param(client, '/dm_mono/dense_match_node', 'method_options', '{refine: dis}')
-    assert not res.successful and 'refine' in res.reason
+    res = _set_param(client, '/dm_mono/dense_match_node', 'method_options', '{windows: 3}')
+    assert not res.successful and 'windows' in res.reason
     res = _set_param(client, '/dm_mono/dense_match_node', 'method_options', '[fast]')
     assert not res.successful and 'must be a mapping' in res.reason
-    # A valid swap (dis again, rebuilt, with an option) succeeds and matching continues.
+    # Valid swaps (to dis, then dis rebuilt with an option) succeed and matching continues.
+    res = _set_param(client, '/dm_mono/dense_match_node', 'method', 'dis')
+    assert res.successful, res.reason
     res = _set_param(client, '/dm_mono/dense_match_node', 'method_options', '{preset: fast}')
     assert res.successful, res.reason
     assert node.wait_for_log("options={'preset': 'fast'}")
-    res = _set_param(client, '/dm_mono/dense_match_node', 'method', 'dis')
-    assert res.successful, res.reason
     end = time.monotonic() + 10.0  # the second swap's line, read from the node's stdout
     while node.count('model swapped: method=dis') < 2 and time.monotonic() < end:
         time.sleep(0.05)
@@ -593,6 +594,7 @@ def test_runtime_method_change_rejected_keeps_old(mono):
     sent, _ = _send_sequence(client, stamps, frames, 'cam_optical', with_info=False)
     assert client.stamps('flow')[-2:] == sent[1:]
     assert _set_param(client, '/dm_mono/dense_match_node', 'method_options', '').successful
+    assert _set_param(client, '/dm_mono/dense_match_node', 'method', DEFAULT_METHOD).successful
 
 
 # ---------------------------------------------------------------------------- pair mode
@@ -796,7 +798,7 @@ def test_parameter_table_drives_the_config_and_run_time_changes():
                                'pose_options': {'confidence': 0.99, 'spread_grid': (8, 6)}}
     assert change.node == {'max_rate': 2.0, 'warn_throttle_s': 1.0}
     change = runtime_change({'method_options': '{preset: fast}'}, config)
-    assert change.model == {'method': 'dis', 'weights': '', 'device': None,
+    assert change.model == {'method': DEFAULT_METHOD, 'weights': '', 'device': None,
                             'options': {'preset': 'fast'}} and change.pipeline == {}
     with pytest.raises(ValueError, match='does not exist'):
         runtime_change({'weights': '/nonexistent/w.pt'}, config)

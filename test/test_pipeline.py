@@ -205,7 +205,7 @@ def test_pose_with_downscaled_processing_uses_scaled_intrinsics():
 
 
 def test_model_swap_and_invalid_options_keep_the_old_state():
-    p, _ = _pipe()
+    p, _ = _pipe(method='dis')
     old = p.matcher
     with pytest.raises(ValueError, match='unknown method'):
         p.set_matcher(method='nope')

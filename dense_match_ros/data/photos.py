@@ -55,9 +55,20 @@ def default_folders() -> list[Path]:
     return folders
 
 
+def original_key(key: str) -> str:
+    """The relative path a ``train_pack/`` file stands for (its name spells '/' as '__').
+
+    The pack is ``train_images/`` flattened for the GPU machine; splitting on the original
+    path keeps every photo on the same side of the split in both layouts, whichever sampler
+    reads them, so the held-out synthetic set stays unseen by training on either.
+    """
+    return key.replace('__', '/')
+
+
 def heldout_score(key: str) -> float:
-    """Deterministic value in [0, 1) from a file key; keys under the fraction are held out."""
-    digest = hashlib.sha256(key.encode('utf-8')).digest()
+    """Deterministic value in [0, 1) from a file key (read through :func:`original_key`);
+    keys under the fraction are held out."""
+    digest = hashlib.sha256(original_key(key).encode('utf-8')).digest()
     return int.from_bytes(digest[:8], 'big') / 2.0 ** 64
 
 

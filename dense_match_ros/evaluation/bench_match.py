@@ -110,8 +110,14 @@ def bench_match(matcher, sizes: Sequence[tuple[int, int]], n: int,
 
 def bench_network(net, device: str, sizes: Sequence[tuple[int, int]], n: int,
                   compile_graphs: bool = True) -> dict[str, Any]:
-    """Forward pass alone: fp32, and on CUDA bf16 autocast and bf16 + CUDA graphs."""
+    """Forward pass alone: fp32, and on CUDA bf16 autocast and bf16 + CUDA graphs.
+
+    A network that runs at one size only (``fixed_input``, e.g. CNNGeo's regressors) is timed
+    once, at that size, whatever ``sizes`` asks: the matcher resizes every frame to it.
+    """
     import torch
+    if getattr(net, 'fixed_input', False):
+        sizes = [tuple(net.config.input_size)]
     net = net.float().to(device).eval()
     sync = _sync_for(device)
     cuda = str(device).startswith('cuda')

@@ -86,36 +86,20 @@ def photos_to_tensor(photos: Sequence[np.ndarray], photo_size: tuple[int, int] =
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous().to(device)
 
 
-def pack_key(key: str) -> str:
-    """The original relative path of a ``train_pack/`` file (its name has '/' as '__').
-
-    The train/held-out split hashes that path, so a photo of the pack falls on the same side
-    of the split as in ``train_images/``, and the held-out synthetic set stays unseen.
-    """
-    return key.replace('__', '/')
-
-
 def load_photo_tensor(folder: str | Sequence[str] | None, photo_size: tuple[int, int] = (256, 256),
                       split: str = 'train', device: str | torch.device = 'cpu',
                       limit: int | None = None) -> torch.Tensor:
     """Decode the ``split`` photos of ``folder`` once (split as in :mod:`data.photos`).
 
-    Keys are mapped through :func:`pack_key` before the split, so ``train_pack/`` and
-    ``train_images/`` hold out the same photos. ``folder``: one, several or None (the
-    default search of :mod:`data.photos`).
+    ``train_pack/`` and ``train_images/`` hold out the same photos (``data.photos``
+    splits on the original path). ``folder``: one, several or None (the default search of
+    :mod:`data.photos`).
     """
-    from dense_match_ros.data.photos import PhotoSource, heldout_score
-    source = PhotoSource(folder, split='all', short_side=max(photo_size))
-    held = [heldout_score(pack_key(k)) < source.heldout_fraction for k in source.keys]
-    if split == 'train':
-        keep = [i for i, h in enumerate(held) if not h]
-    elif split == 'heldout':
-        keep = [i for i, h in enumerate(held) if h]
-    else:
-        keep = list(range(len(source)))
-    if not keep:
+    from dense_match_ros.data.photos import PhotoSource
+    source = PhotoSource(folder, split=split, short_side=max(photo_size))
+    if not len(source):
         raise FileNotFoundError(f'no {split} photos in {folder}')
-    keep = keep if limit is None else keep[:limit]
+    keep = range(len(source)) if limit is None else range(min(limit, len(source)))
     return photos_to_tensor([source[i] for i in keep], photo_size, device)
 
 

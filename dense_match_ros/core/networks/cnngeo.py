@@ -104,6 +104,10 @@ class Regressor(nn.Module):
 class CnnGeoNet(nn.Module):
     """Affine, or affine then TPS, parameters of the transform taking source to target."""
 
+    fixed_input = True
+    """The regressors' first layers are sized for the correlation at ``input_size``, so the
+    network runs at that size only (the matcher resizes); timing tools read this."""
+
     def __init__(self, config: CnnGeoConfig | None = None) -> None:
         super().__init__()
         self.config = c = config or CnnGeoConfig()
