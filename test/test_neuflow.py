@@ -314,16 +314,22 @@ def test_fusion_keeps_dis_where_the_network_is_wrong():
     assert err['fused'] < err['dis'] + 0.3, err
 
 
+def _shifted_texture(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 64x48 blurred noise image and its copy shifted 3 px right, with the true flow:
+    source (x, y) <-> target (x + 3, y)."""
+    rng = np.random.default_rng(seed)
+    source = cv2.GaussianBlur(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), (5, 5), 1.5)
+    truth = np.zeros((48, 64, 2), np.float32)
+    truth[..., 0] = 3.0
+    return source, np.roll(source, 3, axis=1), truth
+
+
 def test_fusion_cross_check_and_agreement():
     """The network's refined flow right, its coarse round trip poor; DIS 2 px off with a
     good round trip. The plain rule takes DIS; through DIS's backward flow (``fb_cross``)
     the network's flow is seen to be right and kept. And where the two agree within
     ``agree_px``, DIS is taken whatever the costs."""
-    rng = np.random.default_rng(0)
-    source = cv2.GaussianBlur(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), (5, 5), 1.5)
-    target = np.roll(source, 3, axis=1)                     # source (x, y) <-> target (x + 3, y)
-    truth = np.zeros((48, 64, 2), np.float32)
-    truth[..., 0] = 3.0
+    source, target, truth = _shifted_texture(0)
     dis_fwd = truth + np.array([2.0, 0.0], np.float32)
     dis_bwd = -truth                                        # right: DIS's forward misses by 2 px
     error = np.full((48, 64), 3.0, np.float32)              # the network's coarse round trip
@@ -347,11 +353,7 @@ def test_fusion_checks_dis_through_the_network_s_backward_flow_and_leans_to_dis(
     15 px); the network 4 px off. The plain rule takes the network wherever its cost is
     lower; through the network's backward flow (``dis_cross``) DIS's flow is seen to close
     and is kept; a ``dis_margin_px`` larger than the gap in cost keeps DIS as well."""
-    rng = np.random.default_rng(1)
-    source = cv2.GaussianBlur(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), (5, 5), 1.5)
-    target = np.roll(source, 3, axis=1)                     # source (x, y) <-> target (x + 3, y)
-    truth = np.zeros((48, 64, 2), np.float32)
-    truth[..., 0] = 3.0
+    source, target, truth = _shifted_texture(1)
     network = truth + np.array([0.0, 4.0], np.float32)
     dis_bwd = -truth + np.array([0.0, 15.0], np.float32)     # DIS cannot find its way back
     net_bwd = cv2.resize(-truth, (32, 24)) / 2.0             # right, on a half-size working grid
