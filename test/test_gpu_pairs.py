@@ -118,6 +118,28 @@ def test_device_pairs_train_dgc_through_the_shared_loop_without_pyyaml(tmp_path,
     assert flow.shape == (40, 50, 2) and match.shape == (40, 50)
 
 
+def test_moving_objects_keep_the_ground_truth_exact_and_hide_what_they_cover(photos):
+    """With objects on every pair: some pixels belong to objects and some are hidden; where a
+    pixel is visible the target at x + flow shows the source at x (as without objects), and
+    the hidden ones do not. Without objects the batch is bit for bit what it was."""
+    plain = GpuPairSampler(photos, GpuPairConfig(size=(48, 48), photometric=False))
+    moving = GpuPairSampler(photos, GpuPairConfig(size=(48, 48), photometric=False, objects=1.0))
+    a, b = plain.sample(12, seed=2, step=1), moving.sample(12, seed=2, step=1)
+    assert torch.equal(a['source'], GpuPairSampler(photos, GpuPairConfig(
+        size=(48, 48), photometric=False, objects=0.0)).sample(12, seed=2, step=1)['source'])
+    changed = (a['source'] != b['source']).any(1)
+    assert 0.05 < changed.float().mean() < 0.9             # objects cover part of each image
+    in_frame = (b['flow'][..., 0] + torch.arange(48.0) >= 0) & (b['flow'][..., 0] + torch.arange(48.0) <= 47)
+    hidden = ~b['valid'] & a['valid'] & in_frame
+    assert hidden.float().mean() > 0.01                    # occlusions exist
+    diff = (_warp(b['target'], b['flow']) - b['source'].float()).abs().mean(1)
+    inner = torch.zeros(48, 48, dtype=torch.bool)
+    inner[4:-4, 4:-4] = True
+    seen = b['valid'] & inner
+    assert diff[seen].mean() < 3.0 and diff[hidden & inner].mean() > 3 * diff[seen].mean()
+    assert torch.equal(b['flow'], moving.sample(12, seed=2, step=1)['flow'])
+
+
 def test_device_pairs_refuse_what_they_cannot_make(photos):
     from dense_match_ros.training import config as cfgmod
     from dense_match_ros.training.gpu_pairs import DeviceBatches
@@ -125,8 +147,9 @@ def test_device_pairs_refuse_what_they_cannot_make(photos):
     config = cfgmod.from_dict({'method': 'hilm', 'data': {'sampler': 'device'}})
     with pytest.raises(ValueError, match='sampler: cpu'):
         DeviceBatches.from_config(config, get_task('hilm'), 0, torch.device('cpu'))
-    config = cfgmod.from_dict({'method': 'dgc', 'data': {'sampler': 'device', 'objects': 0.5}})
-    with pytest.raises(ValueError, match='objects'):
+    config = cfgmod.from_dict({'method': 'dgc', 'data': {'sampler': 'device',
+                                                         'kind_weights': [1.0, 2.0, 1.0]}})
+    with pytest.raises(ValueError, match='kind_weights'):
         DeviceBatches.from_config(config, get_task('dgc'), 0, torch.device('cpu'))
     source = DeviceBatches(GpuPairSampler(photos, GpuPairConfig(size=(32, 32))), 2, seed=1)
     batches = list(source(5, 7))

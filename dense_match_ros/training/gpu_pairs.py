@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dense_match_ros.core.geometry import transforms as tf
+from dense_match_ros.training import gpu_objects
 from dense_match_ros.training.config import TrainConfig
 from dense_match_ros.training.tasks import TrainTask, fill
 
@@ -63,6 +64,10 @@ class GpuPairConfig:
     gamma: float = 0.25
     noise_sigma: float = 5.0
     p_jitter: float = 0.8
+    objects: float = 0.0
+    """Share of pairs with 2-6 independently moving objects (:mod:`.gpu_objects`, the
+    ranges of :class:`data.moving_objects.ObjectMotion`); 0 draws nothing for them, so the
+    batches of a run without objects stay what they were."""
 
 
 def photos_to_tensor(photos: Sequence[np.ndarray], photo_size: tuple[int, int] = (256, 256),
@@ -201,6 +206,9 @@ class GpuPairSampler:
         valid = (mapped.abs() <= 1.0).all(dim=-1)  # |x_n| <= 1: inside the target's outer edges
         flow = torch.where(valid[..., None], flow, torch.zeros_like(flow))
 
+        if c.objects > 0:
+            source, target, flow, valid = gpu_objects.add_moving_objects(
+                source, target, flow, valid, self.photos, gen, c.objects, crop_scale=c.crop_scale)
         if c.photometric:
             source = self._jitter(source / 255.0, gen) * 255.0
             target = self._jitter(target / 255.0, gen) * 255.0
@@ -252,14 +260,15 @@ class DeviceBatches:
         if type(task).extra_batch is not TrainTask.extra_batch:
             raise ValueError(f'{task.name} draws per-pair inputs on the CPU (extra_batch); '
                              'train it with data.sampler: cpu')
-        if data.kind_weights or data.objects:
-            raise ValueError('data.kind_weights and data.objects need data.sampler: cpu')
+        if data.kind_weights:
+            raise ValueError('data.kind_weights needs data.sampler: cpu')
         t0 = time.monotonic()
         side = int(data.photo_short_side)
         photos = load_photo_tensor(data.photos, (side, side), 'train', device)
         pairs = fill(GpuPairConfig, {'size': list(data.image_size), 'kinds': list(data.kinds),
                                      'crop_scale': list(data.crop_scale),
-                                     'photometric': data.photometric, **data.gpu_pairs},
+                                     'photometric': data.photometric,
+                                     'objects': data.objects, **data.gpu_pairs},
                      'data.gpu_pairs')
         if rank == 0:
             print(f'device pairs: {photos.shape[0]} photos on {device} in '
