@@ -32,7 +32,9 @@ entry() {  # entry LIMIT_S ARGS...: one dense-match-bench run, its table appende
 
 case "${1:-}" in
   train)
-    METHOD=neuflow INIT="${INIT:-dense_match_ros/weights/neuflow_gpu.pt}" OUT="$OUT" \
+    # INIT= (empty) starts from random weights (config/train_neuflow_lite_gpu.yaml);
+    # CONFIG and RUN pass through to gpu_train_dgc.sh.
+    METHOD=neuflow INIT="${INIT-dense_match_ros/weights/neuflow_gpu.pt}" OUT="$OUT" \
       scripts/gpu_train_dgc.sh run "${2:-6.5}" "${WAIT_S:-430}"
     ;;
   bench)
