@@ -452,8 +452,7 @@ threads DIS's two flows then run side by side before the network (other pairs 2.
 ``dis``); with ``settled_share=0`` they run beside it (``concurrent``: 2.2x). The fusion
 also checks DIS's flow through the network's backward flow and gives DIS a 1 px head start
 (``dis_cross``, ``dis_margin_px``; GPU stage: Sintel 12.555 -> 12.525 px, PCK@1 0.54743 ->
-0.54775, the first figure of ``dis``'s 0.54773 or above; HPatches full 2.467 -> 2.428; about
-+2 ms)."""
+0.54775, at last at or above ``dis``'s 0.54773; HPatches full 2.467 -> 2.428; about +2 ms)."""
 
 
 class NeuFlowFastMatcher(NeuFlowMatcher):
