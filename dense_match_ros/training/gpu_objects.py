@@ -50,46 +50,26 @@ def _inside(shape: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) ->
     return torch.where(shape['ellipse'][..., None, None], ellipse, star)
 
 
-def _textures(photos: torch.Tensor, gen: torch.Generator, count: tuple[int, int],
-              size: tuple[int, int], crop_scale: tuple[float, float]) -> torch.Tensor:
-    """(B, K, 3, H, W) float crops of random photos at the output size (objects' textures)."""
-    b, k = count
-    h, w = size
-    dev = photos.device
-    n, _, ph, pw = photos.shape
-    idx = torch.randint(n, (b * k,), generator=gen, device=dev)
-    fit = min(pw / w, ph / h)
-    scale = _uniform(gen, b * k, *crop_scale, dev) * fit
-    half = torch.stack([scale * w / pw, scale * h / ph], dim=1)
-    centre = _uniform(gen, (b * k, 2), -1, 1, dev) * (1.0 - half)
-    ys = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5) / h * 2 - 1
-    xs = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) / w * 2 - 1
-    base = torch.stack(torch.meshgrid(xs, ys, indexing='xy'), -1)          # (H, W, 2)
-    grid = centre[:, None, None] + half[:, None, None] * base
-    crops = F.grid_sample(photos[idx].float(), grid, mode='bilinear', padding_mode='reflection',
-                          align_corners=False)
-    return crops.view(b, k, 3, h, w)
-
-
 def add_moving_objects(source: torch.Tensor, target: torch.Tensor, flow: torch.Tensor,
-                       valid: torch.Tensor, photos: torch.Tensor, gen: torch.Generator,
-                       probability: float, motion: ObjectMotion = ObjectMotion(),
-                       crop_scale: tuple[float, float] = (0.5, 0.9)
+                       valid: torch.Tensor, textures: torch.Tensor, gen: torch.Generator,
+                       probability: float, motion: ObjectMotion = ObjectMotion()
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(source, target, flow, visible) with objects on a ``probability`` share of the pairs.
 
     ``source``, ``target``: float (B, 3, H, W); ``flow`` (B, H, W, 2) pixels; ``valid`` bool
-    (B, H, W), the background's in-frame mask; ``photos``: the sampler's uint8 photo tensor.
-    Every pair draws the same random numbers whether it gets objects or not, so a batch is
-    a pure function of the generator's state.
+    (B, H, W), the background's in-frame mask; ``textures``: float (B, K, 3, H, W) crops of
+    other photos, K = ``motion.count[1]`` (the sampler's ``_crops``). Every pair draws the
+    same random numbers whether it gets objects or not, so a batch is a pure function of the
+    generator's state.
     """
     b, _, h, w = source.shape
     dev = source.device
     k_max = int(motion.count[1])
+    if textures.shape[:2] != (b, k_max):
+        raise ValueError(f'textures must be (B, {k_max}, 3, H, W), got {tuple(textures.shape)}')
     with_objects = torch.rand(b, generator=gen, device=dev) < probability
     count = torch.randint(int(motion.count[0]), k_max + 1, (b,), generator=gen, device=dev)
     active = with_objects[:, None] & (torch.arange(1, k_max + 1, device=dev)[None] <= count[:, None])
-    textures = _textures(photos, gen, (b, k_max), (h, w), crop_scale)
 
     side = float(min(h, w))
     r = _uniform(gen, (b, k_max), *motion.radius, dev) * side

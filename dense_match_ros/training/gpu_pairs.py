@@ -161,6 +161,30 @@ class GpuPairSampler:
             H = torch.where(bad[:, None, None], torch.eye(3, device=self.device).expand(n, 3, 3), H)
         return H
 
+    def _crop_window(self, gen: torch.Generator, n: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(photo index, centre, half extent) of ``n`` random crop windows, in each photo's
+        normalised coordinates: ``crop_scale`` of the largest window of the output's aspect."""
+        c = self.config
+        h, w = c.size
+        n_photos, _, ph, pw = self.photos.shape
+        idx = torch.randint(n_photos, (n,), generator=gen, device=self.device)
+        fit = min(pw / w, ph / h)                                # photo px per output px, largest window
+        scale = self._uniform(gen, n, *c.crop_scale) * fit
+        half = torch.stack([scale * w / pw, scale * h / ph], dim=1)  # half extent, normalised
+        centre = (self._uniform(gen, (n, 2), -1, 1)) * (1.0 - half)
+        return idx, centre, half
+
+    def _crops(self, gen: torch.Generator, n: int) -> torch.Tensor:
+        """(n, 3, H, W) float crops of random photos at the output size (moving objects'
+        textures), drawn as the pairs' own windows are."""
+        h, w = self.config.size
+        idx, centre, half = self._crop_window(gen, n)
+        grid = centre[:, None, None] + half[:, None, None] * tf.base_grid_torch(
+            h, w, n, device=self.device)
+        return F.grid_sample(self.photos[idx].float(), grid, mode='bilinear',
+                             padding_mode='reflection', align_corners=False)
+
     # ------------------------------------------------------------------ one batch
 
     def sample(self, batch: int, seed: int = 0, step: int = 0) -> dict[str, torch.Tensor]:
@@ -170,15 +194,8 @@ class GpuPairSampler:
         gen = torch.Generator(device=self.device)
         gen.manual_seed((int(seed) * 1_000_003 + int(step)) % (2 ** 63))
         h, w = c.size
-        n_photos, _, ph, pw = self.photos.shape
         dev = self.device
-
-        # Crop window in photo-normalised coordinates: centre and half extent.
-        idx = torch.randint(n_photos, (batch,), generator=gen, device=dev)
-        fit = min(pw / w, ph / h)                                # photo px per output px, largest window
-        scale = self._uniform(gen, batch, *c.crop_scale) * fit
-        half = torch.stack([scale * w / pw, scale * h / ph], dim=1)  # half extent, normalised
-        centre = (self._uniform(gen, (batch, 2), -1, 1)) * (1.0 - half)
+        idx, centre, half = self._crop_window(gen, batch)
 
         # The transform T per pair, in the target's normalised frame.
         kind_id = torch.randint(len(c.kinds), (batch,), generator=gen, device=dev)
@@ -207,8 +224,10 @@ class GpuPairSampler:
         flow = torch.where(valid[..., None], flow, torch.zeros_like(flow))
 
         if c.objects > 0:
+            count = gpu_objects.ObjectMotion().count[1]
+            textures = self._crops(gen, batch * count).view(batch, count, 3, h, w)
             source, target, flow, valid = gpu_objects.add_moving_objects(
-                source, target, flow, valid, self.photos, gen, c.objects, crop_scale=c.crop_scale)
+                source, target, flow, valid, textures, gen, c.objects)
         if c.photometric:
             source = self._jitter(source / 255.0, gen) * 255.0
             target = self._jitter(target / 255.0, gen) * 255.0

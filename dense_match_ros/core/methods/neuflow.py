@@ -87,6 +87,18 @@ def _better_round_trip(first: tuple[np.ndarray, np.ndarray, np.ndarray],
             np.where(keep_bwd[..., None], bwd1, bwd2).astype(np.float32), visibility)
 
 
+def _working_round_trip(forward: np.ndarray, backward: np.ndarray,
+                        size: tuple[int, int]) -> np.ndarray:
+    """The round-trip error of two flows on the network's working grid, in pixels of the
+    full-size source and resized to it (``size`` (W, H)); misses beyond 1e6 px (leaving the
+    target: infinite) are capped there so that the resize stays finite. Both the network's
+    own check and DIS's cross check (``dis_cross``) are taken this way: no full-size
+    backward flow is needed."""
+    w, h = size
+    error = grid.forward_backward_error(forward, backward) * (w / forward.shape[1])
+    return cv2.resize(np.minimum(error, 1e6), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
 class NeuFlowMatcher(Matcher):
     """Light flow network + DIS residual, optionally fused per pixel with plain DIS.
 
@@ -332,8 +344,7 @@ class NeuFlowMatcher(Matcher):
             if self.fb_check == 'working':
                 # The round trip on the working grid, in source pixels: the check needs no
                 # full-resolution backward flow, so only the forward one is refined.
-                error = grid.forward_backward_error(forward, backward) * (w / ww)
-                error = cv2.resize(np.minimum(error, 1e6), (w, h), interpolation=cv2.INTER_LINEAR)
+                error = _working_round_trip(forward, backward, (w, h))
             # Back to each image's own grid and pixels (the backward flow lives on the target).
             forward, visibility = grid.to_source_grid(forward, visibility, (w, h), (ww, wh),
                                                       (tw, th))
@@ -416,9 +427,7 @@ class NeuFlowMatcher(Matcher):
         if self.dis_cross and net_backward is not None:
             wh, ww = net_backward.shape[:2]
             d_fwd_w = grid.resize_flow(d_fwd, (ww, wh), target_scale=(w / tw, h / th))
-            cross = grid.forward_backward_error(d_fwd_w, net_backward) * (w / ww)
-            cross = cv2.resize(np.minimum(cross, 1e6), (w, h), interpolation=cv2.INTER_LINEAR)
-            d_error = np.minimum(d_error, cross)
+            d_error = np.minimum(d_error, _working_round_trip(d_fwd_w, net_backward, (w, h)))
         use_dis = cost(d_error, photo_dis) <= cost_net + self.dis_margin_px
         # Where neither flow survives its round trip, the photometric term alone would decide,
         # and there (occlusions, large non-rigid motion) it favours the network's smooth flow
