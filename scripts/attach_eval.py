@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dense_match_ros.training.cli import _eval_summary
+from dense_match_ros.training.cli import _eval_summary, stages_after
 
 
 def main() -> None:
@@ -25,18 +25,14 @@ def main() -> None:
     args = parser.parse_args()
     path = args.weights.with_suffix('.json')
     record = json.loads(path.read_text())
-    before = json.loads(args.init.with_suffix('.json').read_text())
-    earlier = before.get('stages') or [{k: before.get(k) for k in
-                                        ('command', 'steps', 'wall_time_s', 'evaluation')}]
     record['evaluation'] = [_eval_summary(p) for p in args.eval_json]
     record['note'] = args.note
     batch = int(record['config'].get('batch_size', 0))
-    record['stages'] = earlier + [{
+    record['stages'] = stages_after(str(args.init), {
         'command': record.get('command'), 'steps': int(record['steps']),
         'minutes': round(float(record['wall_time_s']) / 60.0, 1),
         'pairs': int(record['steps']) * batch * int(record.get('world_size', 1) or 1),
-        'device': record.get('device'), 'evaluation': record['evaluation'],
-        'init_weights': str(args.init)}]
+        'device': record.get('device'), 'evaluation': record['evaluation']})
     path.write_text(json.dumps(record, indent=2) + '\n')
     print(f'{path}: {len(record["stages"])} stages, {len(record["evaluation"])} evaluations')
 

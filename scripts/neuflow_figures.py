@@ -11,10 +11,11 @@ from pathlib import Path
 
 
 def line(folder: Path, method: str) -> str:
-    a = json.loads((folder / f'{method}_a.json').read_text())['sets']
+    record = json.loads((folder / f'{method}_a.json').read_text())
+    a = record['sets']
     b_path = folder / f'{method}_b.json'
     b = json.loads(b_path.read_text())['sets'] if b_path.exists() else {}
-    view = max(r['aepe'] for r in json.loads((folder / f'{method}_a.json').read_text())['rows']
+    view = max(r['aepe'] for r in record['rows']
                if r.get('set') == 'hpatches_viewpoint') if a.get('hpatches_viewpoint') else float('nan')
     cells = [f"{a['sintel']['aepe']:.3f} / {a['sintel']['pck@1']:.5f}",
              f"{a['hpatches240']['aepe']:.3f} / {a['hpatches']['aepe']:.3f}", f'{view:.3f}']

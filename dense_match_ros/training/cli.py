@@ -100,16 +100,21 @@ def _eval_summary(path: Path) -> dict:
             'command': record.get('command'), 'sets': sets}
 
 
-def _stages(state: dict, this: dict) -> list[dict]:
-    """Every training stage behind these weights: the stages of the checkpoint this run
-    started from (``model.init_weights``, when it has a record), then this one."""
-    init = (state['config'].get('model') or {}).get('init_weights')
+def stages_after(init: str | None, this: dict) -> list[dict]:
+    """Every training stage behind weights trained from ``init``: the stages of that
+    checkpoint (when it has a record), then ``this`` one. Also used for weights that came
+    back without their training state (``scripts/attach_eval.py``)."""
     earlier: list[dict] = []
     if init and Path(init).with_suffix('.json').is_file():
         before = json.loads(Path(init).with_suffix('.json').read_text())
         earlier = before.get('stages') or [{k: before.get(k) for k in
                                             ('command', 'steps', 'wall_time_s', 'evaluation')}]
     return earlier + [{**this, 'init_weights': init}]
+
+
+def _stages(state: dict, this: dict) -> list[dict]:
+    """:func:`stages_after` the run's ``model.init_weights``."""
+    return stages_after((state['config'].get('model') or {}).get('init_weights'), this)
 
 
 def export_main(argv: Sequence[str]) -> int:
