@@ -204,10 +204,15 @@ def test_compressed_input_without_camera_info():
         sent = []
         for i in range(5):
             if i == 2:
+                # The node keeps only the newest frame: send the bad one once it is idle (the
+                # last output of the previous pair is out) and the next good one once the bad
+                # one is decoded, or a good frame can replace it unread (a slower method is
+                # still busy after a fixed pause).
+                assert client.wait_stamp('relative_pose', sent[-1], timeout=15.0), node.log
                 bad = compressed_msg(render(W, H, 0.0), stamps.next(), FRAME)
                 bad.data = bytes(bad.data)[:40]  # truncated: undecodable
                 client.publish(bad)
-                time.sleep(0.2)
+                assert node.wait_for_log('[decode_failed]'), node.log
             sent.append(stamps.next())
             client.publish(compressed_msg(render(W, H, 0.03 * i), sent[-1], FRAME))
             if i == 0:
