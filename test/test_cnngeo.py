@@ -122,6 +122,39 @@ def test_composed_transform_equals_warping_twice():
     assert float(err.max()) < 0.03, float(err.max())
 
 
+def test_a_further_tps_pass_composes_into_one_close_tps():
+    """``compose_tps_tps_torch``: exact for an identity correction, within a hundredth of the
+    half-image for a small one (what a pass on an aligned pair regresses), and the network's
+    further pass runs the TPS stage on the aligned target and composes that way."""
+    rng = np.random.default_rng(5)
+    outer = torch.tensor(_random_tps(rng)[None])
+    identity = torch.tensor(tf.tps_identity()[None])
+    np.testing.assert_allclose(parametric.compose_tps_tps_torch(outer, identity).numpy(),
+                               outer.numpy(), atol=1e-9)
+    inner = torch.tensor(_random_tps(rng, jitter=0.03)[None])
+    fitted = parametric.compose_tps_tps_torch(outer, inner)
+    pts = torch.tensor(rng.uniform(-1, 1, (300, 2)))
+    direct = parametric.transform_points_torch(
+        'tps', outer, parametric.transform_points_torch('tps', inner, pts))
+    err = (parametric.transform_points_torch('tps', fitted, pts) - direct).norm(dim=-1)
+    assert float(err.max()) < 0.01, float(err.max())
+    net = _net(2).eval()
+    src, tgt = (torch.tensor(_photo(seed)[None]).permute(0, 3, 1, 2).float() / 255.0
+                for seed in (1, 2))
+    src, tgt = (F.interpolate(x, size=TINY.input_size, mode='area') for x in (src, tgt))
+    with torch.no_grad():
+        one, two = (net.two_way(src, tgt, tps_passes=p) for p in (1, 2))
+        feats = net.features(torch.cat([src, tgt]))
+        size = (src.shape[-1], src.shape[-2])
+        aligned = F.grid_sample(torch.cat([tgt, src]), parametric.dense_map('tps', one.composed, size),
+                                align_corners=False)
+        step = net.tps(net.correlation(feats, net.features(aligned)))
+    assert torch.equal(one.affine, two.affine) and torch.equal(one.tps, two.tps)
+    torch.testing.assert_close(two.composed, parametric.compose_tps_tps_torch(one.composed, step))
+    with pytest.raises(ValueError, match='tps_passes'):
+        CnnGeoMatcher(net=_net(), tps_passes=0)
+
+
 def test_densified_flow_equals_warping_by_the_parameters():
     """Native size, different source and target sizes: the flow is T at every source pixel."""
     rng = np.random.default_rng(1)

@@ -96,6 +96,21 @@ def compose_affine_tps(affine: np.ndarray, tps: np.ndarray) -> np.ndarray:
     return np.concatenate([mapped[:, 0], mapped[:, 1]])
 
 
+def compose_tps_tps_torch(outer: torch.Tensor, inner: torch.Tensor, n: int = 21) -> torch.Tensor:
+    """TPS parameters (B, 18) closest (least squares on an ``n`` x ``n`` grid over [-1, 1]^2)
+    to x -> outer(inner(x)): a further TPS regressed on the target aligned by ``outer``.
+
+    Unlike an affine after a TPS this is not exact (a spline of a spline is no spline), but
+    where ``inner`` is a small correction, as on a pair already aligned, the fit is close:
+    the test measures it."""
+    points = grid_points(n, dtype=outer.dtype, device=outer.device)
+    mapped = transform_points_torch('tps', outer, transform_points_torch('tps', inner, points))
+    solve = torch.as_tensor(np.linalg.pinv(tps_basis(points.cpu().numpy())), dtype=outer.dtype,
+                            device=outer.device)                      # (9, n*n)
+    q = solve @ mapped                                                # (B, 9, 2)
+    return torch.cat([q[..., 0], q[..., 1]], dim=1)
+
+
 def affine_identity_torch(batch: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
     return torch.as_tensor(tf.AFFINE_IDENTITY, dtype=dtype, device=device).expand(batch, -1).clone()
 

@@ -99,8 +99,12 @@ class CnnGeoMatcher(Matcher):
 
     def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
                  sigma: float | None = None, width: float | None = None,
-                 precision: str = 'auto', net: CnnGeoNet | None = None) -> None:
+                 precision: str = 'auto', tps_passes: int = 1,
+                 net: CnnGeoNet | None = None) -> None:
         check_precision(precision)
+        if int(tps_passes) < 1:
+            raise ValueError(f'tps_passes must be >= 1, got {tps_passes}')
+        self.tps_passes = int(tps_passes)
         if sigma is not None and not sigma > 0:
             raise ValueError(f'sigma must be > 0 px (round-trip tolerance), got {sigma}')
         self.device = device
@@ -154,7 +158,8 @@ class CnnGeoMatcher(Matcher):
         """(kind, parameters (2, 6|18) float32 of [source -> target, target -> source],
         affine stage (2, 6)): one batch of two."""
         with self._autocast():
-            out = self.net.two_way(self._tensor(source), self._tensor(target), stages=self.stages)
+            out = self.net.two_way(self._tensor(source), self._tensor(target), stages=self.stages,
+                                   tps_passes=self.tps_passes)
         if self.stages == 'affine':
             return 'affine', out.affine.float(), out.affine.float()
         return 'tps', out.composed.float(), out.affine.float()

@@ -179,20 +179,36 @@ class CnnGeoNet(nn.Module):
                              f'input_size {tuple(self.config.input_size)} (resize first)')
 
     def regress(self, source: torch.Tensor, target: torch.Tensor, source_feat: torch.Tensor,
-                target_feat: torch.Tensor, stages: str = 'tps') -> CnnGeoOutput:
+                target_feat: torch.Tensor, stages: str = 'tps', tps_passes: int = 1
+                ) -> CnnGeoOutput:
         """Both stages from images and their already computed features (the matcher
-        computes each image's features once for both directions)."""
+        computes each image's features once for both directions).
+
+        ``tps_passes`` > 1 runs the TPS stage again on the target aligned by the composed
+        transform so far, and composes (:func:`parametric.compose_tps_tps_torch`): the
+        stage then corrects what is left, a smaller warp than training's, where a regressor
+        is more precise (the paper's hierarchy, one more level at test time)."""
         affine = self.affine(self.correlation(source_feat, target_feat))
         if stages == 'affine' or self.tps is None:
             return CnnGeoOutput(affine, None, None)
         # The target rendered on the source grid by the affine: the TPS stage sees a pair
         # that differs only by what the affine could not model. The warp is not trained
         # through (the affine stage is trained on its own loss).
-        grid = parametric.dense_map('affine', affine.detach(), (source.shape[-1], source.shape[-2]))
-        aligned = F.grid_sample(target.float(), grid, mode='bilinear', padding_mode='zeros',
-                                align_corners=False).to(target.dtype)
-        tps = self.tps(self.correlation(source_feat, self.features(aligned)))
-        return CnnGeoOutput(affine, tps, parametric.compose_affine_tps_torch(affine, tps))
+        size = (source.shape[-1], source.shape[-2])
+        tps = self.tps(self.correlation(source_feat, self.features(
+            self._aligned(target, parametric.dense_map('affine', affine.detach(), size)))))
+        composed = parametric.compose_affine_tps_torch(affine, tps)
+        for _ in range(int(tps_passes) - 1):
+            step = self.tps(self.correlation(source_feat, self.features(
+                self._aligned(target, parametric.dense_map('tps', composed.detach(), size)))))
+            composed = parametric.compose_tps_tps_torch(composed, step)
+        return CnnGeoOutput(affine, tps, composed)
+
+    @staticmethod
+    def _aligned(target: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """The target rendered on the source grid by a dense map (zeros outside)."""
+        return F.grid_sample(target.float(), grid, mode='bilinear', padding_mode='zeros',
+                             align_corners=False).to(target.dtype)
 
     def forward(self, source: torch.Tensor, target: torch.Tensor, stages: str = 'tps') -> CnnGeoOutput:
         """``source``, ``target``: RGB (B, 3, H, W) in [0, 1] at ``input_size``.
@@ -205,7 +221,8 @@ class CnnGeoNet(nn.Module):
         feats = self.features(torch.cat([source, target], dim=0))  # one pass: shared BN batch
         return self.regress(source, target, feats[:b], feats[b:], stages)
 
-    def two_way(self, image_a: torch.Tensor, image_b: torch.Tensor, stages: str = 'tps') -> CnnGeoOutput:
+    def two_way(self, image_a: torch.Tensor, image_b: torch.Tensor, stages: str = 'tps',
+                tps_passes: int = 1) -> CnnGeoOutput:
         """(a -> b, b -> a) as one batch of two: each image's features are computed once."""
         self._check(image_a, 'source')
         self._check(image_b, 'target')
@@ -213,7 +230,8 @@ class CnnGeoNet(nn.Module):
         feats = self.features(images)
         n = len(image_a)
         swapped = torch.cat([image_b, image_a], dim=0)
-        return self.regress(images, swapped, feats, torch.cat([feats[n:], feats[:n]]), stages)
+        return self.regress(images, swapped, feats, torch.cat([feats[n:], feats[:n]]), stages,
+                            tps_passes)
 
 
 def config_from_dict(values: dict) -> CnnGeoConfig:
