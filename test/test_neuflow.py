@@ -168,6 +168,49 @@ def test_training_step_reduces_the_loss_on_a_fixed_batch():
         task.model_config({'widht': 1.0})
 
 
+def test_a_lighter_refinement_starts_on_another_network_s_frozen_encoder(tmp_path):
+    """``encoder_init`` copies the encoder (and nothing else) of a checkpoint of another
+    design; ``freeze_encoder`` keeps its weights and BatchNorm statistics through training
+    steps, while the new refinement learns; another width is refused by name."""
+    from dense_match_ros.training import checkpoint as ckpt
+    teacher = _net(seed=3)
+    state = {'model': teacher.state_dict(), 'method': 'neuflow', 'step': 1,
+             'config': {'model': dict(TINY.__dict__)}}
+    ckpt.export_weights(state, tmp_path / 'teacher.pt', {'note': 'teacher'}, half=False)
+    task = NeuFlowTask()
+    slim = {**TINY.__dict__, 'hidden': 8, 'corr_channels': 8, 'flow_channels': 4,
+            'head_channels': 8, 'mask_channels': 16, 'match_channels': 4}
+    cfg = task.model_config({**slim, 'encoder_init': str(tmp_path / 'teacher.pt'),
+                             'freeze_encoder': True})
+    torch.manual_seed(0)
+    net = task.build_model(cfg)
+    assert net.refiner.gate.out_channels == 8 and net.upmask[0].out_channels == 16
+    before = {k: v.clone() for k, v in net.encoder.state_dict().items()}
+    for k, v in before.items():
+        assert torch.equal(v, teacher.encoder.state_dict()[k].float()), k
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 255, (2, 3, 32, 32), dtype=np.uint8)
+    flow = np.zeros((2, 32, 32, 2), np.float32)
+    flow[..., 0] = 2.0
+    batch = {'source': torch.from_numpy(src), 'target': torch.from_numpy(np.roll(src, 2, axis=3)),
+             'flow': torch.from_numpy(flow), 'valid': torch.ones(2, 32, 32, dtype=torch.bool)}
+    net.train()
+    assert not net.encoder.training and net.refiner.training
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=2e-3)
+    refiner_before = net.refiner.gate.weight.detach().clone()
+    for _ in range(3):
+        loss, _ = task.loss(net, batch, task.loss_config({}))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for k, v in net.encoder.state_dict().items():
+        assert torch.equal(v, before[k]), k         # running statistics included
+    assert not torch.equal(net.refiner.gate.weight, refiner_before)
+    with pytest.raises(ValueError, match='another width'):
+        task.build_model(task.model_config({**slim, 'width': 0.5,
+                                            'encoder_init': str(tmp_path / 'teacher.pt')}))
+
+
 def test_bf16_is_detected_not_assumed():
     dtype = autocast_dtype('cpu')
     assert (dtype is torch.bfloat16) == cpu_has_bf16()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from dense_match_ros.core.networks.neuflow import NeuFlowConfig, NeuFlowNet, config_from_dict
 from dense_match_ros.training.tasks import TrainTask, fill, split_model
 
-TRAINING_KEYS = ('init_weights',)
+TRAINING_KEYS = ('init_weights', 'encoder_init', 'freeze_encoder')
 
 
 @dataclasses.dataclass
@@ -34,13 +34,28 @@ class NeuFlowLossConfig:
 
 def build_network(model_config: dict) -> NeuFlowNet:
     """The network of a model config; ``init_weights`` starts it from a neuflow checkpoint
-    (a shipped file or a run's last.pt): how a later stage continues an earlier one."""
+    (a shipped file or a run's last.pt): how a later stage continues an earlier one.
+
+    ``encoder_init`` takes only the encoder from a neuflow checkpoint of another design (same
+    ``width``): a lighter refinement then starts on features that already match, which from
+    random init took the CPU most of its training (the global match at 1/16 depends on the
+    encoder alone). ``freeze_encoder`` keeps it as it is."""
+    from dense_match_ros.training import checkpoint as ckpt
     arch, train_keys = split_model(model_config, NeuFlowConfig, TRAINING_KEYS, 'neuflow model')
     net = NeuFlowNet(config_from_dict(arch))
+    if train_keys.get('encoder_init'):
+        _, state, _ = ckpt.load_weights(train_keys['encoder_init'], 'neuflow')
+        encoder = {k[len('encoder.'):]: v for k, v in state.items() if k.startswith('encoder.')}
+        try:
+            net.encoder.load_state_dict(encoder)
+        except RuntimeError as err:
+            raise ValueError(f"encoder_init {train_keys['encoder_init']!r} holds an encoder of "
+                             f'another width than model.width={net.config.width}: {err}') from err
     if train_keys.get('init_weights'):
-        from dense_match_ros.training import checkpoint as ckpt
         _, state, _ = ckpt.load_weights(train_keys['init_weights'], 'neuflow')
         net.load_state_dict(state)
+    if train_keys.get('freeze_encoder'):
+        net.freeze_encoder(True)
     return net
 
 
@@ -75,7 +90,8 @@ class NeuFlowTask(TrainTask):
 
     def model_config(self, values: dict) -> dict:
         arch, train_keys = split_model(values, NeuFlowConfig, TRAINING_KEYS, 'neuflow model')
-        return {**dataclasses.asdict(config_from_dict(arch)), 'init_weights': None, **train_keys}
+        return {**dataclasses.asdict(config_from_dict(arch)), 'init_weights': None,
+                'encoder_init': None, 'freeze_encoder': False, **train_keys}
 
     def loss_config(self, values: dict) -> dict:
         return dataclasses.asdict(fill(NeuFlowLossConfig, values, 'neuflow loss'))

@@ -54,6 +54,20 @@ class NeuFlowConfig:
     """Refinement steps at 1/8 (test time may run more or fewer)."""
     temperature: float = 0.1
     """Softmax temperature of the global matching (features are L2-normalised)."""
+    corr_channels: int = 64
+    """Channels the cost volume is encoded to in a refinement step (1x1 convolution)."""
+    flow_channels: int = 32
+    """Channels the current flow is encoded to (7x7 convolution)."""
+    head_channels: int = 64
+    """Channels of the flow-update head's hidden layer."""
+    mask_channels: int = 96
+    """Channels of the convex-upsampling mask's hidden layer."""
+    match_channels: int = 32
+    """Channels of the matchability head's hidden layer.
+
+    The five above are the refinement's fixed costs: with a smaller ``hidden`` they decide
+    a step's time (a lighter network for the CPU's time budget sets them all lower; the
+    defaults are the shipped network's)."""
 
 
 def config_from_dict(values: dict) -> NeuFlowConfig:
@@ -139,15 +153,17 @@ def local_correlation(source: torch.Tensor, warped: torch.Tensor, radius: int) -
 class Refiner(nn.Module):
     """One refinement step's weights (shared by all steps)."""
 
-    def __init__(self, corr_channels: int, hidden: int) -> None:
+    def __init__(self, cost_channels: int, hidden: int, config: NeuFlowConfig) -> None:
         super().__init__()
-        self.corr = nn.Sequential(nn.Conv2d(corr_channels, 64, 1), nn.ReLU(inplace=True))
-        self.flow = nn.Sequential(nn.Conv2d(2, 32, 7, padding=3), nn.ReLU(inplace=True))
-        self.motion = nn.Sequential(nn.Conv2d(96, hidden - 2, 3, padding=1), nn.ReLU(inplace=True))
+        corr, flow, head = config.corr_channels, config.flow_channels, config.head_channels
+        self.corr = nn.Sequential(nn.Conv2d(cost_channels, corr, 1), nn.ReLU(inplace=True))
+        self.flow = nn.Sequential(nn.Conv2d(2, flow, 7, padding=3), nn.ReLU(inplace=True))
+        self.motion = nn.Sequential(nn.Conv2d(corr + flow, hidden - 2, 3, padding=1),
+                                    nn.ReLU(inplace=True))
         self.gate = nn.Conv2d(3 * hidden, hidden, 3, padding=1)
         self.cand = nn.Conv2d(3 * hidden, hidden, 3, padding=1)
-        self.head = nn.Sequential(nn.Conv2d(hidden, 64, 3, padding=1), nn.ReLU(inplace=True),
-                                  nn.Conv2d(64, 2, 3, padding=1))
+        self.head = nn.Sequential(nn.Conv2d(hidden, head, 3, padding=1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(head, 2, 3, padding=1))
 
     def forward(self, hidden: torch.Tensor, context: torch.Tensor, corr: torch.Tensor,
                 flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,13 +194,15 @@ class NeuFlowNet(nn.Module):
         c8 = self.encoder.channels[2]
         hid = config.hidden
         self.context = nn.Sequential(nn.Conv2d(c8, 2 * hid, 3, padding=1))
-        self.refiner = Refiner((2 * config.radius + 1) ** 2, hid)
-        self.upmask = nn.Sequential(nn.Conv2d(hid, 96, 3, padding=1), nn.ReLU(inplace=True),
-                                    nn.Conv2d(96, 64 * 9, 1))
-        self.match_head = nn.Sequential(nn.Conv2d(hid, 32, 3, padding=1), nn.ReLU(inplace=True),
-                                        nn.Conv2d(32, 1, 1))
+        self.refiner = Refiner((2 * config.radius + 1) ** 2, hid, config)
+        mask, match = config.mask_channels, config.match_channels
+        self.upmask = nn.Sequential(nn.Conv2d(hid, mask, 3, padding=1), nn.ReLU(inplace=True),
+                                    nn.Conv2d(mask, 64 * 9, 1))
+        self.match_head = nn.Sequential(nn.Conv2d(hid, match, 3, padding=1),
+                                        nn.ReLU(inplace=True), nn.Conv2d(match, 1, 1))
         self._corr_dtype = None
         self.folded = False
+        self.frozen_encoder = False
         self.register_buffer('mean', torch.tensor([0.45, 0.43, 0.40]).view(1, 3, 1, 1))
         self.register_buffer('std', torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1))
 
@@ -198,10 +216,22 @@ class NeuFlowNet(nn.Module):
         self.folded = True
         return self
 
+    def freeze_encoder(self, frozen: bool = True) -> 'NeuFlowNet':
+        """Stop training the encoder (weights and BatchNorm statistics): a lighter refinement
+        trained on the encoder of a network that already matches well learns only its own
+        part, and each step skips the encoder's backward pass."""
+        self.frozen_encoder = bool(frozen)
+        for p in self.encoder.parameters():
+            p.requires_grad_(not frozen)
+        return self.train(self.training)
+
     def train(self, mode: bool = True) -> 'NeuFlowNet':
         if mode and self.folded:
             raise RuntimeError('this network has its BatchNorm folded (inference only)')
-        return super().train(mode)
+        super().train(mode)
+        if self.frozen_encoder:
+            self.encoder.eval()   # frozen means frozen BatchNorm statistics too
+        return self
 
     def correlation_dtype(self, dtype: torch.dtype | None) -> 'NeuFlowNet':
         """Compute the local correlation in ``dtype`` at inference (bf16 halves its memory
