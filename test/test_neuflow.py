@@ -74,6 +74,21 @@ def test_two_way_shares_the_encoding_and_equals_two_calls():
         net(s, t, init_flow=start[:1], two_way=True)
 
 
+def test_backward_flows_may_stop_early_and_leave_the_forward_ones_as_they_were():
+    """``backward_iterations``: the backward half stops after that many steps (its flow and
+    matchability are those of a run with that many steps), the forward half runs them all."""
+    net = _net().eval()
+    s, t = torch.rand(1, 3, 32, 48), torch.rand(1, 3, 32, 48)
+    with torch.no_grad():
+        full = net(s, t, iterations=3, two_way=True)
+        short = net(s, t, iterations=1, two_way=True)
+        mixed = net(s, t, iterations=3, two_way=True, backward_iterations=1)
+    assert torch.allclose(mixed.flows[-1][:1], full.flows[-1][:1], atol=1e-5)
+    assert torch.allclose(mixed.flows[-1][1:], short.flows[-1][1:], atol=1e-5)
+    assert torch.allclose(mixed.matchability[1:], short.matchability[1:], atol=1e-5)
+    assert not torch.allclose(mixed.flows[-1][1:], full.flows[-1][1:], atol=1e-3)
+
+
 def test_folded_batch_norm_gives_the_same_flow_and_refuses_training():
     net = _net(3)
     net.train()
@@ -225,7 +240,7 @@ def test_matcher_contract_and_option_checks():
     src, tgt, _ = affine_photo_pair(72, 50, 3.0, 1.0, (2.0, 1.0))
     for options in ({'fuse': 'none', 'refine': 'none'}, {'fuse': 'dis'}, {'max_side': 32},
                     {'fb_check': 'working'}, {'fb_cross': True, 'agree_px': 2.0},
-                    {'dis_cross': True, 'dis_margin_px': 1.0}):
+                    {'dis_cross': True, 'dis_margin_px': 1.0}, {'backward_iterations': 1}):
         flow, matchability = _tiny_matcher(**options).match(src, tgt)
         assert flow.shape == (50, 72, 2) and flow.dtype == np.float32
         assert matchability.shape == (50, 72) and 0 <= matchability.min() <= matchability.max() <= 1
@@ -235,7 +250,8 @@ def test_matcher_contract_and_option_checks():
     for bad in ({'fuse': 'raft'}, {'fb_sigma': 0}, {'precision': 'fp8'}, {'max_side': 8},
                 {'refine': 'sift'}, {'iterations': -1}, {'fb_check': 'half'},
                 {'cascade_side': 8}, {'cascade_steps': 0}, {'polish': -1},
-                {'polish_min_texture': -1.0}, {'agree_px': -1.0}, {'dis_margin_px': -1.0}):
+                {'polish_min_texture': -1.0}, {'agree_px': -1.0}, {'dis_margin_px': -1.0},
+                {'backward_iterations': -1}):
         with pytest.raises(ValueError):
             _tiny_matcher(**bad)
 

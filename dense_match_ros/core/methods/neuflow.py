@@ -131,7 +131,7 @@ class NeuFlowMatcher(Matcher):
                  polish_scale: float = 1.0, fb_cross: bool = False, agree_px: float = 0.0,
                  concurrent: str | bool = 'off', settled_share: float = 0.0,
                  settled_px: float = 3.0, dis_cross: bool = False, dis_margin_px: float = 0.0,
-                 net: NeuFlowNet | None = None) -> None:
+                 backward_iterations: int | None = None, net: NeuFlowNet | None = None) -> None:
         _refine.check_refiner(refine, refine_preset)
         check_preset(dis_preset, 'dis_preset')
         if fuse not in FUSIONS:
@@ -145,6 +145,8 @@ class NeuFlowMatcher(Matcher):
             raise ValueError(f'max_side must be 0 (input size) or at least 32, got {max_side}')
         if iterations is not None and int(iterations) < 0:
             raise ValueError(f'iterations must be >= 0, got {iterations}')
+        if backward_iterations is not None and int(backward_iterations) < 0:
+            raise ValueError(f'backward_iterations must be >= 0, got {backward_iterations}')
         if int(cascade_side) < 32 and int(cascade_side) != 0:
             raise ValueError(f'cascade_side must be 0 (off) or at least 32, got {cascade_side}')
         if int(cascade_steps) < 1:
@@ -169,6 +171,8 @@ class NeuFlowMatcher(Matcher):
             net, weights, variant or self.shipped_variant, device)
         self.max_side = int(max_side)
         self.iterations = None if iterations is None else int(iterations)
+        self.backward_iterations = (None if backward_iterations is None
+                                    else int(backward_iterations))
         self.cascade_side, self.cascade_steps = int(cascade_side), int(cascade_steps)
         self.polish = int(polish)
         self.polish_min_texture = float(polish_min_texture)
@@ -254,7 +258,8 @@ class NeuFlowMatcher(Matcher):
             init = F.avg_pool2d(init, 8) / 8.0  # pixels -> 1/8 cells
         s, t = (x.contiguous(memory_format=torch.channels_last) for x in (s, t))
         with self._autocast():
-            out = self.net(s, t, iterations=iterations, init_flow=init, two_way=True)
+            out = self.net(s, t, iterations=iterations, init_flow=init, two_way=True,
+                           backward_iterations=self.backward_iterations)
         flows = padder.unpad(out.flows[-1].float()).permute(0, 2, 3, 1).cpu().numpy()
         visibility = torch.sigmoid(padder.unpad(out.matchability[0, 0].float())).cpu().numpy()
         return flows[0], flows[1], visibility

@@ -254,7 +254,7 @@ class NeuFlowNet(nn.Module):
 
     def forward(self, source: torch.Tensor, target: torch.Tensor,
                 iterations: int | None = None, init_flow: torch.Tensor | None = None,
-                two_way: bool = False) -> NeuFlowOutput:
+                two_way: bool = False, backward_iterations: int | None = None) -> NeuFlowOutput:
         """``init_flow`` (B, 2, H/8, W/8), in 1/8 cells, replaces the global match as the
         refinement's start: a second pass at a finer working size continues the flow of a
         coarser one (the refinement steps were trained to correct a start that is a few
@@ -262,7 +262,10 @@ class NeuFlowNet(nn.Module):
 
         ``two_way``: also target -> source, from the same encoding of each image (the
         encoder is a third of an inference pass); the output batch is then 2B, the forward
-        flows first, and ``init_flow`` must hold 2B starts in that order."""
+        flows first, and ``init_flow`` must hold 2B starts in that order.
+        ``backward_iterations`` stops the backward half after that many steps: where it only
+        checks the forward flows, its last steps cost as much as theirs and matter less
+        (README, "A machine without bf16")."""
         b, _, h, w = source.shape
         if h % 16 or w % 16:
             raise ValueError(f'input must be a multiple of 16 on each side, got {h}x{w}')
@@ -296,12 +299,21 @@ class NeuFlowNet(nn.Module):
         every_step = self.training
         if not self.training and self._corr_dtype is not None:
             src_n = src_n.to(self._corr_dtype)
+        held = None
         for k in range(steps):
+            if two_way and backward_iterations is not None and k == backward_iterations:
+                # The backward flows stop here (they only check the forward ones); the
+                # remaining steps run on the forward half of the batch alone.
+                held = (flow[b:], hidden[b:])
+                flow, hidden, context, src_n, tgt_n = (
+                    x[:b] for x in (flow, hidden, context, src_n, tgt_n))
             flow = flow.detach() if self.training else flow
             warped = warp_features(tgt_n, flow).to(src_n.dtype)
             corr = local_correlation(src_n, warped, self.config.radius)
             hidden, delta = self.refiner(hidden, context, corr.to(hidden.dtype), flow)
             flow = flow + delta.float()
+            if k == steps - 1 and held is not None:
+                flow, hidden = torch.cat((flow, held[0])), torch.cat((hidden, held[1]))
             if every_step or k == steps - 1:
                 flows.append(self._upsample(flow, self.upmask(hidden)))
         logit = F.interpolate(self.match_head(hidden).float(), scale_factor=8, mode='bilinear',
