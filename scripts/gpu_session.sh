@@ -32,7 +32,8 @@ entry() {  # entry LIMIT_S ARGS...: one dense-match-bench run, its table appende
 
 case "${1:-}" in
   train)
-    # INIT= (empty) starts from random weights (config/train_neuflow_lite_gpu.yaml);
+    # INIT= (empty): no whole-network start (config/train_neuflow_lite_gpu.yaml takes only
+    # the shipped encoder, by model.encoder_init);
     # CONFIG and RUN pass through to gpu_train_dgc.sh.
     METHOD=neuflow INIT="${INIT-dense_match_ros/weights/neuflow_gpu.pt}" OUT="$OUT" \
       scripts/gpu_train_dgc.sh run "${2:-6.5}" "${WAIT_S:-430}"

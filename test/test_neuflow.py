@@ -263,11 +263,10 @@ def test_cascade_refines_the_first_pass_at_the_finer_size():
     calls = []
     forward = matcher.net.forward
 
-    def spy(source, target, iterations=None, init_flow=None, two_way=False):
+    def spy(source, target, iterations=None, init_flow=None, **options):
         calls.append((tuple(source.shape), iterations,
                       None if init_flow is None else init_flow.clone()))
-        return forward(source, target, iterations=iterations, init_flow=init_flow,
-                       two_way=two_way)
+        return forward(source, target, iterations=iterations, init_flow=init_flow, **options)
     matcher.net.forward = spy
     src, tgt, _ = affine_photo_pair(72, 50, 3.0, 1.0, (2.0, 1.0))
     coarse = grid.working_size((72, 50), 32, min_side=32)            # (46, 32): min side 32
