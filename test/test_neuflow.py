@@ -460,7 +460,7 @@ def test_each_variant_loads_the_checkpoint_that_measured_best_for_it(tmp_path, m
     net = _net()
     state = {'model': net.state_dict(), 'method': 'neuflow', 'step': 1,
              'config': {'model': dict(TINY.__dict__)}}
-    for variant in ('cpu', 'gpu'):
+    for variant in ('cpu', 'gpu', 'lite'):
         ckpt.export_weights(state, tmp_path / f'neuflow_{variant}.pt', {'note': variant})
     monkeypatch.setattr(neuflow_method.WEIGHTS, 'directory', tmp_path)
 
@@ -469,13 +469,14 @@ def test_each_variant_loads_the_checkpoint_that_measured_best_for_it(tmp_path, m
 
     assert loaded('neuflow-fast') == 'neuflow_gpu.pt'
     assert loaded('neuflow') == 'neuflow_cpu.pt'
+    assert loaded('neuflow-lite') == 'neuflow_lite.pt'
     assert loaded('neuflow', variant='gpu') == 'neuflow_gpu.pt'
     assert loaded('neuflow-fast', variant='cpu') == 'neuflow_cpu.pt'
     (tmp_path / 'neuflow_gpu.pt').unlink()
     assert loaded('neuflow-fast') == 'neuflow_cpu.pt'
 
 
-@pytest.mark.parametrize('method', ['neuflow', 'neuflow-fast'])
+@pytest.mark.parametrize('method', ['neuflow', 'neuflow-fast', 'neuflow-lite'])
 def test_shipped_checkpoint_loads_and_tracks_a_real_warp(method):
     try:
         matcher = load_matcher(method, device='cpu')
@@ -513,6 +514,9 @@ def test_the_fast_variant_is_neuflow_with_its_own_defaults_and_every_option_open
            'settled_share': fast.settled_share, 'dis_cross': fast.dis_cross,
            'dis_margin_px': fast.dis_margin_px}
     assert got == neuflow_method.FAST_DEFAULTS
+    lite = load_matcher('neuflow-lite', device='cpu', net=_net())
+    assert lite.iterations == 3 and lite.max_side == fast.max_side and lite.dis_cross
+    assert lite.calibration_key == 'neuflow-lite' != fast.calibration_key
     assert load_matcher('neuflow-fast', device='cpu', net=_net(), max_side=320).max_side == 320
     with pytest.raises(ValueError, match="neuflow-fast has no option 'windows'"):
         load_matcher('neuflow-fast', device='cpu', windows=3)

@@ -164,6 +164,7 @@ _BUILTIN = {
     'dgc': 'dense_match_ros.core.methods.dgc:DgcMatcher',
     'neuflow': 'dense_match_ros.core.methods.neuflow:NeuFlowMatcher',
     'neuflow-fast': 'dense_match_ros.core.methods.neuflow:NeuFlowFastMatcher',
+    'neuflow-lite': 'dense_match_ros.core.methods.neuflow:NeuFlowLiteMatcher',
     'cnngeo': 'dense_match_ros.core.methods.cnngeo:CnnGeoMatcher',
     'cnngeo-affine': 'dense_match_ros.core.methods.cnngeo:CnnGeoAffineMatcher',
     'deepmatching': 'dense_match_ros.core.methods.deepmatching:DeepMatchingMatcher',
