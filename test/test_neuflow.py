@@ -9,7 +9,7 @@ import torch
 from dense_match_ros.core import load_matcher
 from dense_match_ros.core.device import autocast_dtype, cpu_has_bf16
 from dense_match_ros.core.geometry import grid
-from dense_match_ros.core.methods import neuflow as neuflow_method
+from dense_match_ros.core.methods import neuflow as neuflow_method, neuflow_variants
 from dense_match_ros.core.methods.neuflow import NeuFlowMatcher
 from dense_match_ros.core.networks.neuflow import (NeuFlowConfig, NeuFlowNet, local_correlation,
                                                    warp_features, windowed_softmax_flow)
@@ -513,7 +513,7 @@ def test_the_fast_variant_is_neuflow_with_its_own_defaults_and_every_option_open
            'fb_cross': fast.fb_cross, 'agree_px': fast.agree_px, 'concurrent': fast.concurrent,
            'settled_share': fast.settled_share, 'dis_cross': fast.dis_cross,
            'dis_margin_px': fast.dis_margin_px}
-    assert got == neuflow_method.FAST_DEFAULTS
+    assert got == neuflow_variants.FAST_DEFAULTS
     lite = load_matcher('neuflow-lite', device='cpu', net=_net())
     assert lite.iterations == 3 and lite.max_side == fast.max_side and lite.dis_cross
     assert lite.calibration_key == 'neuflow-lite' != fast.calibration_key
