@@ -16,6 +16,8 @@ torch functions are batched and differentiable; numpy ones work in float64.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -105,10 +107,16 @@ def compose_tps_tps_torch(outer: torch.Tensor, inner: torch.Tensor, n: int = 21)
     the test measures it."""
     points = grid_points(n, dtype=outer.dtype, device=outer.device)
     mapped = transform_points_torch('tps', outer, transform_points_torch('tps', inner, points))
-    solve = torch.as_tensor(np.linalg.pinv(tps_basis(points.cpu().numpy())), dtype=outer.dtype,
-                            device=outer.device)                      # (9, n*n)
+    solve = torch.as_tensor(_tps_fit_matrix(n), dtype=outer.dtype, device=outer.device)
     q = solve @ mapped                                                # (B, 9, 2)
     return torch.cat([q[..., 0], q[..., 1]], dim=1)
+
+
+@functools.lru_cache(maxsize=4)
+def _tps_fit_matrix(n: int) -> np.ndarray:
+    """(9, n*n) least-squares solve of a TPS through the points of :func:`grid_points` (n):
+    the same for every call, so built once (a pass per match would otherwise rebuild it)."""
+    return np.linalg.pinv(tps_basis(grid_points(n, dtype=torch.float64).numpy()))
 
 
 def affine_identity_torch(batch: int, *, dtype=torch.float32, device=None) -> torch.Tensor:

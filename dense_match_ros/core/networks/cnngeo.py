@@ -195,20 +195,21 @@ class CnnGeoNet(nn.Module):
         # that differs only by what the affine could not model. The warp is not trained
         # through (the affine stage is trained on its own loss).
         size = (source.shape[-1], source.shape[-2])
-        tps = self.tps(self.correlation(source_feat, self.features(
-            self._aligned(target, parametric.dense_map('affine', affine.detach(), size)))))
+        tps = self._tps_on_aligned(source_feat, target, 'affine', affine, size)
         composed = parametric.compose_affine_tps_torch(affine, tps)
         for _ in range(int(tps_passes) - 1):
-            step = self.tps(self.correlation(source_feat, self.features(
-                self._aligned(target, parametric.dense_map('tps', composed.detach(), size)))))
+            step = self._tps_on_aligned(source_feat, target, 'tps', composed, size)
             composed = parametric.compose_tps_tps_torch(composed, step)
         return CnnGeoOutput(affine, tps, composed)
 
-    @staticmethod
-    def _aligned(target: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """The target rendered on the source grid by a dense map (zeros outside)."""
-        return F.grid_sample(target.float(), grid, mode='bilinear', padding_mode='zeros',
-                             align_corners=False).to(target.dtype)
+    def _tps_on_aligned(self, source_feat: torch.Tensor, target: torch.Tensor, kind: str,
+                        theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The TPS stage on the target rendered on the source grid (``size`` (W, H)) by the
+        transform so far (zeros outside; not trained through)."""
+        grid = parametric.dense_map(kind, theta.detach(), size)
+        aligned = F.grid_sample(target.float(), grid, mode='bilinear', padding_mode='zeros',
+                                align_corners=False).to(target.dtype)
+        return self.tps(self.correlation(source_feat, self.features(aligned)))
 
     def forward(self, source: torch.Tensor, target: torch.Tensor, stages: str = 'tps') -> CnnGeoOutput:
         """``source``, ``target``: RGB (B, 3, H, W) in [0, 1] at ``input_size``.
