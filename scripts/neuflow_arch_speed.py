@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Forward time of untrained ``neuflow`` networks of several sizes, as ``neuflow-fast`` runs
 them: both directions in one call at 256x192, bf16 autocast where the CPU has bf16 (fp32
-elsewhere, as ``precision='auto'``), BatchNorm folded, channels-last, one thread; calls interleaved, median of 15. What a lighter network would save per pair
-before any of it is trained (the weights do not change the time).
+elsewhere, as ``precision='auto'``), BatchNorm folded, channels-last, one thread; calls
+interleaved, median of 15. What a lighter network would save per pair before any of it is
+trained (the weights do not change the time).
 
     python scripts/neuflow_arch_speed.py
 """
@@ -12,7 +13,6 @@ import numpy as np
 import torch
 
 from dense_match_ros.core.device import autocast, inference_dtype
-
 from dense_match_ros.core.networks.neuflow import NeuFlowConfig, NeuFlowNet
 
 LITE = {'hidden': 32, 'corr_channels': 32, 'flow_channels': 16, 'head_channels': 32,
