@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """How much of each shared pair DIS leaves open: the share of pixels whose round trip (DIS
 medium, forward then backward) misses by more than 3 px or leaves the target, the quantity
-``neuflow-fast``'s ``settled_share`` compares with 5 %. Flow sets also get DIS's AEPE.
+``neuflow-fast``'s ``settled_share`` compares with 5 %, and the same share among the pixels
+whose match stays in view, with the share that leaves it. Flow sets also get DIS's AEPE.
 
     python scripts/dis_open_share.py [out.json]
 """
@@ -33,8 +34,11 @@ def main() -> None:
             h, w = pair.source.shape[:2]
             forward, backward = two_way_flow(dis, pair.source, pair.target, (w, h))
             error = grid.forward_backward_error(forward, backward)
+            leaving = ~grid.in_bounds(forward, pair.target.shape[1::-1])
             row = {'set': set_name, 'pair': str(getattr(pair, 'name', '') or f'{index}'),
-                   'open': float(np.mean(error > OPEN_PX))}
+                   'open': float(np.mean(error > OPEN_PX)), 'leaving': float(leaving.mean()),
+                   'open_in_view': float(np.mean(error[~leaving] > OPEN_PX))
+                   if (~leaving).any() else 1.0}
             if getattr(pair, 'flow', None) is not None:
                 valid = getattr(pair, 'valid', None)
                 valid = np.ones((h, w), bool) if valid is None else valid
@@ -44,6 +48,11 @@ def main() -> None:
         shares = sorted(r['open'] for r in rows if r['set'] == set_name)
         print(f'{set_name:20s} open share min {shares[0]:.3f}  max {shares[-1]:.3f}  '
               f'({len(shares)} pairs; at most 0.05: {sum(s <= 0.05 for s in shares)})')
+        in_view = sorted((r['open_in_view'], r['leaving'], r['pair']) for r in rows
+                         if r['set'] == set_name)
+        print(f'{"":20s} in view: min {in_view[0][0]:.3f} max {in_view[-1][0]:.3f}; at most 0.05 '
+              f'in view: ' + ', '.join(f'{p} ({o:.3f}, leaving {l:.3f})'
+                                       for o, l, p in in_view if o <= 0.05))
     if len(sys.argv) > 1:
         with open(sys.argv[1], 'w') as f:
             json.dump(rows, f, indent=1)

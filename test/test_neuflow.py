@@ -31,7 +31,7 @@ def test_shapes_steps_and_multiple_of_16():
     with torch.no_grad():
         out = net(torch.rand(2, 3, 32, 48), torch.rand(2, 3, 32, 48))
         more = net(torch.rand(1, 3, 32, 48), torch.rand(1, 3, 32, 48), iterations=5)
-    assert len(out.flows) == 2 and len(more.flows) == 2          # eval: global + last step
+    assert len(out.flows) == 1 and len(more.flows) == 1          # eval: the last step only
     assert len(net.train()(torch.rand(1, 3, 32, 48), torch.rand(1, 3, 32, 48)).flows) == 3
     assert all(tuple(f.shape) == (2, 2, 32, 48) for f in out.flows)
     assert tuple(out.matchability.shape) == (2, 1, 32, 48)
@@ -52,7 +52,7 @@ def test_a_given_start_flow_replaces_the_global_match():
                       init_flow=start)
     assert torch.allclose(out.flows[0][:, 0], torch.full((1, 32, 48), 8.0))
     assert torch.allclose(out.flows[0][:, 1], torch.full((1, 32, 48), -4.0))
-    assert len(stepped.flows) == 2 and tuple(stepped.flows[-1].shape) == (1, 2, 32, 48)
+    assert len(stepped.flows) == 1 and tuple(stepped.flows[-1].shape) == (1, 2, 32, 48)
     with pytest.raises(ValueError, match='init_flow'):
         net(torch.rand(1, 3, 32, 48), torch.rand(1, 3, 32, 48), init_flow=torch.zeros(1, 2, 2, 3))
 
@@ -87,6 +87,41 @@ def test_backward_flows_may_stop_early_and_leave_the_forward_ones_as_they_were()
     assert torch.allclose(mixed.flows[-1][1:], short.flows[-1][1:], atol=1e-5)
     assert torch.allclose(mixed.matchability[1:], short.matchability[1:], atol=1e-5)
     assert not torch.allclose(mixed.flows[-1][1:], full.flows[-1][1:], atol=1e-3)
+
+
+def _step_as_written(refiner, hidden, context, corr, flow):
+    """A refinement step as its design reads: gate and candidate each convolve (hidden,
+    context, motion), the 1x1 cost encoder is a convolution."""
+    scaled = flow / 8.0
+    motion = torch.cat((refiner.motion(torch.cat((refiner.corr(corr), refiner.flow(scaled)), 1)),
+                        scaled), 1)
+    x = torch.cat((hidden, context, motion), 1)
+    z = torch.sigmoid(refiner.gate(x))
+    hidden = (1 - z) * hidden + z * torch.tanh(refiner.cand(x))
+    return hidden, refiner.head(hidden)
+
+
+def test_a_step_computes_the_context_s_share_once_and_matches_the_step_as_written():
+    """The context's share of the gate and the candidate is taken once per pass and kept
+    (split weights cached at inference); the step gives what the design says, in training
+    (gradients reach gate and candidate) and at inference, and new weights are split again."""
+    refiner = _net(5).refiner
+    hid = TINY.hidden
+    hidden, context = torch.rand(2, hid, 4, 6), torch.rand(2, hid, 4, 6)
+    corr, flow = torch.randn(2, (2 * TINY.radius + 1) ** 2, 4, 6), torch.randn(2, 2, 4, 6)
+    expected = _step_as_written(refiner, hidden, context, corr, flow)
+    got = refiner(hidden, refiner.context_term(context), corr, flow)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, expected))
+    got[1].sum().backward()
+    assert refiner.gate.weight.grad is not None and refiner.cand.bias.grad.abs().sum() > 0
+    refiner.eval()
+    with torch.no_grad():
+        first = refiner(hidden, refiner.context_term(context), corr, flow)
+        refiner.load_state_dict(_net(6).refiner.state_dict())
+        expected = _step_as_written(refiner, hidden, context, corr, flow)
+        second = refiner(hidden, refiner.context_term(context), corr, flow)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(second, expected))
+    assert not torch.allclose(first[1], second[1], atol=1e-3)
 
 
 def test_folded_batch_norm_gives_the_same_flow_and_refuses_training():

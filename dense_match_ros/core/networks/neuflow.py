@@ -150,12 +150,29 @@ def local_correlation(source: torch.Tensor, warped: torch.Tensor, radius: int) -
     return correlation.local_correlation(source, warped, radius) * source.shape[1] ** -0.5
 
 
+def pointwise(x: torch.Tensor, conv: nn.Conv2d, channels_last_out: bool = False) -> torch.Tensor:
+    """A 1x1 convolution as one matrix product over the channels.
+
+    torch sends a 1x1 convolution on one thread to its generic kernel, which copies a
+    channels-last input to planar and back (the upsampling mask's: 12 of a lite pass's
+    106 ms at 256x192, AVX2); as a product on the channels-last layout it needs no copy.
+    ``channels_last_out``: return (B, H, W, C_out) rather than an NCHW view of it."""
+    out = F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias)
+    return out if channels_last_out else out.permute(0, 3, 1, 2)
+
+
 class Refiner(nn.Module):
-    """One refinement step's weights (shared by all steps)."""
+    """One refinement step's weights (shared by all steps).
+
+    The gate and the candidate both read (hidden, context, motion); the context is the same
+    at every step, so its share of both is computed once per pass (:meth:`context_term`)
+    and each step convolves only (hidden, motion), with one product for both: the same sums,
+    a third fewer of the step's largest products."""
 
     def __init__(self, cost_channels: int, hidden: int, config: NeuFlowConfig) -> None:
         super().__init__()
         corr, flow, head = config.corr_channels, config.flow_channels, config.head_channels
+        self.hidden = hidden
         self.corr = nn.Sequential(nn.Conv2d(cost_channels, corr, 1), nn.ReLU(inplace=True))
         self.flow = nn.Sequential(nn.Conv2d(2, flow, 7, padding=3), nn.ReLU(inplace=True))
         self.motion = nn.Sequential(nn.Conv2d(corr + flow, hidden - 2, 3, padding=1),
@@ -164,22 +181,50 @@ class Refiner(nn.Module):
         self.cand = nn.Conv2d(3 * hidden, hidden, 3, padding=1)
         self.head = nn.Sequential(nn.Conv2d(hidden, head, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(head, 2, 3, padding=1))
+        self._split = None
 
-    def forward(self, hidden: torch.Tensor, context: torch.Tensor, corr: torch.Tensor,
+    def _split_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate and candidate stacked) weights for (hidden, motion), for the context, and
+        their biases; kept between calls at inference, rebuilt from the parameters in
+        training (so gradients reach them). The cache is keyed on the parameters' storage and
+        version: loading other weights, or moving them, splits them again."""
+        key = tuple((t.data_ptr(), t._version) for t in
+                    (self.gate.weight, self.cand.weight, self.gate.bias, self.cand.bias))
+        if self._split is not None and not self.training and self._split[0] == key:
+            return self._split[1]
+        hid = self.hidden
+        both = torch.cat((self.gate.weight, self.cand.weight), 0)         # (2h, 3h, 3, 3)
+        split = (torch.cat((both[:, :hid], both[:, 2 * hid:]), 1), both[:, hid:2 * hid],
+                 torch.cat((self.gate.bias, self.cand.bias)))
+        if not self.training:
+            split = tuple(t.detach().contiguous(memory_format=torch.channels_last)
+                          if t.dim() == 4 else t.detach() for t in split)
+            self._split = (key, split)
+        return split
+
+    def context_term(self, context: torch.Tensor) -> torch.Tensor:
+        """The context's share of the gate and the candidate, biases included (B, 2h, H, W)."""
+        _, weight, bias = self._split_weights()
+        return F.conv2d(context, weight, bias, padding=1)
+
+    def forward(self, hidden: torch.Tensor, context_term: torch.Tensor, corr: torch.Tensor,
                 flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scaled = flow / 8.0  # cells at 1/8 -> roughly unit range for the encoder
-        motion = torch.cat((self.motion(torch.cat((self.corr(corr), self.flow(scaled)), 1)),
-                            scaled), 1)
-        x = torch.cat((hidden, context, motion.to(hidden.dtype)), 1)
-        z = torch.sigmoid(self.gate(x))
-        hidden = (1 - z) * hidden + z * torch.tanh(self.cand(x))
+        cost = torch.relu(pointwise(corr, self.corr[0]))
+        motion = torch.cat((self.motion(torch.cat((cost, self.flow(scaled)), 1)), scaled), 1)
+        weight, _, _ = self._split_weights()
+        both = context_term + F.conv2d(torch.cat((hidden, motion.to(hidden.dtype)), 1),
+                                       weight, padding=1)
+        z = torch.sigmoid(both[:, :self.hidden])
+        hidden = (1 - z) * hidden + z * torch.tanh(both[:, self.hidden:])
         return hidden, self.head(hidden)
 
 
 class NeuFlowOutput(NamedTuple):
     flows: list[torch.Tensor]
-    """Full-resolution flows in pixels (B, 2, H, W): the global match, then every step in
-    training mode and only the last step in eval mode."""
+    """Full-resolution flows in pixels (B, 2, H, W): in training mode the start (global match
+    or given flow) and every step; in eval mode only the last step (the start when there are
+    no steps)."""
     matchability: torch.Tensor
     """Logits (B, 1, H, W)."""
 
@@ -239,15 +284,17 @@ class NeuFlowNet(nn.Module):
         self._corr_dtype = dtype
         return self
 
-    def _upsample(self, flow8: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _upsample(self, flow8: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Convex 8x upsampling of a 1/8 flow (cells) to pixels: each output pixel is a
-        softmax-weighted mix of its 3x3 coarse neighbours' flows."""
+        softmax-weighted mix of its 3x3 coarse neighbours' flows, the weights from ``hidden``."""
         b, _, h, w = flow8.shape
         # Per coarse cell: softmax weights (9 neighbours x 64 sub-pixels) and the 9 neighbours'
-        # flows (zero-padded, dy outer), mixed by one batched product. Channels-last order,
-        # the convolutions' own: no layout copy (1.3 against 4.7 ms for the nine products
-        # and sums it replaced, at 1/8 of 256x192).
-        weights = mask.permute(0, 2, 3, 1).float().reshape(b, h, w, 9, 64).softmax(3)
+        # flows (zero-padded, dy outer), mixed by one batched product. The mask comes out of
+        # its 1x1 layer channels-last, the order the product takes: no layout copy (1.3
+        # against 4.7 ms for the nine products and sums it replaced, at 1/8 of 256x192).
+        mask = pointwise(torch.relu(self.upmask[0](hidden)), self.upmask[2],
+                         channels_last_out=True)
+        weights = mask.float().reshape(b, h, w, 9, 64).softmax(3)
         views = F.unfold(8.0 * flow8.float(), 3, padding=1).view(b, 2, 9, h, w)
         up = torch.matmul(views.permute(0, 3, 4, 1, 2), weights)          # (B, H, W, 2, 64)
         return F.pixel_shuffle(up.reshape(b, h, w, 2 * 64).permute(0, 3, 1, 2), 8)
@@ -288,15 +335,19 @@ class NeuFlowNet(nn.Module):
                                        align_corners=False)
         else:
             flow = init_flow.float()
-        flows = [8.0 * F.interpolate(flow, scale_factor=8, mode='bilinear', align_corners=False)]
+        steps = self.config.iterations if iterations is None else int(iterations)
+        # Training supervises the start and every step at full resolution; inference needs
+        # only the last step upsampled (the convex upsampling is a third of a step's cost).
+        every_step = self.training
+        flows = []
+        if every_step or steps == 0:
+            flows.append(8.0 * F.interpolate(flow, scale_factor=8, mode='bilinear',
+                                             align_corners=False))
         hidden, context = torch.split(self.context(s8), self.config.hidden, 1)
-        hidden, context = torch.tanh(hidden), torch.relu(context)
+        hidden = torch.tanh(hidden)
+        context = self.refiner.context_term(torch.relu(context))
         src_n = F.normalize(s8.float(), dim=1)
         tgt_n = F.normalize(t8.float(), dim=1)
-        steps = self.config.iterations if iterations is None else int(iterations)
-        # Training supervises every step at full resolution; inference needs only the last
-        # step upsampled (the convex upsampling is a third of a step's cost).
-        every_step = self.training
         if not self.training and self._corr_dtype is not None:
             src_n = src_n.to(self._corr_dtype)
         held = None
@@ -315,7 +366,7 @@ class NeuFlowNet(nn.Module):
             if k == steps - 1 and held is not None:
                 flow, hidden = torch.cat((flow, held[0])), torch.cat((hidden, held[1]))
             if every_step or k == steps - 1:
-                flows.append(self._upsample(flow, self.upmask(hidden)))
-        logit = F.interpolate(self.match_head(hidden).float(), scale_factor=8, mode='bilinear',
-                              align_corners=False)
+                flows.append(self._upsample(flow, hidden))
+        cells = pointwise(torch.relu(self.match_head[0](hidden)), self.match_head[2])
+        logit = F.interpolate(cells.float(), scale_factor=8, mode='bilinear', align_corners=False)
         return NeuFlowOutput(flows, logit)
