@@ -183,24 +183,27 @@ class Refiner(nn.Module):
                                   nn.Conv2d(head, 2, 3, padding=1))
         self._split = None
 
-    def _split_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate and candidate stacked) weights for (hidden, motion), for the context, and
-        their biases; kept between calls at inference, rebuilt from the parameters in
-        training (so gradients reach them). The cache is keyed on the parameters' storage and
-        version: loading other weights, or moving them, splits them again."""
-        key = tuple((t.data_ptr(), t._version) for t in
-                    (self.gate.weight, self.cand.weight, self.gate.bias, self.cand.bias))
-        if self._split is not None and not self.training and self._split[0] == key:
-            return self._split[1]
+        their biases, from the parameters (so gradients reach them)."""
         hid = self.hidden
         both = torch.cat((self.gate.weight, self.cand.weight), 0)         # (2h, 3h, 3, 3)
-        split = (torch.cat((both[:, :hid], both[:, 2 * hid:]), 1), both[:, hid:2 * hid],
-                 torch.cat((self.gate.bias, self.cand.bias)))
-        if not self.training:
-            split = tuple(t.detach().contiguous(memory_format=torch.channels_last)
-                          if t.dim() == 4 else t.detach() for t in split)
-            self._split = (key, split)
-        return split
+        return (torch.cat((both[:, :hid], both[:, 2 * hid:]), 1), both[:, hid:2 * hid],
+                torch.cat((self.gate.bias, self.cand.bias)))
+
+    def _split_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_stacked_weights`, kept between calls at inference. The cache is keyed on
+        the parameters' storage and version: loading other weights, or moving them, splits
+        them again."""
+        if self.training:
+            return self._stacked_weights()
+        key = tuple((t.data_ptr(), t._version) for t in
+                    (self.gate.weight, self.cand.weight, self.gate.bias, self.cand.bias))
+        if self._split is None or self._split[0] != key:
+            self._split = (key, tuple(t.detach().contiguous(memory_format=torch.channels_last)
+                                      if t.dim() == 4 else t.detach()
+                                      for t in self._stacked_weights()))
+        return self._split[1]
 
     def context_term(self, context: torch.Tensor) -> torch.Tensor:
         """The context's share of the gate and the candidate, biases included (B, 2h, H, W)."""
