@@ -61,8 +61,9 @@ def test_local_correlation_matches_explicit_shifts():
 
 
 def test_local_correlation_over_several_column_chunks_and_under_autocast():
-    """Rows wider than one matrix-product chunk (32 columns) are stitched without seams, the
-    gradient holds there too, and autocast does not lower an fp32 call to bf16."""
+    """Rows wider than one matrix-product chunk (16 columns forward, 32 backward) are stitched
+    without seams, the gradient holds there too, and autocast does not lower an fp32 call to
+    bf16."""
     torch.manual_seed(2)
     s, t = torch.randn(1, 4, 3, 70, dtype=torch.float64), torch.randn(1, 4, 3, 70, dtype=torch.float64)
     corr = local_correlation(s, t, 1)
