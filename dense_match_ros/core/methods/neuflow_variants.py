@@ -33,7 +33,7 @@ LITE_DEFAULTS = {**FAST_DEFAULTS, 'iterations': 3}
 """``neuflow-lite``: ``neuflow-fast``'s pipeline around a lighter network (the shipped
 network's encoder under a refinement of hidden 32 with narrowed step layers, 3 steps;
 ``config/train_neuflow_lite_gpu.yaml`` describes it). Its forward pass takes half the
-shipped network's time (106 against 213 ms at 256x192 on one thread of a CPU without bf16);
+shipped network's time (90 against 177 ms at 256x192 on one thread of a CPU without bf16);
 it is still in training, and until it measures level with ``neuflow-fast`` it is the
 faster, less accurate choice (README, "A machine without bf16, and a lighter network")."""
 
