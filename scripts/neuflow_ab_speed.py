@@ -22,10 +22,13 @@ import torch
 from dense_match_ros.core.checkpoint import load_weights
 from dense_match_ros.core.device import autocast, inference_dtype
 from dense_match_ros.core.methods import neuflow as neuflow_method
+from dense_match_ros.core.methods.neuflow_variants import FAST_DEFAULTS, LITE_DEFAULTS
 from dense_match_ros.core.networks import neuflow as current
 
 ROOT = Path(__file__).resolve().parents[1]
-NETWORKS = {'neuflow-fast (neuflow_gpu.pt)': ('gpu', 4), 'neuflow-lite (neuflow_lite.pt)': ('lite', 3)}
+NETWORKS = {'neuflow-fast (neuflow_gpu.pt)': ('gpu', FAST_DEFAULTS['iterations']),
+            'neuflow-lite (neuflow_lite.pt)': ('lite', LITE_DEFAULTS['iterations'])}
+"""label: (shipped variant, refinement steps of the matcher that runs it)."""
 
 
 def _load(name: str, source: str, folder: Path):

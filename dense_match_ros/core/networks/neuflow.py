@@ -154,11 +154,25 @@ def pointwise(x: torch.Tensor, conv: nn.Conv2d, channels_last_out: bool = False)
     """A 1x1 convolution as one matrix product over the channels.
 
     torch sends a 1x1 convolution on one thread to its generic kernel, which copies a
-    channels-last input to planar and back (the upsampling mask's: 12 of a lite pass's
-    106 ms at 256x192, AVX2); as a product on the channels-last layout it needs no copy.
+    channels-last input to planar and back (the upsampling mask's: about 12 ms of a lite
+    pass at 256x192 in a one-thread profile on an AVX2 CPU); as a product on the
+    channels-last layout it needs no copy.
     ``channels_last_out``: return (B, H, W, C_out) rather than an NCHW view of it."""
     out = F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias)
     return out if channels_last_out else out.permute(0, 3, 1, 2)
+
+
+def run_layers(layers: nn.Sequential, x: torch.Tensor,
+               channels_last_out: bool = False) -> torch.Tensor:
+    """``layers(x)`` with every 1x1 convolution through :func:`pointwise`;
+    ``channels_last_out`` as there, for a stack that ends in one."""
+    last = len(layers) - 1
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1):
+            x = pointwise(x, layer, channels_last_out and i == last)
+        else:
+            x = layer(x)
+    return x
 
 
 class Refiner(nn.Module):
@@ -213,7 +227,7 @@ class Refiner(nn.Module):
     def forward(self, hidden: torch.Tensor, context_term: torch.Tensor, corr: torch.Tensor,
                 flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scaled = flow / 8.0  # cells at 1/8 -> roughly unit range for the encoder
-        cost = torch.relu(pointwise(corr, self.corr[0]))
+        cost = run_layers(self.corr, corr)
         motion = torch.cat((self.motion(torch.cat((cost, self.flow(scaled)), 1)), scaled), 1)
         weight, _, _ = self._split_weights()
         both = context_term + F.conv2d(torch.cat((hidden, motion.to(hidden.dtype)), 1),
@@ -295,8 +309,7 @@ class NeuFlowNet(nn.Module):
         # flows (zero-padded, dy outer), mixed by one batched product. The mask comes out of
         # its 1x1 layer channels-last, the order the product takes: no layout copy (1.3
         # against 4.7 ms for the nine products and sums it replaced, at 1/8 of 256x192).
-        mask = pointwise(torch.relu(self.upmask[0](hidden)), self.upmask[2],
-                         channels_last_out=True)
+        mask = run_layers(self.upmask, hidden, channels_last_out=True)
         weights = mask.float().reshape(b, h, w, 9, 64).softmax(3)
         views = F.unfold(8.0 * flow8.float(), 3, padding=1).view(b, 2, 9, h, w)
         up = torch.matmul(views.permute(0, 3, 4, 1, 2), weights)          # (B, H, W, 2, 64)
@@ -370,6 +383,6 @@ class NeuFlowNet(nn.Module):
                 flow, hidden = torch.cat((flow, held[0])), torch.cat((hidden, held[1]))
             if every_step or k == steps - 1:
                 flows.append(self._upsample(flow, hidden))
-        cells = pointwise(torch.relu(self.match_head[0](hidden)), self.match_head[2])
-        logit = F.interpolate(cells.float(), scale_factor=8, mode='bilinear', align_corners=False)
+        logit = F.interpolate(run_layers(self.match_head, hidden).float(), scale_factor=8,
+                              mode='bilinear', align_corners=False)
         return NeuFlowOutput(flows, logit)
