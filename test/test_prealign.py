@@ -148,6 +148,33 @@ def test_the_aligned_run_replaces_the_first_only_if_it_is_more_matchable():
     assert np.array_equal(result, flow) and matchability.max() == pytest.approx(0.9)
 
 
+@pytest.mark.parametrize('margin', [0.1, 10.0])
+def test_pixels_the_homography_sends_far_outside_keep_the_first_result(margin):
+    """Zoomed 1.4x, the source's corners land up to 0.2 of the target's width outside it.
+    Beyond ``max_extrapolation`` of it the first result stays (here a sentinel flow where
+    the first run saw nothing); nearer, the aligned run and the homography speak."""
+    src, tgt, flow = affine_photo_pair(160, 120, 0.0, 1.4, (0.0, 0.0))
+    inside = grid.in_bounds(flow, (160, 120))
+    first_flow = np.where(inside[..., None], flow, -7.0).astype(np.float32)
+    first_m = (0.9 * inside).astype(np.float32)
+
+    def match(source, target):
+        if target is tgt:
+            return first_flow.copy(), first_m.copy()
+        return np.zeros_like(flow), np.ones(flow.shape[:2], np.float32)
+
+    config = prealign.PrealignConfig(max_extrapolation=margin)
+    result, matchability = prealign.match_prealigned(match, src, tgt, config)
+    sent = flow + grid.pixel_coords(120, 160)
+    beyond = ((sent < -0.5 - margin * 160) | (sent > np.array([159.5, 119.5]) + margin * 160)).any(-1)
+    assert beyond.any() == (margin < 1)
+    assert np.all(result[beyond] == -7.0) and np.all(matchability[beyond] == 0)
+    assert np.allclose(result[~beyond], flow[~beyond], atol=1e-2)
+    assert np.all(matchability[inside] == 1)
+    with pytest.raises(ValueError, match='max_extrapolation'):
+        prealign.PrealignConfig(max_extrapolation=-1)
+
+
 def test_without_from_flow_only_features_decide():
     src, tgt, flow = affine_photo_pair(320, 240, 0.0, 1.0, (5.0, 3.0))
     match = _Matcher(tgt, flow, confident=True)

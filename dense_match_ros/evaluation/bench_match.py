@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 
 from dense_match_ros.core.device import resolve_device
-from dense_match_ros.core.device import DEFAULT_THREADS, set_threads
+from dense_match_ros.core.device import DEFAULT_THREADS, retain_freed_memory, set_threads
 from dense_match_ros.core.registry import load_matcher
 from dense_match_ros.evaluation.cli import parse_options
 
@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--busy', type=int, default=0, metavar='N',
                    help='also time match() while N competing busy processes run (BLAS on every '
                         'core) and report the slow-down')
+    p.add_argument('--retain-memory', action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed memory for the next call, as the node does by default "
+                        "(its retain_memory parameter; glibc)")
     p.add_argument('--threads', type=int, default=DEFAULT_THREADS,
                    help=f'torch and OpenCV CPU threads (default {DEFAULT_THREADS}; 0: library defaults)')
     p.add_argument('--network', action='store_true', help='also the forward pass alone')
@@ -263,10 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.device = resolve_device(args.device)  # the one device choice (registry, training, here)
     import torch
     set_threads(args.threads)
+    retained = retain_freed_memory(args.retain_memory)
     record: dict[str, Any] = {
         'command': 'dense-match-bench ' + ' '.join(sys.argv[1:] if argv is None else argv),
         'device': args.device, 'batch': 1, 'n': args.n, 'pair': args.pair,
-        'torch_threads': torch.get_num_threads(),
+        'torch_threads': torch.get_num_threads(), 'retain_memory': retained,
         'platform': platform.platform(), 'processor': platform.processor(),
         'torch': torch.__version__, 'results': {}}
     if str(args.device).startswith('cuda'):

@@ -45,7 +45,7 @@ from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
-from dense_match_ros.core.device import set_threads
+from dense_match_ros.core.device import retain_freed_memory, set_threads
 from dense_match_ros.core.geometry.camera import CameraIntrinsics
 from dense_match_ros.ros import convert, messages
 from dense_match_ros.ros.convert import FrameRejected
@@ -89,11 +89,12 @@ class DenseMatchNode(Node):
         if self.stamp_source not in STAMP_SOURCES:
             raise ValueError(f'stamp_source must be one of {STAMP_SOURCES}, got {self.stamp_source!r}')
         set_threads(p('threads'))
+        retained = retain_freed_memory(p('retain_memory'))
         config = pipeline_config_from_params({param.name: p(param.name) for param in table})
         self.pipeline = MatchPipeline(config, warn=self._throttle.warn)
         self.get_logger().info(
             f'mode={self.mode} method={config.method} options={config.method_options} '
-            f'device={self.pipeline.matcher.device} threads={p("threads")} '
+            f'device={self.pipeline.matcher.device} threads={p("threads")} retain_memory={retained} '
             f'pose={"on (" + self.pipeline.pose_estimator + ")" if config.estimate_pose else "off"}')
 
         self._mailbox = Mailbox()

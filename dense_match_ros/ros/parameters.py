@@ -114,6 +114,9 @@ def parameter_table() -> list[Param]:
         Param('threads', DEFAULT_THREADS, 'CPU threads for torch and OpenCV (0: the libraries '
                                           'own defaults, usually every core).', (0, 256),
               read_only=True),
+        Param('retain_memory', True, 'Keep the memory a frame frees for the next one (glibc): '
+                                     'no fresh pages per frame, 3-7 % less time per pair; the '
+                                     'process keeps its peak memory.', read_only=True),
         Param('stamp_source', 'header', 'Frame time: the image header stamp, or (receipt) the '
                                         "node clock when the frame arrived, for drivers that "
                                         'leave header.stamp unset (mono mode).',

@@ -44,6 +44,15 @@ class PrealignConfig:
     them, 0.715 with). The features (``features``: SIFT or
     ORB) are found on images brought to longest side ``max_side``. ``from_flow``: ask the
     dense matcher's own first result before any features (:func:`match_prealigned`).
+
+    ``max_extrapolation``: how far outside the target (a fraction of its longest side) the
+    homography may send a source pixel and still speak for it. Further out, the aligned run
+    saw only the mirrored border and the homography alone is an extrapolation beyond every
+    match it was fitted to; the first result keeps such pixels. Where the homography is
+    right they are out of view anyway; where it describes only the matched part of a
+    deformed image, the first result is the sane one (held-out pair 21 with the lite
+    network's third stage: a full-support fit departing 1.28 from a shift, 7.4 px first,
+    61.5 aligned, 14.5 with this rule).
     """
 
     features: str = 'sift'
@@ -56,6 +65,7 @@ class PrealignConfig:
     max_partial_departure: float = 0.25
     min_departure: float = 0.05
     from_flow: bool = True
+    max_extrapolation: float = 0.1
 
     def __post_init__(self) -> None:
         if self.features not in FEATURES:
@@ -66,6 +76,8 @@ class PrealignConfig:
             raise ValueError('prealign inlier ratios must be in (0, 1]')
         if not self.max_partial_departure >= 0:
             raise ValueError('prealign max_partial_departure must be >= 0')
+        if not self.max_extrapolation >= 0:
+            raise ValueError('prealign max_extrapolation must be >= 0')
 
 
 FEATURES = ('sift', 'orb')
@@ -243,6 +255,22 @@ def match_prealigned(match: MatchFn, source: np.ndarray, target: np.ndarray,
         return flow, matchability
     aligned, aligned_m = compose(*match(source, warp_target(target, homography, (w, h))),
                                  homography, target.shape[1::-1])
-    if np.count_nonzero(aligned_m >= _RELIABLE) >= np.count_nonzero(matchability >= _RELIABLE):
-        return aligned, aligned_m
-    return flow, matchability
+    if np.count_nonzero(aligned_m >= _RELIABLE) < np.count_nonzero(matchability >= _RELIABLE):
+        return flow, matchability
+    beyond = _sent_beyond(homography, (w, h), target.shape[1::-1], config.max_extrapolation)
+    if beyond.any():
+        aligned = np.where(beyond[..., None], flow, aligned).astype(np.float32)
+        aligned_m = np.where(beyond, matchability, aligned_m).astype(np.float32)
+    return aligned, aligned_m
+
+
+def _sent_beyond(homography: np.ndarray, size: tuple[int, int], target_size: tuple[int, int],
+                 margin: float) -> np.ndarray:
+    """Boolean HxW on the source grid of ``size`` (W, H): the homography sends the pixel
+    more than ``margin`` x the target's longest side outside the target (size (W, H))."""
+    w, h = size
+    tw, th = target_size
+    coords = grid.pixel_coords(h, w).reshape(1, -1, 2)
+    mapped = cv2.perspectiveTransform(coords, homography).reshape(h, w, 2)
+    pad = margin * max(tw, th)
+    return cv2.inRange(mapped, (-0.5 - pad, -0.5 - pad), (tw - 0.5 + pad, th - 0.5 + pad)) == 0

@@ -408,7 +408,8 @@ class NeuFlowMatcher(Matcher):
 
         def photometric(candidate: np.ndarray) -> np.ndarray:
             warped = grid.warp(grey_t, candidate, border_mode=cv2.BORDER_REPLICATE)
-            return cv2.blur(np.abs(warped.astype(np.float32) - grey_s), (5, 5))
+            # Both grey images are uint8, so their absolute difference is exact in uint8.
+            return cv2.blur(cv2.absdiff(warped, grey_s).astype(np.float32), (5, 5))
 
         photo_net = photometric(flow)
         d_bwd = dis_flows[1].result()
@@ -440,7 +441,12 @@ class NeuFlowMatcher(Matcher):
         use_dis |= (d_error >= _FB_CAP) & (error >= _FB_CAP)
         if agree is not None:
             use_dis |= agree
-        use_dis = cv2.medianBlur(use_dis.astype(np.uint8), 5).astype(bool)
-        fused = np.where(use_dis[..., None], d_fwd, flow).astype(np.float32)
-        return fused, np.where(use_dis, d_error, error).astype(np.float32)
+        # OpenCV's masked copy: the same values as np.where, which broadcasting the mask over
+        # both channels took 3.7 against 0.5 ms at 640x480.
+        use_dis = cv2.medianBlur(use_dis.astype(np.uint8), 5)
+        fused = cv2.copyTo(np.ascontiguousarray(d_fwd, np.float32), use_dis,
+                           np.array(flow, np.float32))
+        fused_error = cv2.copyTo(np.ascontiguousarray(d_error, np.float32), use_dis,
+                                 np.array(error, np.float32))
+        return fused, fused_error
 
