@@ -138,8 +138,8 @@ def retain_freed_memory(enabled: bool = True) -> bool:
     Why: by default glibc hands arrays of a few MB fresh mappings from the system and returns
     them when freed, so every frame's dozens of flows, maps and feature maps are page-faulted
     in anew. Served from a heap that is not trimmed, the same pair at 640x480 on one thread
-    took 4-7 % less time (``dis`` 132 -> 123 ms, ``neuflow-fast`` 376 -> 358; README, "Memory
-    kept between frames"). The cost: the process keeps its peak memory. The ROS 2 real-time
+    took 3-8 % less time (``dis`` 129.6 -> 119.8 ms, ``neuflow-fast`` 363.0 -> 346.5; README,
+    "Pre-alignment beyond its matches, memory kept between frames"). The cost: the process keeps its peak memory. The ROS 2 real-time
     guidelines make the same call for the same reason (page faults in the loop).
     Returns whether both settings took effect.
     """

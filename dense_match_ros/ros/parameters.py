@@ -115,7 +115,7 @@ def parameter_table() -> list[Param]:
                                           'own defaults, usually every core).', (0, 256),
               read_only=True),
         Param('retain_memory', True, 'Keep the memory a frame frees for the next one (glibc): '
-                                     'no fresh pages per frame, 3-7 % less time per pair; the '
+                                     'no fresh pages per frame, 3-8 % less time per pair; the '
                                      'process keeps its peak memory.', read_only=True),
         Param('stamp_source', 'header', 'Frame time: the image header stamp, or (receipt) the '
                                         "node clock when the frame arrived, for drivers that "
