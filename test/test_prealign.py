@@ -166,7 +166,8 @@ def test_pixels_the_homography_sends_far_outside_keep_the_first_result(margin):
     config = prealign.PrealignConfig(max_extrapolation=margin)
     result, matchability = prealign.match_prealigned(match, src, tgt, config)
     sent = flow + grid.pixel_coords(120, 160)
-    beyond = ((sent < -0.5 - margin * 160) | (sent > np.array([159.5, 119.5]) + margin * 160)).any(-1)
+    pad = margin * 160
+    beyond = ((sent < -0.5 - pad) | (sent > np.array([159.5, 119.5]) + pad)).any(-1)
     assert beyond.any() == (margin < 1)
     assert np.all(result[beyond] == -7.0) and np.all(matchability[beyond] == 0)
     assert np.allclose(result[~beyond], flow[~beyond], atol=1e-2)

@@ -139,8 +139,9 @@ def retain_freed_memory(enabled: bool = True) -> bool:
     them when freed, so every frame's dozens of flows, maps and feature maps are page-faulted
     in anew. Served from a heap that is not trimmed, the same pair at 640x480 on one thread
     took 3-8 % less time (``dis`` 129.6 -> 119.8 ms, ``neuflow-fast`` 363.0 -> 346.5; README,
-    "Pre-alignment beyond its matches, memory kept between frames"). The cost: the process keeps its peak memory. The ROS 2 real-time
-    guidelines make the same call for the same reason (page faults in the loop).
+    "Pre-alignment beyond its matches, memory kept between frames"). The cost: the process
+    keeps its peak memory. The ROS 2 real-time guidelines make the same call for the same
+    reason (page faults in the loop).
     Returns whether both settings took effect.
     """
     if not enabled:

@@ -94,7 +94,8 @@ class DenseMatchNode(Node):
         self.pipeline = MatchPipeline(config, warn=self._throttle.warn)
         self.get_logger().info(
             f'mode={self.mode} method={config.method} options={config.method_options} '
-            f'device={self.pipeline.matcher.device} threads={p("threads")} retain_memory={retained} '
+            f'device={self.pipeline.matcher.device} threads={p("threads")} '
+            f'retain_memory={retained} '
             f'pose={"on (" + self.pipeline.pose_estimator + ")" if config.estimate_pose else "off"}')
 
         self._mailbox = Mailbox()

@@ -173,8 +173,8 @@ def compose(flow: np.ndarray, matchability: np.ndarray, homography: np.ndarray,
     zoomed 1.4x, where half the source leaves the view)."""
     h, w = flow.shape[:2]
     coords = grid.pixel_coords(h, w).astype(np.float64)
-    by_h = cv2.perspectiveTransform(coords.reshape(1, -1, 2), homography).reshape(h, w, 2)
-    outside = ~grid.in_bounds((by_h - coords).astype(np.float32), target_size)
+    outside = ~grid.in_bounds((_through(homography, (w, h)) - coords).astype(np.float32),
+                              target_size)
     points = coords + np.where(outside[..., None], 0.0, flow)
     mapped = cv2.perspectiveTransform(points.reshape(1, -1, 2), homography).reshape(h, w, 2)
     composed = (mapped - coords).astype(np.float32)
@@ -268,9 +268,14 @@ def _sent_beyond(homography: np.ndarray, size: tuple[int, int], target_size: tup
                  margin: float) -> np.ndarray:
     """Boolean HxW on the source grid of ``size`` (W, H): the homography sends the pixel
     more than ``margin`` x the target's longest side outside the target (size (W, H))."""
-    w, h = size
     tw, th = target_size
-    coords = grid.pixel_coords(h, w).reshape(1, -1, 2)
-    mapped = cv2.perspectiveTransform(coords, homography).reshape(h, w, 2)
     pad = margin * max(tw, th)
-    return cv2.inRange(mapped, (-0.5 - pad, -0.5 - pad), (tw - 0.5 + pad, th - 0.5 + pad)) == 0
+    return cv2.inRange(_through(homography, size),
+                       (-0.5 - pad, -0.5 - pad), (tw - 0.5 + pad, th - 0.5 + pad)) == 0
+
+
+def _through(homography: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """H(x) for every pixel x of a source grid of ``size`` (W, H): float64 HxWx2."""
+    w, h = size
+    coords = grid.pixel_coords(h, w).astype(np.float64).reshape(1, -1, 2)
+    return cv2.perspectiveTransform(coords, homography).reshape(h, w, 2)
