@@ -201,3 +201,26 @@ def test_cli_resumes_exactly_and_exports(tmp_path):
     flow, match = load_matcher('deepmatching', device='cpu', weights=str(out)).match(
         _texture(48, 64, 7), _texture(48, 64, 8))
     assert np.isfinite(flow).all() and np.isfinite(match).all()
+
+
+def test_the_min_score_fit_scores_each_floor_as_the_matcher_with_that_floor_scores_it():
+    """Each floor's error in the fit is the error of ``match()`` with ``min_score`` at that
+    floor (the fit only moves the floor over candidates matched once), the fitted floor is
+    the lowest of the curve averaged over neighbours, and a floor above every score keeps
+    nothing."""
+    from dense_match_ros.evaluation import metrics
+    from dense_match_ros.training.deepmatching_task import fit_min_score, tuning_pairs
+    pair = tuning_pairs(1)[0]
+    floors = (0.0, 0.6, 2.0)
+    fit = fit_min_score(DeepMatchingHogMatcher(), [pair], floors=floors)
+    valid = np.asarray(pair.valid, bool)
+    for floor, aepe in zip(floors, fit['curve']['aepe']):
+        flow = DeepMatchingHogMatcher(min_score=floor).match(pair.source, pair.target).flow
+        assert aepe == pytest.approx(metrics.aepe(flow, pair.flow, valid), rel=1e-5)
+    c0, c1, c2 = fit['curve']['aepe']
+    # Each floor's error averaged with its neighbours' (the ends repeat themselves).
+    smoothed = [(2 * c0 + c1) / 3, (c0 + c1 + c2) / 3, (c1 + 2 * c2) / 3]
+    assert fit['min_score'] == floors[int(np.argmin(smoothed))]
+    assert fit['aepe_smoothed'] == pytest.approx(min(smoothed))
+    assert fit['curve']['kept_per_pair'][0] >= fit['curve']['kept_per_pair'][1] > 0
+    assert fit['curve']['kept_per_pair'][2] == 0

@@ -19,13 +19,20 @@ random init); the exported record's config says which.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 
 from dense_match_ros.core.networks.deepmatching import (ATOMIC, TRAINING_ONLY, DeepMatchingConfig,
                                                         DeepMatchingNet, config_from_dict)
 from dense_match_ros.core.checkpoint import load_trunk
+from dense_match_ros.evaluation.calibrate import CALIBRATION_SEED
 from dense_match_ros.training.tasks import TrainTask, fill, split_model
 
 TRAINING_KEYS = TRAINING_ONLY
@@ -152,3 +159,109 @@ class DeepMatchingTask(TrainTask):
         metrics['usable'] = float(usable.float().mean())
         return loss, metrics
 
+
+
+# ======================================================================================
+# the kept matches' score floor (``min_score``)
+# ======================================================================================
+
+MIN_SCORES = tuple(round(0.02 * i, 2) for i in range(41))   # 0.0, 0.02 ... 0.8
+
+
+def tuning_pairs(n: int) -> list:
+    """``n`` held-out pairs of the calibration seed at 240x240, every warp kind, half with
+    2-6 moving objects: the pairs ``dense-match-calibrate`` fits on
+    (:func:`evaluation.calibrate.calibration_pairs`), so the floor is chosen on the mix of
+    motions the matcher meets, not on one kind of it."""
+    from dense_match_ros.evaluation.calibrate import calibration_pairs
+    return calibration_pairs(n, size=(240, 240), seed=CALIBRATION_SEED)
+
+
+def fit_min_score(matcher, pairs: Sequence, floors: Sequence[float] = MIN_SCORES,
+                  progress: bool = False) -> dict:
+    """The ``min_score`` whose kept matches give the lowest mean dense AEPE after
+    densification over ``pairs`` (averaged with the neighbouring floors' to steady it).
+
+    Why the dense error and not the matches' own accuracy: a wrong match misleads the
+    interpolation around it more than a missing one costs, and the dense flow is what the
+    matcher returns. Each pair's candidates are matched once; only the floor moves.
+    """
+    from tqdm import tqdm
+    from dense_match_ros.core.geometry import grid
+    from dense_match_ros.evaluation import metrics
+    aepe = np.zeros(len(floors))
+    kept = np.zeros(len(floors))
+    for pair in tqdm(pairs, desc='min_score', disable=not progress):
+        h, w = pair.source.shape[:2]
+        th, tw = pair.target.shape[:2]
+        (sw, sh), (tww, twh) = matcher.working_sizes((w, h), (tw, th))
+        src = matcher._resize(pair.source, (sw, sh))
+        tgt = matcher._resize(pair.target, (tww, twh))
+        ps, pt, score, _, eligible = matcher.candidates(src, tgt)
+        valid = np.asarray(pair.valid, bool) & np.isfinite(pair.flow).all(-1)
+        for i, floor in enumerate(floors):
+            keep = eligible & (score >= floor)
+            flow = matcher.densify(src, tgt, ps[keep], pt[keep])
+            flow, _ = grid.to_source_grid(flow, None, (w, h), (tww, twh), (tw, th))
+            aepe[i] += metrics.aepe(flow, pair.flow, valid)
+            kept[i] += np.count_nonzero(keep)
+    aepe /= max(1, len(pairs))
+    kept /= max(1, len(pairs))
+    # The curve is jagged (one pair's interpolation can fail or recover between two close
+    # floors): the chosen floor is the best of its mean with both neighbours.
+    smooth = np.convolve(np.pad(aepe, 1, mode='edge'), np.ones(3) / 3.0, mode='valid')
+    best = int(np.argmin(smooth))
+    return {'min_score': float(floors[best]), 'aepe': float(aepe[best]),
+            'aepe_smoothed': float(smooth[best]),
+            'curve': {'min_score': [float(f) for f in floors], 'aepe': aepe.tolist(),
+                      'kept_per_pair': kept.tolist()}}
+
+
+def min_score_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog='python -m dense_match_ros.training.deepmatching_task min-score',
+                                description="fit deepmatching's min_score on held-out "
+                                'synthetic pairs (held-out photos, seed 7)')
+    p.add_argument('--method', default='deepmatching', choices=('deepmatching', 'deepmatching-hog'))
+    p.add_argument('--weights', default=None)
+    p.add_argument('--pairs', type=int, default=40)
+    p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--no-progress', action='store_true')
+    p.add_argument('--write', action='store_true',
+                   help="store it as calibration.min_score in the checkpoint's JSON record")
+    args = p.parse_args(argv)
+    from dense_match_ros.core.device import set_threads
+    from dense_match_ros.core.registry import load_matcher
+    set_threads(args.threads)
+    matcher = load_matcher(args.method, device='cpu', weights=args.weights)
+    fit = fit_min_score(matcher, tuning_pairs(args.pairs), progress=not args.no_progress)
+    print(json.dumps({'min_score': fit['min_score'], 'aepe': round(fit['aepe'], 4),
+                      'aepe_smoothed': round(fit['aepe_smoothed'], 4)}))
+    print('curve: ' + '  '.join(f'{f:.2f}->{a:.3f}' for f, a in
+                                zip(fit['curve']['min_score'], fit['curve']['aepe'])))
+    if args.write:
+        if not matcher.weights:
+            print('--write: this matcher has no checkpoint file', file=sys.stderr)
+            return 2
+        path = Path(matcher.weights).with_suffix('.json')
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        previous = record.get('calibration') or {}
+        record['calibration'] = {
+            'min_score': fit['min_score'],
+            'replaced': {'min_score': previous.get('min_score'),
+                         'set': (previous.get('fit') or {}).get('set')},
+            'fit': {'set': f'held-out pairs of every kind, half with moving objects (held-out '
+                           f'photos, {args.pairs} pairs, seed {CALIBRATION_SEED}, 240x240)',
+                    'criterion': 'lowest mean dense AEPE after densification',
+                    **fit, 'command': 'python -m dense_match_ros.training.deepmatching_task '
+                                      'min-score ' + ' '.join(argv if argv is not None
+                                                              else sys.argv[2:])}}
+        path.write_text(json.dumps(record, indent=2) + '\n')
+        print(f'wrote calibration.min_score into {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    if sys.argv[1:2] != ['min-score']:
+        raise SystemExit('usage: python -m dense_match_ros.training.deepmatching_task min-score '
+                         '[options]')
+    sys.exit(min_score_main(sys.argv[2:]))

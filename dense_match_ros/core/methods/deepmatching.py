@@ -181,8 +181,12 @@ class DeepMatchingMatcher(Matcher):
         return cv2.resize(image, size, interpolation=cv2.INTER_AREA if size[0] < w else cv2.INTER_LINEAR)
 
     @torch.no_grad()
-    def _working_matches(self, src: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, ...]:
-        """(source px, target px, score, reciprocal, kept) of every atomic patch, working pixels."""
+    def candidates(self, src: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(source px, target px, score, reciprocal, eligible) of every atomic patch of two
+        working images, in working pixels: eligible when reciprocal or scoring at least
+        ``threshold``, and landing inside the target. ``min_score`` is not applied: the
+        kept matches are the eligible ones scoring at least that (:meth:`_working_matches`),
+        and its fit (``deepmatching_task min-score``) moves it over the same candidates."""
         with autocast(self.device, self._amp):
             out = self.net(self._tensor(src), self._tensor(tgt), levels=self.levels)
         m = best_matches(out.scores[0], out.bottom_up[0][0], out.levels, self.net.stride)
@@ -191,9 +195,14 @@ class DeepMatchingMatcher(Matcher):
         t = m.target
         inside = (t[:, 0] >= 0) & (t[:, 0] <= tw - 1) & (t[:, 1] >= 0) & (t[:, 1] <= th - 1)
         finite = torch.isfinite(t).all(1)
-        kept = (m.reciprocal | (m.score >= self.threshold)) & (m.score >= self.min_score) & inside & finite
+        eligible = (m.reciprocal | (m.score >= self.threshold)) & inside & finite
         return (m.source.cpu().numpy(), torch.nan_to_num(t).cpu().numpy(), m.score.cpu().numpy(),
-                m.reciprocal.cpu().numpy(), kept.cpu().numpy())
+                m.reciprocal.cpu().numpy(), eligible.cpu().numpy())
+
+    def _working_matches(self, src: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(source px, target px, score, reciprocal, kept) of every atomic patch, working pixels."""
+        ps, pt, score, recip, eligible = self.candidates(src, tgt)
+        return ps, pt, score, recip, eligible & (score >= self.min_score)
 
     def match_sparse(self, source: np.ndarray, target: np.ndarray) -> SparseMatches:
         """The kept matches, in the images' own pixels (no densification)."""
@@ -209,10 +218,16 @@ class DeepMatchingMatcher(Matcher):
     def _dense(self, src: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(dense flow, kept source px, their scores) on the working source grid."""
         ps, pt, score, _, kept = self._working_matches(src, tgt)
-        flow = self._interp.densify(src, ps[kept], tgt, pt[kept])
+        return self.densify(src, tgt, ps[kept], pt[kept]), ps[kept], score[kept]
+
+    def densify(self, src: np.ndarray, tgt: np.ndarray, points: np.ndarray,
+                targets: np.ndarray) -> np.ndarray:
+        """The dense flow of two working images from kept matches (working pixels): EpicFlow,
+        then the variational polish when ``refine``."""
+        flow = self._interp.densify(src, points, tgt, targets)
         if self.refine:   # OpenCV's default 5 fixed-point iterations; pairs of one size only
             flow = variational_polish(src, tgt, np.asarray(flow, np.float32), iterations=5)
-        return np.nan_to_num(np.asarray(flow, np.float32)), ps[kept], score[kept]
+        return np.nan_to_num(np.asarray(flow, np.float32))
 
     def _match(self, source: np.ndarray, target: np.ndarray):
         h, w = source.shape[:2]
