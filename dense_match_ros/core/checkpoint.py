@@ -35,6 +35,20 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def read_record(weights: str | Path) -> dict:
+    """The JSON record beside a checkpoint file (``W.pt`` -> ``W.json``); empty when it has
+    none yet."""
+    path = Path(weights).with_suffix('.json')
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_record(weights: str | Path, record: dict) -> Path:
+    """Write ``record`` as the JSON beside a checkpoint file; returns its path."""
+    path = Path(weights).with_suffix('.json')
+    path.write_text(json.dumps(record, indent=2) + '\n')
+    return path
+
+
 def load_weights(path: str | Path, method: str, verify: bool = True) -> tuple[dict, dict, dict]:
     """(model_config, float32 state_dict, record) of a shipped checkpoint or training state.
 
@@ -62,12 +76,11 @@ def load_weights(path: str | Path, method: str, verify: bool = True) -> tuple[di
             record, found = {'steps': obj['step']}, obj['method']
         elif fmt == WEIGHTS_FORMAT:
             state, model_config, found = obj['state_dict'], obj['model_config'], obj['method']
-            record_path = path.with_suffix('.json')
-            record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+            record = read_record(path)
             if verify:
                 if 'sha256' not in record:
                     raise CheckpointError(f'{path}: no JSON record with a sha256 beside it '
-                                          f'({record_path})')
+                                          f"({path.with_suffix('.json')})")
                 actual = sha256_of(path)
                 if actual != record['sha256']:
                     raise CheckpointError(f'{path}: sha256 {actual} does not match its record '

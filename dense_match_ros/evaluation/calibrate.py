@@ -13,14 +13,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from dense_match_ros.core import calibration, load_matcher
+from dense_match_ros.core.checkpoint import read_record, write_record
 from dense_match_ros.data.photos import PhotoSource
 from dense_match_ros.data.synthetic import KINDS, SyntheticPairGenerator
 from dense_match_ros.evaluation import metrics
@@ -92,14 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not matcher.weights:
             print('--write: this matcher has no checkpoint file', file=sys.stderr)
             return 2
-        record_path = Path(matcher.weights).with_suffix('.json')
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        record = read_record(matcher.weights)
         entry = {**table, 'pairs': len(pairs), 'seed': args.seed, 'size': args.size,
                  'correct_px': metrics.CORRECT_PX, 'options': options, 'error_before': before,
                  'command': 'dense-match-calibrate ' + ' '.join(argv or sys.argv[1:])}
         where = store_table(record, args.method, entry)
-        record_path.write_text(json.dumps(record, indent=2) + '\n')
-        print(f'wrote the calibration into {record_path} ({where})')
+        print(f'wrote the calibration into {write_record(matcher.weights, record)} ({where})')
     return 0
 
 

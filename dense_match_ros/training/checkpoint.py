@@ -18,14 +18,14 @@ tensors and plain containers, never pickled code.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dense_match_ros.core.checkpoint import TRAIN_FORMAT, WEIGHTS_FORMAT, load_weights, sha256_of  # noqa: F401
+from dense_match_ros.core.checkpoint import (TRAIN_FORMAT, WEIGHTS_FORMAT, load_weights,  # noqa: F401
+                                             sha256_of, write_record)
 
 
 
@@ -91,5 +91,5 @@ def export_weights(state: dict, out_path: str | Path, record: dict, half: bool =
     record.update({'file': out_path.name, 'method': state['method'], 'steps': state['step'],
                    'dtype': 'float16' if half else 'float32',
                    'sha256': sha256_of(out_path), 'bytes': out_path.stat().st_size})
-    out_path.with_suffix('.json').write_text(json.dumps(record, indent=2) + '\n')
+    write_record(out_path, record)
     return record

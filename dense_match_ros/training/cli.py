@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from dense_match_ros.core.checkpoint import read_record, write_record
 from dense_match_ros.training import config as cfgmod
 from dense_match_ros.training.tasks import available_tasks
 
@@ -105,8 +106,8 @@ def stages_after(init: str | None, this: dict) -> list[dict]:
     checkpoint (when it has a record), then ``this`` one. Also used for weights that came
     back without their training state (``scripts/attach_eval.py``)."""
     earlier: list[dict] = []
-    if init and Path(init).with_suffix('.json').is_file():
-        before = json.loads(Path(init).with_suffix('.json').read_text())
+    before = read_record(init) if init else {}
+    if before:
         earlier = before.get('stages') or [{k: before.get(k) for k in
                                             ('command', 'steps', 'wall_time_s', 'evaluation')}]
     return earlier + [{**this, 'init_weights': init}]
@@ -152,13 +153,12 @@ def export_main(argv: Sequence[str]) -> int:
         'minutes': round(float(state['wall_time_s']) / 60.0, 1),
         'pairs': int(state['step']) * int(state['config'].get('batch_size', 0)) * world,
         'evaluation': record['evaluation']})
-    previous = Path(args.out).with_suffix('.json')
-    previous = json.loads(previous.read_text()) if previous.is_file() else {}
+    previous = read_record(args.out)
     record = ckpt.export_weights(state, args.out, record, half=not args.fp32)
     if previous.get('calibration') and previous.get('sha256') == record['sha256']:
         # Re-exporting the same weights (to embed figures) keeps their fitted calibration.
         record['calibration'] = previous['calibration']
-        Path(args.out).with_suffix('.json').write_text(json.dumps(record, indent=2) + '\n')
+        write_record(args.out, record)
     print(json.dumps({k: record[k] for k in ('file', 'steps', 'dtype', 'bytes', 'sha256')}))
     return 0
 

@@ -31,12 +31,12 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from dense_match_ros.core.checkpoint import read_record, write_record
 from dense_match_ros.core.geometry import grid, parametric, transforms as tf
 from dense_match_ros.core.networks.cnngeo import CnnGeoConfig, CnnGeoNet, config_from_dict
 from dense_match_ros.core.checkpoint import load_trunk
@@ -246,8 +246,7 @@ def sigma_main(argv: Sequence[str] | None = None) -> int:
     fit = fit_sigma(matcher, pairs)
     print(json.dumps({k: fit[k] for k in ('sigma_px', 'jaccard')}))
     if args.write:
-        path = Path(matcher.weights).with_suffix('.json')
-        record = json.loads(path.read_text()) if path.is_file() else {}
+        record = read_record(matcher.weights)
         key = SIGMA_KEYS[matcher.stages]
         calibration = dict(record.get('calibration') or {})
         calibration[key] = fit['sigma_px']
@@ -256,8 +255,7 @@ def sigma_main(argv: Sequence[str] | None = None) -> int:
             'command': 'python -m dense_match_ros.training.cnngeo_task sigma '
                        + ' '.join(argv if argv is not None else sys.argv[2:])}
         record['calibration'] = calibration
-        path.write_text(json.dumps(record, indent=2) + '\n')
-        print(f'wrote calibration.{key} into {path}')
+        print(f'wrote calibration.{key} into {write_record(matcher.weights, record)}')
     return 0
 
 

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -31,7 +30,7 @@ import torch
 
 from dense_match_ros.core.networks.deepmatching import (ATOMIC, TRAINING_ONLY, DeepMatchingConfig,
                                                         DeepMatchingNet, config_from_dict)
-from dense_match_ros.core.checkpoint import load_trunk
+from dense_match_ros.core.checkpoint import load_trunk, read_record, write_record
 from dense_match_ros.evaluation.calibrate import CALIBRATION_SEED
 from dense_match_ros.training.tasks import TrainTask, fill, split_model
 
@@ -242,8 +241,7 @@ def min_score_main(argv: Sequence[str] | None = None) -> int:
         if not matcher.weights:
             print('--write: this matcher has no checkpoint file', file=sys.stderr)
             return 2
-        path = Path(matcher.weights).with_suffix('.json')
-        record = json.loads(path.read_text()) if path.is_file() else {}
+        record = read_record(matcher.weights)
         previous = record.get('calibration') or {}
         record['calibration'] = {
             'min_score': fit['min_score'],
@@ -255,8 +253,7 @@ def min_score_main(argv: Sequence[str] | None = None) -> int:
                     **fit, 'command': 'python -m dense_match_ros.training.deepmatching_task '
                                       'min-score ' + ' '.join(argv if argv is not None
                                                               else sys.argv[2:])}}
-        path.write_text(json.dumps(record, indent=2) + '\n')
-        print(f'wrote calibration.min_score into {path}')
+        print(f'wrote calibration.min_score into {write_record(matcher.weights, record)}')
     return 0
 
 
