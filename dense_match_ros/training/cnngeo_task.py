@@ -36,10 +36,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dense_match_ros.core.checkpoint import read_record, write_record
 from dense_match_ros.core.geometry import grid, parametric, transforms as tf
 from dense_match_ros.core.networks.cnngeo import CnnGeoConfig, CnnGeoNet, config_from_dict
-from dense_match_ros.core.checkpoint import load_trunk
+from dense_match_ros.core.checkpoint import load_trunk, read_record, write_record
 from dense_match_ros.training.tasks import TrainTask, fill, split_model
 
 TRAINING_KEYS = ('backbone_init', 'freeze_backbone', 'init_weights', 'affine_weights')
