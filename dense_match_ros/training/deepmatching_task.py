@@ -244,8 +244,9 @@ def min_score_main(argv: Sequence[str] | None = None) -> int:
         previous = record.get('calibration') or {}
         record['calibration'] = {
             'min_score': fit['min_score'],
-            'replaced': {'min_score': previous.get('min_score'),
-                         'set': (previous.get('fit') or {}).get('set')},
+            **({'replaced': {'min_score': previous['min_score'],
+                             'set': (previous.get('fit') or {}).get('set')}}
+               if previous.get('min_score') is not None else {}),
             'fit': {'set': f'held-out pairs of every kind, half with moving objects (held-out '
                            f'photos, {args.pairs} pairs, seed {CALIBRATION_SEED}, 240x240)',
                     'criterion': 'lowest mean dense AEPE after densification',
