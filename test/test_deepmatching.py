@@ -209,8 +209,9 @@ def test_the_min_score_fit_scores_each_floor_as_the_matcher_with_that_floor_scor
     the lowest of the curve averaged over neighbours, and a floor above every score keeps
     nothing."""
     from dense_match_ros.evaluation import metrics
-    from dense_match_ros.training.deepmatching_task import fit_min_score, tuning_pairs
-    pair = tuning_pairs(1)[0]
+    from dense_match_ros.evaluation.calibrate import calibration_pairs
+    from dense_match_ros.training.deepmatching_task import fit_min_score
+    pair = calibration_pairs(1)[0]
     floors = (0.0, 0.6, 2.0)
     fit = fit_min_score(DeepMatchingHogMatcher(), [pair], floors=floors)
     valid = np.asarray(pair.valid, bool)

@@ -90,8 +90,8 @@ def gt_through_interpolator(matcher, pair) -> float:
     valid = np.asarray(pair.valid, bool) & np.isfinite(gt).all(-1)
     h, w = pair.source.shape[:2]
     th, tw = pair.target.shape[:2]
-    (sw, sh), (tww, twh) = matcher.working_sizes((w, h), (tw, th))
-    src, tgt = matcher._resize(pair.source, (sw, sh)), matcher._resize(pair.target, (tww, twh))
+    src, tgt = matcher.working_images(pair.source, pair.target)
+    (sh, sw), (twh, tww) = src.shape[:2], tgt.shape[:2]
     stride = matcher.net.stride
     gy, gx = sh // stride // ATOMIC, sw // stride // ATOMIC
     pts = patch_centres((gy, gx), stride).numpy()

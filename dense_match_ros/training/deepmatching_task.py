@@ -31,7 +31,7 @@ import torch
 from dense_match_ros.core.networks.deepmatching import (ATOMIC, TRAINING_ONLY, DeepMatchingConfig,
                                                         DeepMatchingNet, config_from_dict)
 from dense_match_ros.core.checkpoint import load_trunk, read_record, write_record
-from dense_match_ros.evaluation.calibrate import CALIBRATION_SEED
+from dense_match_ros.evaluation.calibrate import CALIBRATION_SEED, calibration_pairs
 from dense_match_ros.training.tasks import TrainTask, fill, split_model
 
 TRAINING_KEYS = TRAINING_ONLY
@@ -166,15 +166,6 @@ class DeepMatchingTask(TrainTask):
 MIN_SCORES = tuple(round(0.02 * i, 2) for i in range(41))   # 0.0, 0.02 ... 0.8
 
 
-def tuning_pairs(n: int) -> list:
-    """``n`` held-out pairs of the calibration seed at 240x240, every warp kind, half with
-    2-6 moving objects: the pairs ``dense-match-calibrate`` fits on
-    (:func:`evaluation.calibrate.calibration_pairs`), so the floor is chosen on the mix of
-    motions the matcher meets, not on one kind of it."""
-    from dense_match_ros.evaluation.calibrate import calibration_pairs
-    return calibration_pairs(n, size=(240, 240), seed=CALIBRATION_SEED)
-
-
 def fit_min_score(matcher, pairs: Sequence, floors: Sequence[float] = MIN_SCORES,
                   progress: bool = False) -> dict:
     """The ``min_score`` whose kept matches give the lowest mean dense AEPE after
@@ -192,15 +183,13 @@ def fit_min_score(matcher, pairs: Sequence, floors: Sequence[float] = MIN_SCORES
     for pair in tqdm(pairs, desc='min_score', disable=not progress):
         h, w = pair.source.shape[:2]
         th, tw = pair.target.shape[:2]
-        (sw, sh), (tww, twh) = matcher.working_sizes((w, h), (tw, th))
-        src = matcher._resize(pair.source, (sw, sh))
-        tgt = matcher._resize(pair.target, (tww, twh))
+        src, tgt = matcher.working_images(pair.source, pair.target)
         ps, pt, score, _, eligible = matcher.candidates(src, tgt)
         valid = np.asarray(pair.valid, bool) & np.isfinite(pair.flow).all(-1)
         for i, floor in enumerate(floors):
             keep = eligible & (score >= floor)
             flow = matcher.densify(src, tgt, ps[keep], pt[keep])
-            flow, _ = grid.to_source_grid(flow, None, (w, h), (tww, twh), (tw, th))
+            flow, _ = grid.to_source_grid(flow, None, (w, h), tgt.shape[1::-1], (tw, th))
             aepe[i] += metrics.aepe(flow, pair.flow, valid)
             kept[i] += np.count_nonzero(keep)
     aepe /= max(1, len(pairs))
@@ -231,7 +220,9 @@ def min_score_main(argv: Sequence[str] | None = None) -> int:
     from dense_match_ros.core.registry import load_matcher
     set_threads(args.threads)
     matcher = load_matcher(args.method, device='cpu', weights=args.weights)
-    fit = fit_min_score(matcher, tuning_pairs(args.pairs), progress=not args.no_progress)
+    # The pairs dense-match-calibrate fits on (every warp kind, half with moving objects):
+    # the floor is chosen on the mix of motions the matcher meets, not on one kind of it.
+    fit = fit_min_score(matcher, calibration_pairs(args.pairs), progress=not args.no_progress)
     print(json.dumps({'min_score': fit['min_score'], 'aepe': round(fit['aepe'], 4),
                       'aepe_smoothed': round(fit['aepe_smoothed'], 4)}))
     print('curve: ' + '  '.join(f'{f:.2f}->{a:.3f}' for f, a in

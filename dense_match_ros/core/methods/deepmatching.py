@@ -173,6 +173,12 @@ class DeepMatchingMatcher(Matcher):
     def _tensor(self, image: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
 
+    def working_images(self, source: np.ndarray, target: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Both images at their working sizes (:meth:`working_sizes`)."""
+        sizes = self.working_sizes(source.shape[1::-1], target.shape[1::-1])
+        return self._resize(source, sizes[0]), self._resize(target, sizes[1])
+
     @staticmethod
     def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         h, w = image.shape[:2]
@@ -208,11 +214,10 @@ class DeepMatchingMatcher(Matcher):
         """The kept matches, in the images' own pixels (no densification)."""
         self._check(source, target)
         source, target = np.asarray(source), np.asarray(target)
-        sizes = self.working_sizes(source.shape[1::-1], target.shape[1::-1])
-        src, tgt = self._resize(source, sizes[0]), self._resize(target, sizes[1])
+        src, tgt = self.working_images(source, target)
         ps, pt, score, recip, kept = self._working_matches(src, tgt)
-        return SparseMatches(_rescale(ps[kept], sizes[0], source.shape[1::-1]),
-                             _rescale(pt[kept], sizes[1], target.shape[1::-1]),
+        return SparseMatches(_rescale(ps[kept], src.shape[1::-1], source.shape[1::-1]),
+                             _rescale(pt[kept], tgt.shape[1::-1], target.shape[1::-1]),
                              score[kept].astype(np.float32), recip[kept])
 
     def _dense(self, src: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -232,8 +237,8 @@ class DeepMatchingMatcher(Matcher):
     def _match(self, source: np.ndarray, target: np.ndarray):
         h, w = source.shape[:2]
         th, tw = target.shape[:2]
-        (sw, sh), (tww, twh) = self.working_sizes((w, h), (tw, th))
-        src, tgt = self._resize(source, (sw, sh)), self._resize(target, (tww, twh))
+        src, tgt = self.working_images(source, target)
+        (sh, sw), (twh, tww) = src.shape[:2], tgt.shape[:2]
         flow, points, scores = self._dense(src, tgt)
         if self.matchability == 'fb':
             backward, _, _ = self._dense(tgt, src)
