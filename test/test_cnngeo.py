@@ -15,8 +15,9 @@ from dense_match_ros.core.registry import available_methods, load_matcher
 from dense_match_ros.data.synthetic import SyntheticPairGenerator
 from dense_match_ros.training import checkpoint as ckpt
 from dense_match_ros.training.cli import main
-from dense_match_ros.training.cnngeo_task import (CnnGeoAffineTask, CnnGeoTpsTask, fit_sigma,
-                                                  grid_loss, predicted_points, true_points)
+from dense_match_ros.training.cnngeo_task import (CnnGeoAffineTask, CnnGeoTpsTask, ensemble_main,
+                                                  fit_sigma, grid_loss, predicted_points,
+                                                  true_points)
 
 torch.set_num_threads(1)
 TINY = CnnGeoConfig(width=0.125, input_size=(64, 64), channels=(16, 8), kernel_sizes=(3, 1))
@@ -357,6 +358,86 @@ def test_weights_of_another_method_width_or_stage_are_refused(tmp_path):
     out.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match='sha256 .* does not match its record'):
         load_matcher('cnngeo', device='cpu', weights=str(out))
+
+
+def _perturbed(net: CnnGeoNet, seed: int) -> CnnGeoNet:
+    """Regressors moved off their identity start, so members disagree."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for regressor in (net.affine, *net.affine_others, *([net.tps] if net.tps else [])):
+            regressor.linear.weight.copy_(torch.randn(regressor.linear.weight.shape, generator=gen) * 0.05)
+    return net.eval()
+
+
+def test_the_affine_ensemble_averages_members_trained_apart_and_shares_one_trunk(tmp_path):
+    a = _perturbed(_net(4, tps=False), 1)
+    b = _perturbed(_net(4, tps=False), 2)                                # same trunk (seed 4)
+    b.affine.load_state_dict(_perturbed(_net(5, tps=False), 3).affine.state_dict())
+    top = _perturbed(_net(4), 6)
+    top_state = {k: v.clone() for k, v in top.state_dict().items()}
+    paths = [_train_state(n, m, tmp_path, f'{i}.pt') for i, (n, m) in
+             enumerate(((a, 'cnngeo-affine'), (b, 'cnngeo-affine'), (top, 'cnngeo-tps')))]
+    out = tmp_path / 'w' / 'cnngeo_ens.pt'
+    assert ensemble_main(['--member', str(paths[0]), '--member', str(paths[1]),
+                          '--tps', str(paths[2]), '--out', str(out)]) == 0
+    record = json.loads(out.with_suffix('.json').read_text())
+    assert record['method'] == 'cnngeo-tps' and len(record['ensemble']['members']) == 2
+    joined = load_matcher('cnngeo', device='cpu', weights=str(out)).net
+    assert joined.config.affine_members == 2 and len(joined.affine_others) == 1
+    x, y = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        mean = (a(x, y, 'affine').affine + b(x, y, 'affine').affine) / 2
+        got = joined(x, y)
+    assert (a(x, y, 'affine').affine - b(x, y, 'affine').affine).abs().max() > 1e-3
+    torch.testing.assert_close(got.affine, mean, atol=2e-3, rtol=0)    # fp16 weights
+    # The TPS stage is the given one, on the pair the averaged affine aligned.
+    top.affine.load_state_dict(a.affine.state_dict())
+    top.affine_others = joined.affine_others                          # same members as joined
+    torch.testing.assert_close(got.composed, top(x, y).composed, atol=5e-3, rtol=0)
+    # Frozen as one stage when a TPS stage trains on it; folding keeps every member.
+    joined.freeze(['backbone', 'affine'])
+    assert not any(p.requires_grad for p in joined.affine_others.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(joined.fold_batch_norm()(x, y).affine, got.affine, atol=1e-4, rtol=0)
+    # Members must share the trunk, and be single stages.
+    other = _train_state(_perturbed(_net(9, tps=False), 1), 'cnngeo-affine', tmp_path, 'other.pt')
+    with pytest.raises(ValueError, match='trunk differs'):
+        ensemble_main(['--member', str(paths[0]), '--member', str(other), '--out', str(out)])
+    with pytest.raises(ValueError, match='at least two'):
+        ensemble_main(['--member', str(paths[0]), '--out', str(out)])
+    # One affine stage under another run's TPS stage: both exactly as they were.
+    assert ensemble_main(['--member', str(paths[1]), '--tps', str(paths[2]), '--out', str(out)]) == 0
+    config, state, _ = ckpt.load_weights(out, 'cnngeo-tps')
+    assert config['affine_members'] == 1 and config['tps']
+    assert set(state) == set(top_state)
+    for name, tensor in state.items():
+        source = b.state_dict() if name.startswith(('affine.', 'backbone.')) else top_state
+        torch.testing.assert_close(tensor, source[name].half().to(tensor.dtype))
+
+
+def test_paper_ranges_widen_scale_and_control_points_and_unknown_names_are_refused():
+    from dense_match_ros.data.synthetic import RANGES, random_affine, random_tps
+    from dense_match_ros.training.batches import make_generator
+    from dense_match_ros.training.config import DataConfig
+
+    def scales(ranges):
+        rng = np.random.default_rng(0)
+        return np.concatenate([np.linalg.svd(random_affine(rng, ranges.affine).reshape(2, 3)[:, :2],
+                                             compute_uv=False) for _ in range(400)])
+
+    wide, narrow = scales(RANGES['paper']), scales(RANGES['default'])
+    assert narrow.min() >= 0.75 - 1e-9 and narrow.max() <= 1.25 + 1e-9
+    assert wide.min() >= 0.5 - 1e-9 and wide.max() <= 2.0 + 1e-9
+    assert wide.max() > 1.8 and wide.min() < 0.6                       # the range is used
+    assert abs(np.median(np.log(wide))) < 0.1                          # log-uniform: 2x as likely as 0.5x
+    rng = np.random.default_rng(1)
+    moved = np.abs(np.stack([random_tps(rng, RANGES['paper'].tps_jitter) for _ in range(200)])
+                   - tf.tps_identity())
+    assert 0.45 < moved.max() <= 0.5
+    gen = make_generator(DataConfig(image_size=(32, 32), ranges='paper'))
+    assert gen.tps_jitter == 0.5 and gen.affine.log_scale
+    with pytest.raises(ValueError, match="data.ranges must be one of \\['default', 'paper'\\]"):
+        make_generator(DataConfig(ranges='wider'))
 
 
 def test_missing_weights_name_the_training_command(tmp_path, monkeypatch):

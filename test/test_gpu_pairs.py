@@ -151,6 +151,9 @@ def test_device_pairs_refuse_what_they_cannot_make(photos):
                                                          'kind_weights': [1.0, 2.0, 1.0]}})
     with pytest.raises(ValueError, match='kind_weights'):
         DeviceBatches.from_config(config, get_task('dgc'), 0, torch.device('cpu'))
+    config = cfgmod.from_dict({'method': 'dgc', 'data': {'sampler': 'device', 'ranges': 'paper'}})
+    with pytest.raises(ValueError, match='data.ranges needs data.sampler: cpu'):
+        DeviceBatches.from_config(config, get_task('dgc'), 0, torch.device('cpu'))
     source = DeviceBatches(GpuPairSampler(photos, GpuPairConfig(size=(32, 32))), 2, seed=1)
     batches = list(source(5, 7))
     assert [int(b['step']) for b in batches] == [5, 6]

@@ -18,6 +18,11 @@ Transform families (all parameters uniform in the stated ranges):
 * ``affine``: CNNGeo's: rotation +-15 deg, shear angle +-30 deg, anisotropic scales
   0.75-1.25, translation +-0.25 (normalised), A = R(rot) R(shear)^T diag(s1, s2) R(shear).
 * ``tps``: CNNGeo's: the 3x3 control points on [-1, 1] each displaced by +-0.4 per axis.
+
+These are the ``default`` ranges of :data:`RANGES`; ``paper`` widens both as the CNNGeo
+paper's text states them (scale change up to 2x, drawn log-uniformly in [0.5, 2]; control
+points moved up to a quarter of the image, +-0.5 normalised), for training only: the
+held-out set keeps the default ranges, so runs on either stay comparable.
 * ``similarity``: wide rotation and zoom, which CNNGeo's ranges leave out and real
   viewpoint changes need: rotation +-45 deg, one scale 0.7-1.4, translation +-0.2.
 * ``homography``: DGC-Net's: the four corners of the 240x240 output crop displaced by up to
@@ -72,6 +77,23 @@ class AffineRanges:
     shear_deg: float = 30.0
     scale: tuple[float, float] = (0.75, 1.25)
     translation: float = 0.25
+    log_scale: bool = False
+    """Draw each scale log-uniformly (a zoom of 2x as likely as one of 0.5x), not uniformly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformRanges:
+    """The ranges of the two CNNGeo families, as one named choice (``data.ranges``)."""
+
+    affine: AffineRanges
+    tps_jitter: float
+
+
+RANGES = {
+    'default': TransformRanges(AffineRanges(), 0.4),
+    'paper': TransformRanges(AffineRanges(scale=(0.5, 2.0), log_scale=True), 0.5),
+}
+"""Named transform ranges (see the module docstring)."""
 
 
 @dataclasses.dataclass
@@ -138,7 +160,10 @@ def random_affine(rng: np.random.Generator, ranges: AffineRanges = AffineRanges(
     """CNNGeo-style random affine theta (6,)."""
     rot = math.radians(ranges.rotation_deg) * rng.uniform(-1, 1)
     shear = math.radians(ranges.shear_deg) * rng.uniform(-1, 1)
-    s1, s2 = rng.uniform(*ranges.scale, size=2)
+    if ranges.log_scale:
+        s1, s2 = np.exp(rng.uniform(*np.log(ranges.scale), size=2))
+    else:
+        s1, s2 = rng.uniform(*ranges.scale, size=2)
     tx, ty = ranges.translation * rng.uniform(-1, 1, size=2)
     return tf.affine_theta(rot, shear, s1, s2, tx, ty)
 

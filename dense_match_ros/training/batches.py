@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dense_match_ros.data.photos import PhotoSource
-from dense_match_ros.data.synthetic import SyntheticPair, SyntheticPairGenerator
+from dense_match_ros.data.synthetic import RANGES, SyntheticPair, SyntheticPairGenerator
 from dense_match_ros.training.config import DataConfig, TrainConfig
 from dense_match_ros.training.tasks import TrainTask
 
@@ -47,11 +47,15 @@ class CachedPhotos:
 
 def make_generator(data: DataConfig) -> SyntheticPairGenerator:
     """The training pair generator: TRAIN split only (the held-out photos stay unseen)."""
+    if data.ranges not in RANGES:
+        raise ValueError(f'data.ranges must be one of {sorted(RANGES)}, got {data.ranges!r}')
+    ranges = RANGES[data.ranges]
     photos = PhotoSource(folders=data.photos, split='train', short_side=data.photo_short_side)
     return SyntheticPairGenerator(CachedPhotos(photos), size=tuple(data.image_size),
                                   kinds=tuple(data.kinds), photometric=data.photometric,
                                   crop_scale=tuple(data.crop_scale),
-                                  kind_weights=data.kind_weights, objects=data.objects)
+                                  kind_weights=data.kind_weights, objects=data.objects,
+                                  affine=ranges.affine, tps_jitter=ranges.tps_jitter)
 
 
 def collate(pairs: Sequence[SyntheticPair]) -> dict[str, torch.Tensor]:

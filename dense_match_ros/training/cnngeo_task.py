@@ -20,6 +20,11 @@ The trunk starts from random initialisation or, with ``model.backbone_init``, fr
 method's checkpoint of the same width (the shipped ``hilm`` trunk, trained here from
 random init), frozen with ``model.freeze_backbone`` or fine-tuned.
 
+``python -m dense_match_ros.training.cnngeo_task ensemble --member A --member B [--tps T]
+--out W`` joins affine stages trained apart (on different ``data.ranges``) into the paper's
+ensemble, whose parameters are averaged (one trunk: the members must share it, as runs on
+the same frozen trunk do), with T's TPS stage on top when given.
+
 ``python -m dense_match_ros.training.cnngeo_task sigma --weights W --write`` fits the
 matchability's round-trip sigma on held-out synthetic pairs (held-out photos, a seed other
 than the evaluation set's) and stores it in W's record (``--method cnngeo-affine``: the
@@ -44,6 +49,8 @@ from dense_match_ros.training.tasks import TrainTask, fill, split_model
 TRAINING_KEYS = ('backbone_init', 'freeze_backbone', 'init_weights', 'affine_weights')
 """Model-section keys that shape training, not the architecture (kept in the config record)."""
 STAGE_METHODS = ('cnngeo-affine', 'cnngeo-tps')
+ARCH_KEYS = ('width', 'batch_norm', 'input_size', 'normalize_matches', 'channels', 'kernel_sizes')
+"""What two stages built on one another, or the members of an ensemble, must agree on."""
 
 
 @dataclasses.dataclass
@@ -84,8 +91,8 @@ def build_network(model_config: dict, stage: str) -> CnnGeoNet:
         # Stage 2 starts from stage 1: trunk and affine regressor (the TPS regressor, absent
         # from an affine run, keeps its identity initialisation).
         other, state = _load_state(affine, 'affine_weights')
-        _check_same(arch, other, affine, ('width', 'batch_norm', 'input_size', 'normalize_matches',
-                                          'channels', 'kernel_sizes'))
+        # An ensemble's affine stage is taken whole: model.affine_members must say so.
+        _check_same(arch, other, affine, ARCH_KEYS + ('affine_members',))
         state = {k: v for k, v in state.items() if not k.startswith('tps.')}
         missing, unexpected = net.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith('tps.') for k in missing):
@@ -190,6 +197,79 @@ class CnnGeoTpsTask(_CnnGeoTask):
 
 
 # ======================================================================================
+# the affine ensemble
+# ======================================================================================
+
+def _part(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def join_ensemble(members: Sequence[str], tps: str | None = None) -> tuple[dict, dict]:
+    """(model config, state) of one network whose affine stage averages the affine stages
+    of ``members`` (checkpoints of either stage), with the TPS stage of ``tps`` if given.
+    One member with ``tps`` puts that affine stage under T's TPS stage (the start of a TPS
+    stage trained on from T over a new affine stage: ``model.init_weights``).
+
+    The trunk is shared, so every member (and ``tps``) must hold the same one, bit for bit:
+    runs on one frozen trunk do; runs that fine-tuned theirs cannot be joined this way.
+    """
+    if len(members) < (1 if tps else 2):
+        raise ValueError('an ensemble needs at least two affine stages (--member twice); '
+                         'one affine stage goes under a TPS stage only (--tps)')
+    loaded = [(path, *_load_state(path, 'member')) for path in members]
+    first_path, first_config, first_state = loaded[0]
+    trunk = _part(first_state, 'backbone.')
+    others = loaded[1:] + ([(tps, *_load_state(tps, 'tps'))] if tps else [])
+    for path, config, state in others:
+        _check_same(first_config, config, path, ARCH_KEYS)
+        theirs = _part(state, 'backbone.')
+        if theirs.keys() != trunk.keys() or any(not torch.equal(trunk[k], theirs[k]) for k in trunk):
+            raise ValueError(f'{path}: its trunk differs from {first_path}\'s; an ensemble shares '
+                             f'one trunk (train the members on the same frozen one)')
+    state = {f'backbone.{k}': v for k, v in trunk.items()}
+    for i, (path, config, member) in enumerate(loaded):
+        prefix = 'affine.' if i == 0 else f'affine_others.{i - 1}.'
+        if int(config.get('affine_members', 1)) != 1:
+            raise ValueError(f'{path}: is an ensemble already; join single affine stages')
+        state.update({prefix + k: v for k, v in _part(member, 'affine.').items()})
+    if tps:
+        state.update({f'tps.{k}': v for k, v in _part(others[-1][2], 'tps.').items()})
+    arch = {k: v for k, v in first_config.items() if k not in TRAINING_KEYS}
+    config = {**arch, 'affine_members': len(members), 'tps': bool(tps)}
+    CnnGeoNet(config_from_dict(config)).load_state_dict(state)  # refuses anything missing
+    return config, state
+
+
+def ensemble_main(argv: Sequence[str] | None = None) -> int:
+    from dense_match_ros.training import checkpoint as ckpt
+    from dense_match_ros.training.cli import stages_after
+    p = argparse.ArgumentParser(prog='python -m dense_match_ros.training.cnngeo_task ensemble',
+                                description="join affine stages trained apart into the paper's "
+                                'ensemble (parameters averaged), optionally under a TPS stage')
+    p.add_argument('--member', action='append', required=True,
+                   help='an affine stage (a cnngeo run or shipped checkpoint); twice or more')
+    p.add_argument('--tps', default=None, help='take the TPS stage from this cnngeo-tps checkpoint')
+    p.add_argument('--out', required=True, help='shipped-format weights to write (fp16)')
+    p.add_argument('--note', default='')
+    args = p.parse_args(argv)
+    config, state = join_ensemble(args.member, args.tps)
+    method = 'cnngeo-tps' if args.tps else 'cnngeo-affine'
+    command = 'python -m dense_match_ros.training.cnngeo_task ensemble ' + ' '.join(
+        argv if argv is not None else sys.argv[2:])
+    members = [{'weights': m, 'record': read_record(m)} for m in args.member]
+    record = {'command': command, 'note': args.note, 'ensemble': {
+        'members': [{'weights': m['weights'], 'stages': m['record'].get('stages'),
+                     'command': m['record'].get('command')} for m in members],
+        'tps': args.tps}}
+    if args.tps:
+        record['stages'] = stages_after(args.tps, {'command': command})
+    out = ckpt.export_weights({'model': state, 'method': method, 'config': {'model': config},
+                               'step': 0}, args.out, record)
+    print(json.dumps({k: out[k] for k in ('file', 'method', 'sha256', 'bytes')}))
+    return 0
+
+
+# ======================================================================================
 # the matchability's sigma
 # ======================================================================================
 
@@ -258,7 +338,10 @@ def sigma_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+COMMANDS = {'sigma': sigma_main, 'ensemble': ensemble_main}
+
 if __name__ == '__main__':
-    if sys.argv[1:2] != ['sigma']:
-        raise SystemExit('usage: python -m dense_match_ros.training.cnngeo_task sigma [options]')
-    sys.exit(sigma_main(sys.argv[2:]))
+    if sys.argv[1:2] not in ([c] for c in COMMANDS):
+        raise SystemExit('usage: python -m dense_match_ros.training.cnngeo_task '
+                         f'{{{"|".join(COMMANDS)}}} [options]')
+    sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))

@@ -49,6 +49,9 @@ class DataConfig:
     """Relative frequency of each of ``kinds`` (None: uniform)."""
     objects: float = 0.0
     """Probability that a pair carries independently moving objects (data.moving_objects)."""
+    ranges: str = 'default'
+    """Affine and TPS ranges, a name of :data:`data.synthetic.RANGES` ('default' or 'paper',
+    CNNGeo's wider text ranges); the 'cpu' sampler only."""
     sampler: str = 'cpu'
     """Where pairs are made: 'cpu' (data.synthetic, ``workers`` loader processes) or
     'device' (training/gpu_pairs.py on the training device, ~20x faster on a GPU; photos

@@ -281,6 +281,9 @@ class DeviceBatches:
                              'train it with data.sampler: cpu')
         if data.kind_weights:
             raise ValueError('data.kind_weights needs data.sampler: cpu')
+        if data.ranges != 'default':
+            raise ValueError('data.ranges needs data.sampler: cpu (the device sampler takes '
+                             'its ranges from data.gpu_pairs)')
         t0 = time.monotonic()
         side = int(data.photo_short_side)
         photos = load_photo_tensor(data.photos, (side, side), 'train', device)

@@ -14,7 +14,12 @@ Structure (for the paper's 240x240 input):
 4. hierarchy (paper Sec. 3.4): the affine stage's transform renders the target on the
    source grid (the *target* is the image that gets warped), the TPS stage regresses on
    (source, aligned target), and the result is their composition, one TPS
-   (:func:`core.geometry.parametric.compose_affine_tps_torch`).
+   (:func:`core.geometry.parametric.compose_affine_tps_torch`);
+5. the paper's affine ensemble (Sec. 5.1, Table 1): ``affine_members`` > 1 regressors read
+   the same correlation and their parameters are averaged. The members are trained apart
+   (``dense-match-train cnngeo-affine`` on different transform ranges) and joined by
+   ``python -m dense_match_ros.training.cnngeo_task ensemble``; joining costs one more
+   regressor pass, since the trunk and the correlation are shared.
 
 Direction: every transform maps source points to target points (:mod:`core.geometry.transforms`):
 ``grid_sample(target, T)`` renders the source, and ``T(x) - x`` is the flow. No inversion
@@ -59,6 +64,8 @@ class CnnGeoConfig:
     """Output channels of the two regression blocks (the paper's)."""
     kernel_sizes: tuple[int, int] = (7, 5)
     """Kernels of the two unpadded regression blocks (the paper's; tests use smaller)."""
+    affine_members: int = 1
+    """Affine regressors whose parameters are averaged (the paper's ensemble: 2)."""
 
 
 class CnnGeoOutput(NamedTuple):
@@ -119,8 +126,15 @@ class CnnGeoNet(nn.Module):
         self.corr_size = (h // 16, w // 16)
         self.backbone = VGGBackbone(VGGConfig(width=c.width, batch_norm=c.batch_norm))
         corr_channels = self.corr_size[0] * self.corr_size[1]
+        if int(c.affine_members) < 1:
+            raise ValueError(f'affine_members must be >= 1, got {c.affine_members}')
         self.affine = Regressor(corr_channels, self.corr_size, c.channels, c.kernel_sizes,
                                 tf.AFFINE_IDENTITY.tolist())
+        # The ensemble's further members (none by default, so single-net checkpoints keep
+        # their keys); ``affine`` is member 0.
+        self.affine_others = nn.ModuleList(
+            Regressor(corr_channels, self.corr_size, c.channels, c.kernel_sizes,
+                      tf.AFFINE_IDENTITY.tolist()) for _ in range(int(c.affine_members) - 1))
         self.tps = (Regressor(corr_channels, self.corr_size, c.channels, c.kernel_sizes,
                               tf.tps_identity().tolist()) if c.tps else None)
         self.frozen: set[str] = set()
@@ -129,14 +143,17 @@ class CnnGeoNet(nn.Module):
     # ------------------------------------------------------------------ freezing
 
     def freeze(self, parts: Sequence[str]) -> None:
-        """Stop training ``parts`` ('backbone', 'affine', 'tps'): weights and BN statistics."""
+        """Stop training ``parts`` ('backbone', 'affine', 'tps'): weights and BN statistics.
+        'affine' is the whole affine stage, every member of an ensemble."""
         for part in parts:
             module = getattr(self, part, None)
             if module is None:
                 raise ValueError(f'no part {part!r} to freeze in this network')
-            for p in module.parameters():
-                p.requires_grad_(False)
-            self.frozen.add(part)
+            names = [part, 'affine_others'] if part == 'affine' else [part]
+            for name in names:
+                for p in getattr(self, name).parameters():
+                    p.requires_grad_(False)
+                self.frozen.add(name)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> 'CnnGeoNet':
@@ -156,7 +173,8 @@ class CnnGeoNet(nn.Module):
         cannot be trained any more (it has no statistics left), so :meth:`train` refuses it.
         """
         self.eval()
-        for module in [*self.backbone.blocks, self.affine.convs] + ([self.tps.convs] if self.tps else []):
+        regressors = [self.affine, *self.affine_others] + ([self.tps] if self.tps else [])
+        for module in [*self.backbone.blocks, *(r.convs for r in regressors)]:
             fold_sequential(module)
         self.folded = True
         return self
@@ -188,7 +206,7 @@ class CnnGeoNet(nn.Module):
         transform so far, and composes (:func:`parametric.compose_tps_tps_torch`): the
         stage then corrects what is left, a smaller warp than training's, where a regressor
         is more precise (the paper's hierarchy, one more level at test time)."""
-        affine = self.affine(self.correlation(source_feat, target_feat))
+        affine = self.affine_stage(self.correlation(source_feat, target_feat))
         if stages == 'affine' or self.tps is None:
             return CnnGeoOutput(affine, None, None)
         # The target rendered on the source grid by the affine: the TPS stage sees a pair
@@ -201,6 +219,13 @@ class CnnGeoNet(nn.Module):
             step = self._tps_on_aligned(source_feat, target, 'tps', composed, size)
             composed = parametric.compose_tps_tps_torch(composed, step)
         return CnnGeoOutput(affine, tps, composed)
+
+    def affine_stage(self, correlation: torch.Tensor) -> torch.Tensor:
+        """(B, 6) the affine parameters: one regressor's, or the mean of the ensemble's."""
+        theta = self.affine(correlation)
+        if not len(self.affine_others):
+            return theta
+        return torch.stack([theta, *(m(correlation) for m in self.affine_others)]).mean(0)
 
     def _tps_on_aligned(self, source_feat: torch.Tensor, target: torch.Tensor, kind: str,
                         theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
