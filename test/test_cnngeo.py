@@ -328,7 +328,7 @@ def _train_state(net: CnnGeoNet, method: str, tmp_path, name: str = 'last.pt'):
     if method == 'cnngeo-tps':
         cfg['init_weights'] = 'unused'
     path = tmp_path / name
-    torch.save({'format': ckpt.TRAIN_FORMAT, 'method': method, 'step': 3,
+    torch.save({'format': ckpt.TRAIN_FORMAT, 'method': method, 'step': 3, 'wall_time_s': 60.0,
                 'config': {'model': task.model_config(cfg)}, 'model': net.state_dict()}, path)
     return path
 
@@ -382,6 +382,8 @@ def test_the_affine_ensemble_averages_members_trained_apart_and_shares_one_trunk
                           '--tps', str(paths[2]), '--out', str(out)]) == 0
     record = json.loads(out.with_suffix('.json').read_text())
     assert record['method'] == 'cnngeo-tps' and len(record['ensemble']['members']) == 2
+    assert [m['steps'] for m in record['ensemble']['members']] == [3, 3]   # training states
+    assert record['stages'][-1]['affine_members'] == record['ensemble']['members']
     joined = load_matcher('cnngeo', device='cpu', weights=str(out)).net
     assert joined.config.affine_members == 2 and len(joined.affine_others) == 1
     x, y = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)

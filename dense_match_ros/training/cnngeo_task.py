@@ -240,6 +240,17 @@ def join_ensemble(members: Sequence[str], tps: str | None = None) -> tuple[dict,
     return config, state
 
 
+def provenance(path: str) -> dict:
+    """How an affine stage was made: a shipped checkpoint's record (command and stages), or
+    a run's training state (command, steps and minutes), which has no record beside it."""
+    record = read_record(path)
+    if record:
+        return {'weights': path, 'command': record.get('command'), 'stages': record.get('stages')}
+    state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    return {'weights': path, 'command': (state.get('extra') or {}).get('command'),
+            'steps': int(state['step']), 'minutes': round(float(state['wall_time_s']) / 60.0, 1)}
+
+
 def ensemble_main(argv: Sequence[str] | None = None) -> int:
     from dense_match_ros.training import checkpoint as ckpt
     from dense_match_ros.training.cli import stages_after
@@ -256,13 +267,12 @@ def ensemble_main(argv: Sequence[str] | None = None) -> int:
     method = 'cnngeo-tps' if args.tps else 'cnngeo-affine'
     command = 'python -m dense_match_ros.training.cnngeo_task ensemble ' + ' '.join(
         argv if argv is not None else sys.argv[2:])
-    members = [{'weights': m, 'record': read_record(m)} for m in args.member]
-    record = {'command': command, 'note': args.note, 'ensemble': {
-        'members': [{'weights': m['weights'], 'stages': m['record'].get('stages'),
-                     'command': m['record'].get('command')} for m in members],
-        'tps': args.tps}}
+    members = [provenance(m) for m in args.member]
+    record = {'command': command, 'note': args.note,
+              'ensemble': {'members': members, 'tps': args.tps}}
     if args.tps:
-        record['stages'] = stages_after(args.tps, {'command': command})
+        # The affine stage(s) are this stage's news: the chain keeps how they were trained.
+        record['stages'] = stages_after(args.tps, {'command': command, 'affine_members': members})
     out = ckpt.export_weights({'model': state, 'method': method, 'config': {'model': config},
                                'step': 0}, args.out, record)
     print(json.dumps({k: out[k] for k in ('file', 'method', 'sha256', 'bytes')}))
@@ -341,7 +351,7 @@ def sigma_main(argv: Sequence[str] | None = None) -> int:
 COMMANDS = {'sigma': sigma_main, 'ensemble': ensemble_main}
 
 if __name__ == '__main__':
-    if sys.argv[1:2] not in ([c] for c in COMMANDS):
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         raise SystemExit('usage: python -m dense_match_ros.training.cnngeo_task '
                          f'{{{"|".join(COMMANDS)}}} [options]')
     sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))
