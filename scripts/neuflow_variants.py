@@ -57,7 +57,6 @@ def apply(variant: str) -> None:
         raise SystemExit(f'unknown variant {variant!r}')
 
 
-
 def network_times(calls: int) -> str:
     from dense_match_ros.core.device import set_threads
     from dense_match_ros.core.registry import load_matcher

@@ -67,6 +67,13 @@ def load_training_state(path: str | Path, map_location: str | torch.device = 'cp
     return state
 
 
+def run_summary(state: dict) -> dict:
+    """A training state's command, steps and wall-clock minutes: what a record's stage chain
+    says of the run that made a checkpoint."""
+    return {'command': (state.get('extra') or {}).get('command'), 'steps': int(state['step']),
+            'minutes': round(float(state['wall_time_s']) / 60.0, 1)}
+
+
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state['torch_rng'].cpu())
     if state.get('cuda_rng') and torch.cuda.is_available():

@@ -149,8 +149,7 @@ def export_main(argv: Sequence[str]) -> int:
     }
     world = int(extra.get('world_size', 1) or 1)
     record['stages'] = _stages(state, {
-        'command': record['command'], 'steps': int(state['step']),
-        'minutes': round(float(state['wall_time_s']) / 60.0, 1),
+        **ckpt.run_summary(state),
         'pairs': int(state['step']) * int(state['config'].get('batch_size', 0)) * world,
         'evaluation': record['evaluation']})
     previous = read_record(args.out)

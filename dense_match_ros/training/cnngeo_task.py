@@ -243,12 +243,11 @@ def join_ensemble(members: Sequence[str], tps: str | None = None) -> tuple[dict,
 def provenance(path: str) -> dict:
     """How an affine stage was made: a shipped checkpoint's record (command and stages), or
     a run's training state (command, steps and minutes), which has no record beside it."""
+    from dense_match_ros.training import checkpoint as ckpt
     record = read_record(path)
     if record:
         return {'weights': path, 'command': record.get('command'), 'stages': record.get('stages')}
-    state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    return {'weights': path, 'command': (state.get('extra') or {}).get('command'),
-            'steps': int(state['step']), 'minutes': round(float(state['wall_time_s']) / 60.0, 1)}
+    return {'weights': path, **ckpt.run_summary(ckpt.load_training_state(path))}
 
 
 def ensemble_main(argv: Sequence[str] | None = None) -> int:
