@@ -15,7 +15,7 @@ from dense_match_ros.core.methods.dmp import DmpMatcher
 from dense_match_ros.core.networks.backbone import VGGBackbone, VGGConfig
 from dense_match_ros.core.networks.correlation import local_correlation
 from dense_match_ros.core.networks.dmp import (DmpConfig, DmpNet, cell_centres,
-                                               offsets)
+                                               offsets, soft_argmax)
 from dense_match_ros.core.registry import available_methods, load_matcher
 from dense_match_ros.training import checkpoint as ckpt
 from dense_match_ros.training.cli import main
@@ -120,9 +120,40 @@ def test_iteration_zero_is_the_soft_argmax_of_the_correlations():
     np.testing.assert_allclose(flow, again.flow[0].permute(1, 2, 0).numpy(), atol=1e-3)
 
 
+def test_the_confidence_is_the_probability_near_the_best_candidate():
+    """'mass': the softmax probability of the most probable candidate and its neighbours on
+    the candidate grid (3x3, cut at the grid's edge); 'peak': of that candidate alone. Both
+    configs give the same flow."""
+    rng = torch.Generator().manual_seed(5)
+    scores = torch.randn(2, 12, 3, 4, generator=rng)
+    positions = torch.rand(12, 2, generator=rng)
+    expected, peak = soft_argmax(scores, positions, torch.tensor(3.0))
+    _, mass = soft_argmax(scores, positions, torch.tensor(3.0), grid=(3, 4))
+    prob = (scores * 3.0).softmax(1)
+    for b in range(2):
+        for y in range(3):
+            for x in range(4):
+                p = prob[b, :, y, x].reshape(3, 4)
+                r, c = divmod(int(p.argmax()), 4)
+                near = p[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2].sum()
+                assert math.isclose(float(mass[b, 0, y, x]), float(near), rel_tol=1e-5)
+                assert math.isclose(float(peak[b, 0, y, x]), float(p.max()), rel_tol=1e-6)
+    torch.testing.assert_close(expected, torch.einsum('bkhw,kc->bchw', prob, positions))
+    with pytest.raises(ValueError, match='grid'):
+        soft_argmax(scores, positions, torch.tensor(3.0), grid=(3, 3))
+    src_img, tgt_img = torch.rand(1, 3, 64, 64, generator=rng), torch.rand(1, 3, 64, 64, generator=rng)
+    with torch.no_grad():
+        by_mass = _net(config=DmpConfig(**{**TINY.__dict__, 'confidence': 'mass'}))(src_img, tgt_img)
+        by_peak = _net(config=DmpConfig(**{**TINY.__dict__, 'confidence': 'peak'}))(src_img, tgt_img)
+    torch.testing.assert_close(by_mass.flow, by_peak.flow)
+    assert (by_mass.confidence >= by_peak.confidence - 1e-6).all()
+    assert (by_mass.confidence > by_peak.confidence + 1e-3).any()
+
+
 def test_bad_configs_are_refused():
     for bad, rule in (({'input_size': (60, 64)}, 'multiples of 16'), ({'finest': 'pool4'}, 'finest'),
-                      ({'radius': 0}, 'radius'), ({'temperature': 0.0}, 'temperature')):
+                      ({'radius': 0}, 'radius'), ({'temperature': 0.0}, 'temperature'),
+                      ({'confidence': 'max'}, 'confidence')):
         with pytest.raises(ValueError, match=rule):
             DmpNet(DmpConfig(**{**TINY.__dict__, **bad}))
 
@@ -227,7 +258,7 @@ def test_bad_inputs_name_the_rule(image, rule):
 def test_bad_options_and_wrong_weights_are_named(tmp_path):
     for bad, rule in (({'mode': 'x'}, 'mode'), ({'warp': 'x'}, 'warp'), ({'samples': 1}, 'samples'),
                       ({'iterations': -1}, 'iterations'), ({'tau': 0}, 'tau'),
-                      ({'refine': 'raft'}, 'refine')):
+                      ({'refine': 'raft'}, 'refine'), ({'confidence': 'max'}, 'confidence')):
         with pytest.raises(ValueError, match=rule):
             _tiny_matcher(**bad)
     other = tmp_path / 'not_dmp.pt'
@@ -317,6 +348,11 @@ def test_shipped_checkpoint_improves_on_its_own_pretrained_output():
     assert record['command'].startswith('dense-match-train dmp')
     src, tgt, gt = affine_photo_pair(240, 240, 6.0, 1.1, (12.0, -8.0))
     m = load_matcher('dmp', device='cpu', iterations=20, patience=0, min_update_px=0)
+    # Its matchability goes through the record's table by default, one that predicts a
+    # visible match (the pose's threshold would find nothing above a "right within 1 px" one).
+    assert m.calibration == record['calibration']
+    assert record['calibration']['truth'] == 'visible'
+    assert m.net.config.confidence == 'mass'
     flow, match = m.match(src, tgt)
     assert m.last_run['loss'] < m.last_run['initial_loss']
     inner = (slice(30, -30), slice(30, -30))

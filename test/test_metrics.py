@@ -206,6 +206,30 @@ def test_isotonic_calibration_fits_a_monotone_map_that_removes_miscalibration():
         calibration.fit_table({'count': [1, 2], 'sum_matchability': [0, 0], 'correct': [0, 0]})
 
 
+def test_calibration_counts_right_or_visible_matches_as_told():
+    """``dense-match-calibrate --truth``: a flow 2 px off everywhere is never right, yet every
+    pixel with a visible match counts as visible; an unknown truth is named."""
+    from types import SimpleNamespace
+    from dense_match_ros.evaluation.calibrate import reliability_of
+
+    gt = np.zeros((8, 10, 2), np.float32)
+    valid = np.ones((8, 10), bool)
+    valid[:, :3] = False                           # occluded: no visible match
+    pair = SimpleNamespace(source=None, target=None, flow=gt, valid=valid)
+
+    class Off:
+        def match(self, source, target):
+            return gt + 2.0, np.full(gt.shape[:2], 0.95, np.float32)
+
+    right = reliability_of(Off(), [pair], 'right')
+    visible = reliability_of(Off(), [pair], 'visible')
+    assert sum(right['count']) == sum(visible['count']) == 80
+    assert sum(right['correct']) == 0
+    assert sum(visible['correct']) == 56
+    with pytest.raises(ValueError, match='truth'):
+        reliability_of(Off(), [pair], 'seen')
+
+
 def test_match_figure_shows_images_flow_with_legend_and_matchability(tmp_path):
     import cv2
     from dense_match_ros.evaluation import report

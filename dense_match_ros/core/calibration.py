@@ -1,5 +1,6 @@
 """Matchability calibration: a monotone map from a matcher's raw score to the probability
-that the match is right (within a pixel), fitted on held-out synthetic pairs.
+that the match is right (within a pixel), or for a coarse matcher that the pixel has a visible
+match at all (the table's ``truth``), fitted on held-out synthetic pairs.
 
 Why: pose selection keeps pixels above a matchability threshold and prefers the most
 confident ones; that only means something if a score of p is right with probability p,

@@ -3,8 +3,11 @@ synthetic pairs and store it in its checkpoint's JSON record.
 
 The pairs come from the held-out photos (never trained on) with a seed other than the
 evaluation set's, with independently moving objects on half of them so that occlusions are
-represented; a pixel's match is right when its end-point error is below
-:data:`evaluation.metrics.CORRECT_PX` and its ground truth is visible in the target.
+represented. What the table predicts (``--truth``): ``right``, that the pixel's match is
+right (end-point error below :data:`evaluation.metrics.CORRECT_PX`, ground truth visible in the
+target), what pose selection wants of a precise flow; or ``visible``, that the pixel has a
+visible match at all (DGC+M-Net's matchability, what the matchability Jaccard scores), for a
+matcher whose flow is too coarse for the first to ever pass one half.
 
 Example::
 
@@ -34,12 +37,19 @@ def calibration_pairs(n: int, size: tuple[int, int] = (240, 240), seed: int = CA
     return [gen.pair(seed, i) for i in range(n)]
 
 
-def reliability_of(matcher, pairs) -> dict:
+TRUTHS = ('right', 'visible')
+
+
+def reliability_of(matcher, pairs, truth: str = 'right') -> dict:
+    if truth not in TRUTHS:
+        raise ValueError(f'truth must be one of {TRUTHS}, got {truth!r}')
     parts = []
     for pair in pairs:
         flow, matchability = matcher.match(pair.source, pair.target)
-        right = pair.valid & (np.linalg.norm(flow - pair.flow, axis=-1) < metrics.CORRECT_PX)
-        parts.append(metrics.reliability_counts(matchability, right))
+        hit = pair.valid.copy()
+        if truth == 'right':
+            hit &= np.linalg.norm(flow - pair.flow, axis=-1) < metrics.CORRECT_PX
+        parts.append(metrics.reliability_counts(matchability, hit))
     return metrics.merge_reliability(parts)
 
 
@@ -67,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument('--size', default='240x240', metavar='WxH',
                    help='pair size: calibrate at the size the matcher will see (a camera\'s '
                         '640x480), since a matcher may take another path on smaller inputs')
+    p.add_argument('--truth', choices=TRUTHS, default='right',
+                   help="what matchability predicts: a right match (within a pixel; default) "
+                        "or a visible one")
     p.add_argument('--write', action='store_true',
                    help="store the table as 'calibration' in the checkpoint's JSON record")
     args = p.parse_args(argv)
@@ -75,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     matcher = load_matcher(args.method, device='cpu', weights=args.weights, **options)
     from dense_match_ros.evaluation.bench_match import parse_size
     pairs = calibration_pairs(args.pairs, size=parse_size(args.size), seed=args.seed)
-    counts = reliability_of(matcher, pairs)
+    counts = reliability_of(matcher, pairs, args.truth)
     table = calibration.fit_table(counts)
     before = metrics.calibration_error(counts)
     # In-sample check of the fitted map (the evaluation's reliability is the held-out one).
@@ -83,8 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     calibrated['sum_matchability'] = [
         float(c * calibration.apply_table(np.array([s / c]), table)[0]) if c else 0.0
         for s, c in zip(counts['sum_matchability'], counts['count'])]
-    print(f'{args.method}: {len(pairs)} held-out pairs (seed {args.seed}); calibration error '
-          f'{before:.3f} -> {metrics.calibration_error(calibrated):.3f}')
+    print(f'{args.method}: {len(pairs)} held-out pairs (seed {args.seed}), truth {args.truth}; '
+          f'calibration error {before:.3f} -> {metrics.calibration_error(calibrated):.3f}')
     print('table: ' + '  '.join(f'{x:.2f}->{y:.2f}' for x, y in
                                 zip(table['matchability'], table['probability'])))
     if args.write:
@@ -93,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         record = read_record(matcher.weights)
         entry = {**table, 'pairs': len(pairs), 'seed': args.seed, 'size': args.size,
-                 'correct_px': metrics.CORRECT_PX, 'options': options, 'error_before': before,
+                 'truth': args.truth, 'options': options, 'error_before': before,
+                 **({'correct_px': metrics.CORRECT_PX} if args.truth == 'right' else {}),
                  'command': 'dense-match-calibrate ' + ' '.join(argv or sys.argv[1:])}
         where = store_table(record, args.method, entry)
         print(f'wrote the calibration into {write_record(matcher.weights, record)} ({where})')

@@ -15,15 +15,18 @@ unless the checkpoint says otherwise) and resizes the flow back; ``'adaptive'`` 
 coarse level at the input size and the finer levels on both images at the source's aspect
 ratio, longest side ``max_side`` (the paper's adaptive resolution).
 
-Matchability: the finest level's probability of the matched position, times the in-bounds
-mask. ``calibrated=True`` maps it through the checkpoint record's table (``dense-match-calibrate``:
-the probability of being right within 1 px). Off by default: at this flow's precision (a
-240 px working grid) the calibrated values stay below 0.5, so the pose's matchability
-threshold of 0.5 kept nothing (Middlebury pose AUC@20 0.033 against 0.390 uncalibrated).
+Matchability: the finest level's probability within one cell of the matched position
+(``confidence='peak'``: of the matched position alone), mapped through the checkpoint
+record's table (``calibrated``, on by default) and times the in-bounds mask. The shipped table
+predicts that a pixel has a visible match (``dense-match-calibrate --truth visible``): a table
+of being right within 1 px never passed one half at this flow's precision (a 240 px working
+grid), so it starved the pose's matchability threshold (Middlebury pose AUC@20 0.033 against
+0.390 uncalibrated).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -38,7 +41,7 @@ from dense_match_ros.core.geometry import grid
 from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.methods.inputs import check_rgb
 from dense_match_ros.core.methods.dmp_optim import LossSettings, Stopping, optimise
-from dense_match_ros.core.networks.dmp import DmpConfig, DmpNet, config_from_dict
+from dense_match_ros.core.networks.dmp import CONFIDENCES, DmpConfig, DmpNet, config_from_dict
 from dense_match_ros.core.registry import Matcher
 
 TRAIN_HINT = ('dense-match-train dmp --config config/train_dmp_cpu.yaml --out runs/dmp_cpu && '
@@ -87,9 +90,9 @@ class DmpMatcher(Matcher):
                  lr: float = 1e-4, samples: int = 256, tau: float = 0.1, phi: float = 0.01,
                  warp: str = 'features', min_update_px: float = 0.05, window: int = 10,
                  patience: int = 40, time_budget_s: float | None = None, warm_start: bool = False,
-                 precision: str = 'auto', calibrated: bool = False, seed: int = 0,
+                 precision: str = 'auto', calibrated: bool = True, seed: int = 0,
                  refine: str = 'dis', refine_preset: str = 'medium',
-                 net: DmpNet | None = None) -> None:
+                 confidence: str | None = None, net: DmpNet | None = None) -> None:
         _refine.check_refiner(refine, refine_preset)
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
@@ -108,6 +111,10 @@ class DmpMatcher(Matcher):
         else:
             net, self.weights = scratch_network(weights)
             self.net, self.record = net.to(device).eval(), {}
+        if confidence is not None:
+            if confidence not in CONFIDENCES:
+                raise ValueError(f'confidence must be one of {CONFIDENCES}, got {confidence!r}')
+            self.net.config = dataclasses.replace(self.net.config, confidence=confidence)
         self.mode, self.max_side = mode, int(max_side)
         self.refine, self.refine_preset = refine, refine_preset
         self.warm_start, self.seed = bool(warm_start), int(seed)
