@@ -1,0 +1,20 @@
+#!/bin/bash
+# Compare dmp checkpoints under the same load, one after another (README, "Stage 2"):
+#   scripts/dmp_stage_compare.sh NAME=WEIGHTS [NAME=WEIGHTS ...]
+# Per checkpoint: the optimised flow on the flow and pose sets (uncalibrated, since a new
+# stage has no calibration table yet; 20 RANSAC seeds on the pose sets) and the pre-trained
+# output alone (iterations=0). Writes out/s27/cmp_NAME.json and out/s27/cmp_NAME_it0.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p out/s27
+for spec in "$@"; do
+  name=${spec%%=*}; weights=${spec#*=}
+  .venv/bin/python -m dense_match_ros.evaluation.cli --method dmp --weights "$weights" \
+    --sets sintel,hpatches240,hpatches,synthetic,tum,middlebury --synthetic-n 20 \
+    --option calibrated=false --pose-seeds 20 --no-progress --json "out/s27/cmp_$name.json" \
+    > "out/s27/cmp_$name.log" 2>&1
+  .venv/bin/python -m dense_match_ros.evaluation.cli --method dmp --weights "$weights" \
+    --sets sintel,hpatches240,hpatches,synthetic --synthetic-n 20 --option iterations=0 \
+    --option calibrated=false --no-progress --json "out/s27/cmp_${name}_it0.json" \
+    > "out/s27/cmp_${name}_it0.log" 2>&1
+done
