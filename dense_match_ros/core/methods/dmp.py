@@ -26,7 +26,6 @@ grid), so it starved the pose's matchability threshold (Middlebury pose AUC@20 0
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from dense_match_ros.core.geometry import grid
 from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.methods.inputs import check_rgb
 from dense_match_ros.core.methods.dmp_optim import LossSettings, Stopping, optimise
-from dense_match_ros.core.networks.dmp import CONFIDENCES, DmpConfig, DmpNet, config_from_dict
+from dense_match_ros.core.networks.dmp import DmpConfig, DmpNet, config_from_dict
 from dense_match_ros.core.registry import Matcher
 
 TRAIN_HINT = ('dense-match-train dmp --config config/train_dmp_cpu.yaml --out runs/dmp_cpu && '
@@ -112,9 +111,7 @@ class DmpMatcher(Matcher):
             net, self.weights = scratch_network(weights)
             self.net, self.record = net.to(device).eval(), {}
         if confidence is not None:
-            if confidence not in CONFIDENCES:
-                raise ValueError(f'confidence must be one of {CONFIDENCES}, got {confidence!r}')
-            self.net.config = dataclasses.replace(self.net.config, confidence=confidence)
+            self.net.use_confidence(confidence)
         self.mode, self.max_side = mode, int(max_side)
         self.refine, self.refine_preset = refine, refine_preset
         self.warm_start, self.seed = bool(warm_start), int(seed)

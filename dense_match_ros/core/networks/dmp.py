@@ -149,6 +149,12 @@ def offsets(radius: int, device) -> torch.Tensor:
 CONFIDENCES = ('peak', 'mass')
 
 
+def check_confidence(confidence: str) -> None:
+    """Refuse a :attr:`DmpConfig.confidence` other than those of :data:`CONFIDENCES`, by name."""
+    if confidence not in CONFIDENCES:
+        raise ValueError(f'confidence must be one of {CONFIDENCES}, got {confidence!r}')
+
+
 def soft_argmax(scores: torch.Tensor, positions: torch.Tensor, scale: torch.Tensor,
                 grid: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(expected position (B, 2, h, w), confidence (B, 1, h, w)) of a softmax over the
@@ -188,8 +194,7 @@ class DmpNet(nn.Module):
             raise ValueError(f'adapt_kernel must be 1 or 3, got {c.adapt_kernel}')
         if not c.temperature > 0:
             raise ValueError(f'temperature must be > 0, got {c.temperature}')
-        if c.confidence not in CONFIDENCES:
-            raise ValueError(f'confidence must be one of {CONFIDENCES}, got {c.confidence!r}')
+        check_confidence(c.confidence)
         self.coarse_cells = (h // 16, w // 16)
         self.trunk = VGGBackbone(VGGConfig(width=c.width, batch_norm=c.batch_norm))
         for p in self.trunk.parameters():
@@ -241,9 +246,10 @@ class DmpNet(nn.Module):
         pool = self.trunk(small, levels=('pool4',))['pool4']
         return pool[:source.shape[0]], pool[source.shape[0]:]
 
-    def _grid(self, shape: tuple[int, int]) -> tuple[int, int] | None:
-        """The candidate grid :func:`soft_argmax` sums the confidence over (None: the peak)."""
-        return tuple(shape) if self.config.confidence == 'mass' else None
+    def use_confidence(self, confidence: str) -> None:
+        """Switch what the confidence measures (not trained, so any checkpoint serves)."""
+        check_confidence(confidence)
+        self.config = dataclasses.replace(self.config, confidence=confidence)
 
     def decode(self, src: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor],
                size: tuple[int, int], coarse: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -263,7 +269,9 @@ class DmpNet(nn.Module):
             corr = global_correlation(s0, t0)
         th, tw = ct.shape[-2:]
         targets = cell_centres(th, tw, stride, cs.device).flatten(1).t()          # (K, 2)
-        matched, confidence = soft_argmax(corr, targets, scales[0], self._grid((th, tw)))
+        # Only the finest level's confidence is returned, so only it pays for the mass (the
+        # coarsest never is the finest: ``finest`` is conv4 or below).
+        matched, _ = soft_argmax(corr, targets, scales[0])
         origin = cell_centres(ch, cw, stride, cs.device)[None]
         cell = torch.tensor(stride, device=cs.device, dtype=torch.float32).view(1, 2, 1, 1)
         flow = matched - origin
@@ -279,8 +287,9 @@ class DmpNet(nn.Module):
             corr = local_correlation(self.adapted(src, level), F.normalize(warped.float(), dim=1),
                                      self.config.radius)
             side = 2 * self.config.radius + 1
+            mass = i == len(self.levels) - 1 and self.config.confidence == 'mass'
             offset, confidence = soft_argmax(corr, offsets(self.config.radius, up.device) * s,
-                                             scales[i], self._grid((side, side)))
+                                             scales[i], (side, side) if mass else None)
             flow = up + offset
             flow = flow + self.residual[level](corr, flow / s) * s
             flows.append(flow)
