@@ -123,6 +123,35 @@ def test_composed_transform_equals_warping_twice():
     assert float(err.max()) < 0.03, float(err.max())
 
 
+def test_a_further_affine_pass_composes_exactly_and_runs_on_the_aligned_target():
+    """``compose_affine_affine_torch`` is the affine of applying both; the network's second
+    affine pass regresses on the target aligned by the first and composes that way, and the
+    TPS stage then runs on the target aligned by the composed affine."""
+    rng = np.random.default_rng(8)
+    outer, inner = (torch.tensor(_random_affine(rng)[None]) for _ in range(2))
+    pts = torch.tensor(rng.uniform(-1, 1, (200, 2)))
+    direct = parametric.transform_points_torch(
+        'affine', outer, parametric.transform_points_torch('affine', inner, pts))
+    composed = parametric.compose_affine_affine_torch(outer, inner)
+    torch.testing.assert_close(parametric.transform_points_torch('affine', composed, pts), direct)
+    net = _net(3).eval()
+    with torch.no_grad():   # a regressor that no longer answers the identity whatever it sees
+        net.affine.linear.weight.normal_(0.0, 0.02)
+    src, tgt = (F.interpolate(torch.tensor(_photo(seed)[None]).permute(0, 3, 1, 2).float() / 255.0,
+                              size=TINY.input_size, mode='area') for seed in (1, 2))
+    with torch.no_grad():
+        one, two = (net.two_way(src, tgt, affine_passes=p) for p in (1, 2))
+        feats = net.features(torch.cat([src, tgt]))
+        size = (src.shape[-1], src.shape[-2])
+        aligned = F.grid_sample(torch.cat([tgt, src]), parametric.dense_map('affine', one.affine, size),
+                                align_corners=False)
+        step = net.affine_stage(net.correlation(feats, net.features(aligned)))
+    torch.testing.assert_close(two.affine, parametric.compose_affine_affine_torch(one.affine, step))
+    assert not torch.allclose(two.affine, one.affine)
+    with pytest.raises(ValueError, match='affine_passes'):
+        CnnGeoMatcher(net=_net(), affine_passes=0)
+
+
 def test_a_further_tps_pass_composes_into_one_close_tps():
     """``compose_tps_tps_torch``: exact for an identity correction, within a hundredth of the
     half-image for a small one (what a pass on an aligned pair regresses), and the network's

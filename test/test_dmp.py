@@ -206,6 +206,17 @@ def test_the_dis_residual_makes_the_working_grid_flow_precise(monkeypatch):
         flow, _ = m.match(src, tgt)
         errors[refine] = float(np.linalg.norm(flow - gt, axis=-1)[inner].mean())
     assert errors['none'] > 1.5 and errors['dis'] < 0.5 * errors['none'], errors
+    # The residual's limit is in working pixels, scaled to the input (here x2): the 2.1 px
+    # correction passes a 2-cell limit (4 px) and not a half-cell one (1 px).
+    for cells, fixed in ((2.0, True), (0.5, False)):
+        m = _tiny_matcher(refine='dis', refine_max_cells=cells)
+        monkeypatch.setattr(m, 'working_flow', lambda s, t: (off * 0.5, np.ones(off.shape[:2],
+                                                                             np.float32), (64, 48)))
+        flow, _ = m.match(src, tgt)
+        error = float(np.linalg.norm(flow - gt, axis=-1)[inner].mean())
+        assert (error < 0.5 * errors['none']) == fixed, (cells, error, errors)
+    with pytest.raises(ValueError, match='refine_max_cells'):
+        _tiny_matcher(refine_max_cells=-1)
 
 
 def test_stopping_rules_and_reasons():

@@ -10,7 +10,10 @@ Composition: with ``w(x) = target(x + f(x))`` and DIS residual ``r`` from source
 ``source(x) ~ w(x + r(x)) = target(x + r(x) + f(x + r(x)))``, so the refined flow is
 ``r(x) + f(x + r(x))``. (Keeping the network's flow where the residual is long was tried
 and dropped: on the full-size HPatches pair it undid most of the gain, the note of issue 6
-has the numbers.)
+has the numbers.) ``dmp`` does keep it, with the limit scaled to the input: its optimised
+flow is right to a few working pixels wherever it is right at all, so a residual longer than
+``max_residual_px`` is DIS locking on to another structure (motion blur, large non-rigid
+motion), not a correction (README, "dmp: the residual's length limit").
 """
 from __future__ import annotations
 
@@ -31,13 +34,19 @@ def check_refiner(refine: str, preset: str = 'medium') -> None:
 
 
 def dis_residual(source: np.ndarray, target: np.ndarray, flow: np.ndarray,
-                 preset: str = 'medium') -> np.ndarray:
-    """``flow`` (source grid, pixels) refined by DIS on the full-resolution RGB pair."""
+                 preset: str = 'medium', max_residual_px: float | None = None) -> np.ndarray:
+    """``flow`` (source grid, pixels) refined by DIS on the full-resolution RGB pair; a pixel
+    whose residual is longer than ``max_residual_px`` (None: no limit) keeps ``flow``."""
     check_refiner('dis', preset)
+    if max_residual_px is not None and not max_residual_px > 0:
+        raise ValueError(f'max_residual_px must be > 0 px or None, got {max_residual_px}')
     grey_s = cv2.cvtColor(source, cv2.COLOR_RGB2GRAY)
     grey_t = cv2.cvtColor(target, cv2.COLOR_RGB2GRAY)
     warped = grid.warp(grey_t, flow, border_mode=cv2.BORDER_REPLICATE)
     residual = create_dis(preset).calc(grey_s, warped, None)
+    if max_residual_px is not None:
+        too_long = np.square(residual).sum(-1) > float(max_residual_px) ** 2
+        residual[too_long] = 0.0
     refined = residual + grid.warp(flow, residual, border_mode=cv2.BORDER_REPLICATE)
     return refined.astype(np.float32)
 

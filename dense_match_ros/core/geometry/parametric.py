@@ -98,6 +98,15 @@ def compose_affine_tps(affine: np.ndarray, tps: np.ndarray) -> np.ndarray:
     return np.concatenate([mapped[:, 0], mapped[:, 1]])
 
 
+def compose_affine_affine_torch(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """Affine parameters (B, 6) of x -> outer(inner(x)), exact: a further affine regressed on
+    the target aligned by ``outer`` composes into one affine."""
+    a, b = outer.reshape(-1, 2, 3), inner.reshape(-1, 2, 3).to(outer.dtype)
+    linear = a[:, :, :2] @ b[:, :, :2]
+    shift = (a[:, :, :2] @ b[:, :, 2:]) + a[:, :, 2:]
+    return torch.cat([linear, shift], dim=2).reshape(-1, 6)
+
+
 def compose_tps_tps_torch(outer: torch.Tensor, inner: torch.Tensor, n: int = 21) -> torch.Tensor:
     """TPS parameters (B, 18) closest (least squares on an ``n`` x ``n`` grid over [-1, 1]^2)
     to x -> outer(inner(x)): a further TPS regressed on the target aligned by ``outer``.

@@ -99,12 +99,13 @@ class CnnGeoMatcher(Matcher):
 
     def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
                  sigma: float | None = None, width: float | None = None,
-                 precision: str = 'auto', tps_passes: int = 1,
+                 precision: str = 'auto', tps_passes: int = 1, affine_passes: int = 1,
                  net: CnnGeoNet | None = None) -> None:
         check_precision(precision)
-        if int(tps_passes) < 1:
-            raise ValueError(f'tps_passes must be >= 1, got {tps_passes}')
-        self.tps_passes = int(tps_passes)
+        for name, passes in (('tps_passes', tps_passes), ('affine_passes', affine_passes)):
+            if int(passes) < 1:
+                raise ValueError(f'{name} must be >= 1, got {passes}')
+        self.tps_passes, self.affine_passes = int(tps_passes), int(affine_passes)
         if sigma is not None and not sigma > 0:
             raise ValueError(f'sigma must be > 0 px (round-trip tolerance), got {sigma}')
         self.device = device
@@ -159,7 +160,7 @@ class CnnGeoMatcher(Matcher):
         affine stage (2, 6)): one batch of two."""
         with self._autocast():
             out = self.net.two_way(self._tensor(source), self._tensor(target), stages=self.stages,
-                                   tps_passes=self.tps_passes)
+                                   tps_passes=self.tps_passes, affine_passes=self.affine_passes)
         if self.stages == 'affine':
             return 'affine', out.affine.float(), out.affine.float()
         return 'tps', out.composed.float(), out.affine.float()

@@ -91,8 +91,11 @@ class DmpMatcher(Matcher):
                  patience: int = 40, time_budget_s: float | None = None, warm_start: bool = False,
                  precision: str = 'auto', calibrated: bool = True, seed: int = 0,
                  refine: str = 'dis', refine_preset: str = 'medium',
+                 refine_max_cells: float = 6.0,
                  confidence: str | None = None, net: DmpNet | None = None) -> None:
         _refine.check_refiner(refine, refine_preset)
+        if not float(refine_max_cells) >= 0:
+            raise ValueError(f'refine_max_cells must be >= 0 (0: no limit), got {refine_max_cells}')
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
         if int(max_side) < 32:
@@ -114,6 +117,7 @@ class DmpMatcher(Matcher):
             self.net.use_confidence(confidence)
         self.mode, self.max_side = mode, int(max_side)
         self.refine, self.refine_preset = refine, refine_preset
+        self.refine_max_cells = float(refine_max_cells)
         self.warm_start, self.seed = bool(warm_start), int(seed)
         self._amp = inference_dtype(precision, device)
         self.calibration = self.record.get('calibration') if calibrated else None
@@ -176,8 +180,10 @@ class DmpMatcher(Matcher):
         flow = np.nan_to_num(flow, nan=0.0, posinf=0.0, neginf=0.0)
         if self.refine == 'dis':
             # The optimised flow lives on a 240 px grid: a full-resolution DIS residual gives
-            # it sub-pixel precision (outside the time budget: one DIS call).
-            flow = _refine.dis_residual(source, target, flow, self.refine_preset)
+            # it sub-pixel precision (outside the time budget: one DIS call). A residual longer
+            # than refine_max_cells working pixels is DIS jumping elsewhere, so it is dropped.
+            limit = self.refine_max_cells * max(w / size[0], h / size[1])
+            flow = _refine.dis_residual(source, target, flow, self.refine_preset, limit or None)
         # In-bounds after the table, so its floor never lifts a match that leaves the target.
         matchability = calibration.apply_table(np.nan_to_num(confidence).astype(np.float32),
                                                self.calibration)

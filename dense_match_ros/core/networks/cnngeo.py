@@ -197,22 +197,28 @@ class CnnGeoNet(nn.Module):
                              f'input_size {tuple(self.config.input_size)} (resize first)')
 
     def regress(self, source: torch.Tensor, target: torch.Tensor, source_feat: torch.Tensor,
-                target_feat: torch.Tensor, stages: str = 'tps', tps_passes: int = 1
-                ) -> CnnGeoOutput:
+                target_feat: torch.Tensor, stages: str = 'tps', tps_passes: int = 1,
+                affine_passes: int = 1) -> CnnGeoOutput:
         """Both stages from images and their already computed features (the matcher
         computes each image's features once for both directions).
 
         ``tps_passes`` > 1 runs the TPS stage again on the target aligned by the composed
         transform so far, and composes (:func:`parametric.compose_tps_tps_torch`): the
         stage then corrects what is left, a smaller warp than training's, where a regressor
-        is more precise (the paper's hierarchy, one more level at test time)."""
+        is more precise (the paper's hierarchy, one more level at test time).
+        ``affine_passes`` > 1 does the same for the affine stage, whose passes compose exactly
+        (:func:`parametric.compose_affine_affine_torch`)."""
         affine = self.affine_stage(self.correlation(source_feat, target_feat))
+        size = (source.shape[-1], source.shape[-2])
+        for _ in range(int(affine_passes) - 1):
+            aligned = self._aligned(target, 'affine', affine, size)
+            step = self.affine_stage(self.correlation(source_feat, self.features(aligned)))
+            affine = parametric.compose_affine_affine_torch(affine, step)
         if stages == 'affine' or self.tps is None:
             return CnnGeoOutput(affine, None, None)
         # The target rendered on the source grid by the affine: the TPS stage sees a pair
         # that differs only by what the affine could not model. The warp is not trained
         # through (the affine stage is trained on its own loss).
-        size = (source.shape[-1], source.shape[-2])
         tps = self._tps_on_aligned(source_feat, target, 'affine', affine, size)
         composed = parametric.compose_affine_tps_torch(affine, tps)
         for _ in range(int(tps_passes) - 1):
@@ -229,12 +235,18 @@ class CnnGeoNet(nn.Module):
 
     def _tps_on_aligned(self, source_feat: torch.Tensor, target: torch.Tensor, kind: str,
                         theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """The TPS stage on the target rendered on the source grid (``size`` (W, H)) by the
-        transform so far (zeros outside; not trained through)."""
-        grid = parametric.dense_map(kind, theta.detach(), size)
-        aligned = F.grid_sample(target.float(), grid, mode='bilinear', padding_mode='zeros',
-                                align_corners=False).to(target.dtype)
+        """The TPS stage on the target aligned by the transform so far (:meth:`_aligned`)."""
+        aligned = self._aligned(target, kind, theta, size)
         return self.tps(self.correlation(source_feat, self.features(aligned)))
+
+    @staticmethod
+    def _aligned(target: torch.Tensor, kind: str, theta: torch.Tensor, size: tuple[int, int]
+                 ) -> torch.Tensor:
+        """The target rendered on the source grid (``size`` (W, H)) by a transform (zeros
+        outside; not trained through)."""
+        grid = parametric.dense_map(kind, theta.detach(), size)
+        return F.grid_sample(target.float(), grid, mode='bilinear', padding_mode='zeros',
+                             align_corners=False).to(target.dtype)
 
     def forward(self, source: torch.Tensor, target: torch.Tensor, stages: str = 'tps') -> CnnGeoOutput:
         """``source``, ``target``: RGB (B, 3, H, W) in [0, 1] at ``input_size``.
@@ -248,7 +260,7 @@ class CnnGeoNet(nn.Module):
         return self.regress(source, target, feats[:b], feats[b:], stages)
 
     def two_way(self, image_a: torch.Tensor, image_b: torch.Tensor, stages: str = 'tps',
-                tps_passes: int = 1) -> CnnGeoOutput:
+                tps_passes: int = 1, affine_passes: int = 1) -> CnnGeoOutput:
         """(a -> b, b -> a) as one batch of two: each image's features are computed once."""
         self._check(image_a, 'source')
         self._check(image_b, 'target')
@@ -257,7 +269,7 @@ class CnnGeoNet(nn.Module):
         n = len(image_a)
         swapped = torch.cat([image_b, image_a], dim=0)
         return self.regress(images, swapped, feats, torch.cat([feats[n:], feats[:n]]), stages,
-                            tps_passes)
+                            tps_passes, affine_passes)
 
 
 def config_from_dict(values: dict) -> CnnGeoConfig:
