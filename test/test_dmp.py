@@ -110,7 +110,7 @@ def test_iteration_zero_is_the_soft_argmax_of_the_correlations():
     torch.testing.assert_close(out.flows[1], up + offset, atol=1e-4, rtol=1e-4)
     # And the matcher with no iterations returns that network's own flow.
     m = DmpMatcher(device="cpu", net=net, iterations=0, mode="resize", precision="fp32",
-                   refine="none")
+                   refine="none", polish=0)
     src_np = (src_img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     tgt_np = (tgt_img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     flow, _ = m.match(src_np, tgt_np)
@@ -198,25 +198,46 @@ def test_the_dis_residual_makes_the_working_grid_flow_precise(monkeypatch):
     src, tgt, gt = affine_photo_pair(128, 96, 2.0, 1.0, (5.0, -3.0))
     off = (gt[::2, ::2] + 1.5).astype(np.float32)              # on a half-size working grid
     inner = (slice(10, -10), slice(10, -10))
+    coarse = lambda s, t, reserve=0.0: (off * 0.5, np.ones(off.shape[:2], np.float32), (64, 48))
     errors = {}
     for refine in ('none', 'dis'):
-        m = _tiny_matcher(refine=refine)
-        monkeypatch.setattr(m, 'working_flow', lambda s, t: (off * 0.5, np.ones(off.shape[:2],
-                                                                             np.float32), (64, 48)))
+        m = _tiny_matcher(refine=refine, polish=0)
+        monkeypatch.setattr(m, 'working_flow', coarse)
         flow, _ = m.match(src, tgt)
         errors[refine] = float(np.linalg.norm(flow - gt, axis=-1)[inner].mean())
     assert errors['none'] > 1.5 and errors['dis'] < 0.5 * errors['none'], errors
     # The residual's limit is in working pixels, scaled to the input (here x2): the 2.1 px
     # correction passes a 2-cell limit (4 px) and not a half-cell one (1 px).
     for cells, fixed in ((2.0, True), (0.5, False)):
-        m = _tiny_matcher(refine='dis', refine_max_cells=cells)
-        monkeypatch.setattr(m, 'working_flow', lambda s, t: (off * 0.5, np.ones(off.shape[:2],
-                                                                             np.float32), (64, 48)))
+        m = _tiny_matcher(refine='dis', refine_max_cells=cells, polish=0)
+        monkeypatch.setattr(m, 'working_flow', coarse)
         flow, _ = m.match(src, tgt)
         error = float(np.linalg.norm(flow - gt, axis=-1)[inner].mean())
         assert (error < 0.5 * errors['none']) == fixed, (cells, error, errors)
     with pytest.raises(ValueError, match='refine_max_cells'):
         _tiny_matcher(refine_max_cells=-1)
+
+
+def test_the_time_budget_bounds_the_whole_call(monkeypatch):
+    """What follows the loop (residual, polish) took on the last pair of the same sizes is
+    kept out of the loop's budget, so the second call of a stream ends within it."""
+    import time
+    src, tgt, _ = _photo_pair()
+    m = _tiny_matcher(iterations=100000, min_update_px=0, patience=0, time_budget_s=0.5, polish=1)
+
+    def slow_polish(source, target, flow, iterations):
+        time.sleep(0.25)
+        return flow
+    monkeypatch.setattr(dmp_method._refine, 'variational_polish', slow_polish)
+    took = []
+    for _ in range(2):
+        started = time.perf_counter()
+        m.match(src, tgt)
+        took.append(time.perf_counter() - started)
+        assert m.last_run['reason'] == 'time'
+    assert took[0] > 0.7 and took[1] < 0.6, took
+    with pytest.raises(ValueError, match='polish'):
+        _tiny_matcher(polish=-1)
 
 
 def test_stopping_rules_and_reasons():

@@ -26,6 +26,7 @@ grid), so it starved the pose's matchability threshold (Middlebury pose AUC@20 0
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -91,11 +92,13 @@ class DmpMatcher(Matcher):
                  patience: int = 40, time_budget_s: float | None = None, warm_start: bool = False,
                  precision: str = 'auto', calibrated: bool = True, seed: int = 0,
                  refine: str = 'dis', refine_preset: str = 'medium',
-                 refine_max_cells: float = 6.0,
+                 refine_max_cells: float = 6.0, polish: int = 5,
                  confidence: str | None = None, net: DmpNet | None = None) -> None:
         _refine.check_refiner(refine, refine_preset)
         if not float(refine_max_cells) >= 0:
             raise ValueError(f'refine_max_cells must be >= 0 (0: no limit), got {refine_max_cells}')
+        if int(polish) < 0:
+            raise ValueError(f'polish must be >= 0 iterations (0: off), got {polish}')
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
         if int(max_side) < 32:
@@ -117,13 +120,14 @@ class DmpMatcher(Matcher):
             self.net.use_confidence(confidence)
         self.mode, self.max_side = mode, int(max_side)
         self.refine, self.refine_preset = refine, refine_preset
-        self.refine_max_cells = float(refine_max_cells)
+        self.refine_max_cells, self.polish = float(refine_max_cells), int(polish)
         self.warm_start, self.seed = bool(warm_start), int(seed)
         self._amp = inference_dtype(precision, device)
         self.calibration = self.record.get('calibration') if calibrated else None
         # Each call starts from these (the shipped weights), unless warm_start.
         self._stored = copy.deepcopy({k: v for k, v in self.net.state_dict().items()
                                       if not k.startswith('trunk.')})
+        self._finishing: tuple[tuple[int, ...] | None, float] = (None, 0.0)
         self.last_run: dict = {}
         """Figures of the last call: iterations, best_iteration, loss, initial_loss, reason, seconds."""
 
@@ -151,15 +155,23 @@ class DmpMatcher(Matcher):
         """Back to the stored weights (what every call does unless ``warm_start``)."""
         self.net.load_state_dict(self._stored, strict=False)
 
-    def working_flow(self, source: np.ndarray, target: np.ndarray):
-        """(flow, confidence, working size (W, H)) of the optimised network on the working grid."""
+    def working_flow(self, source: np.ndarray, target: np.ndarray, reserve_s: float = 0.0):
+        """(flow, confidence, working size (W, H)) of the optimised network on the working grid;
+        ``reserve_s`` of the time budget is left for what the caller does after."""
+        called = time.perf_counter()
         size = self._working_size(source)
         s, t = self._tensor(source, size), self._tensor(target, size)
         coarse = self.net.coarse_features(s, t)
         if not self.warm_start or not self.last_run:
             self.reset()
         started = time.perf_counter()
-        result = optimise(self.net, s, t, self.stopping, self.loss, self._amp, self.seed, coarse)
+        stopping = self.stopping
+        if stopping.time_budget_s:
+            # The budget bounds the whole call: the resizing and coarse features before the
+            # loop and the reserve after it come off what the loop may spend.
+            left = stopping.time_budget_s - (started - called) - float(reserve_s)
+            stopping = dataclasses.replace(stopping, time_budget_s=max(left, 1e-6))
+        result = optimise(self.net, s, t, stopping, self.loss, self._amp, self.seed, coarse)
         self.last_run = {'iterations': result.iterations, 'best_iteration': result.best_iteration,
                      'loss': result.loss, 'initial_loss': result.initial_loss,
                      'reason': result.reason, 'seconds': time.perf_counter() - started}
@@ -175,19 +187,30 @@ class DmpMatcher(Matcher):
     def _match(self, source: np.ndarray, target: np.ndarray):
         h, w = source.shape[:2]
         th, tw = target.shape[:2]
-        flow, confidence, size = self.working_flow(source, target)
+        # What the steps after the loop took on the last pair of these sizes (none the first
+        # time) is kept out of the time budget, so a call ends within it.
+        sizes = (w, h, tw, th)
+        reserve = self._finishing[1] if self._finishing[0] == sizes else 0.0
+        flow, confidence, size = self.working_flow(source, target, reserve)
+        finishing = time.perf_counter()
         flow, confidence = grid.to_source_grid(flow, confidence, (w, h), size, (tw, th))
         flow = np.nan_to_num(flow, nan=0.0, posinf=0.0, neginf=0.0)
         if self.refine == 'dis':
             # The optimised flow lives on a 240 px grid: a full-resolution DIS residual gives
-            # it sub-pixel precision (outside the time budget: one DIS call). A residual longer
+            # it sub-pixel precision (one DIS call). A residual longer
             # than refine_max_cells working pixels is DIS jumping elsewhere, so it is dropped.
             limit = self.refine_max_cells * max(w / size[0], h / size[1])
             flow = _refine.dis_residual(source, target, flow, self.refine_preset, limit or None)
+        if self.polish:
+            # Where the residual was dropped the flow keeps its coarse grid's error beside
+            # refined neighbours: one variational pass evens the seams out.
+            flow = _refine.variational_polish(source, target, flow, iterations=self.polish)
         # In-bounds after the table, so its floor never lifts a match that leaves the target.
         matchability = calibration.apply_table(np.nan_to_num(confidence).astype(np.float32),
                                                self.calibration)
-        return flow, (matchability * grid.in_bounds(flow, (tw, th))).astype(np.float32)
+        matchability = (matchability * grid.in_bounds(flow, (tw, th))).astype(np.float32)
+        self._finishing = (sizes, time.perf_counter() - finishing)
+        return flow, matchability
 
 
 class DmpScratchMatcher(DmpMatcher):

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Choose ``dmp``'s DIS residual settings (``refine_preset``, ``refine_max_cells``) on held-out
+calibration pairs (held-out photos, seed 7: no evaluation set), at 240x240 and at Sintel's
+1024x436, from one optimised flow per pair (20 iterations, no time budget, so the load does
+not move the figures).
+
+    python scripts/dmp_tune_residual.py [PAIRS] [OUT.json]
+
+Prints the mean AEPE of every (preset, limit) per size; limit 0 is no limit.
+"""
+import json
+import sys
+
+import cv2
+import numpy as np
+import torch
+
+from dense_match_ros.core.dis_presets import PRESETS, create_dis
+from dense_match_ros.core.geometry import grid
+from dense_match_ros.core.registry import load_matcher
+from dense_match_ros.evaluation.calibrate import calibration_pairs
+
+SIZES = ((240, 240), (436, 1024))
+LIMITS = (0, 2, 3, 4, 6, 8, 12)
+
+
+def aepe(flow: np.ndarray, pair) -> float:
+    return float(np.linalg.norm(flow - pair.flow, axis=-1)[pair.valid].mean())
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 16
+    out_path = sys.argv[2] if len(sys.argv) > 2 else None
+    torch.set_num_threads(1)
+    matcher = load_matcher('dmp', device='cpu', refine='none', iterations=20, time_budget_s=0)
+    results = {}
+    for size in SIZES:
+        rows = []
+        for pair in calibration_pairs(n, size=size):
+            flow, _ = matcher.match(pair.source, pair.target)
+            scale = max(size) / max(matcher.input_size)
+            grey_s, grey_t = (cv2.cvtColor(x, cv2.COLOR_RGB2GRAY) for x in (pair.source, pair.target))
+            warped = grid.warp(grey_t, flow, border_mode=cv2.BORDER_REPLICATE)
+            row = {'none': aepe(flow, pair)}
+            for preset in PRESETS:
+                residual = create_dis(preset).calc(grey_s, warped, None)
+                length = np.linalg.norm(residual, axis=-1, keepdims=True)
+                for limit in LIMITS:
+                    r = residual if not limit else np.where(length > limit * scale, 0.0, residual)
+                    r = r.astype(np.float32)
+                    row[f'{preset}/{limit}'] = aepe(r + grid.warp(flow, r, border_mode=cv2.BORDER_REPLICATE), pair)
+            rows.append(row)
+        name = f'{size[1]}x{size[0]}'
+        results[name] = rows
+        means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        print(f'{name}, {n} pairs: no residual {means.pop("none"):.3f}')
+        for preset in PRESETS:
+            print(f'  {preset:9s} ' + '  '.join(f'{limit or "-"}: {means[f"{preset}/{limit}"]:.3f}'
+                                              for limit in LIMITS), flush=True)
+    if out_path:
+        with open(out_path, 'w') as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
