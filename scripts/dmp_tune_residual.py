@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Choose ``dmp``'s DIS residual settings (``refine_preset``, ``refine_max_cells``) on held-out
+"""Choose ``dmp``'s DIS residual settings (``refine_preset``, ``refine_max_cells``, ``polish``) on held-out
 calibration pairs (held-out photos, seed 7: no evaluation set), at 240x240 and at Sintel's
 1024x436, from one optimised flow per pair (20 iterations, no time budget, so the load does
 not move the figures).
 
     python scripts/dmp_tune_residual.py [PAIRS] [OUT.json]
 
-Prints the mean AEPE of every (preset, limit) per size; limit 0 is no limit.
+Prints the mean AEPE of every (preset, limit) per size, limit 0 being no limit, and of the
+``medium`` rows followed by the variational polish (``polish`` 5 and 10 iterations).
 """
 import json
 import sys
@@ -16,12 +17,14 @@ import numpy as np
 import torch
 
 from dense_match_ros.core.dis_presets import PRESETS, create_dis
+from dense_match_ros.core.refine import variational_polish
 from dense_match_ros.core.geometry import grid
 from dense_match_ros.core.registry import load_matcher
 from dense_match_ros.evaluation.calibrate import calibration_pairs
 
 SIZES = ((240, 240), (436, 1024))
 LIMITS = (0, 2, 3, 4, 6, 8, 12)
+POLISH = (5, 10)
 
 
 def aepe(flow: np.ndarray, pair) -> float:
@@ -32,7 +35,8 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 16
     out_path = sys.argv[2] if len(sys.argv) > 2 else None
     torch.set_num_threads(1)
-    matcher = load_matcher('dmp', device='cpu', refine='none', iterations=20, time_budget_s=0)
+    matcher = load_matcher('dmp', device='cpu', refine='none', polish=0, iterations=20,
+                           time_budget_s=0)
     results = {}
     for size in SIZES:
         rows = []
@@ -48,14 +52,19 @@ def main() -> None:
                 for limit in LIMITS:
                     r = residual if not limit else np.where(length > limit * scale, 0.0, residual)
                     r = r.astype(np.float32)
-                    row[f'{preset}/{limit}'] = aepe(r + grid.warp(flow, r, border_mode=cv2.BORDER_REPLICATE), pair)
+                    refined = r + grid.warp(flow, r, border_mode=cv2.BORDER_REPLICATE)
+                    row[f'{preset}/{limit}'] = aepe(refined, pair)
+                    if preset == 'medium':
+                        for its in POLISH:
+                            polished = variational_polish(pair.source, pair.target, refined, iterations=its)
+                            row[f'medium+polish{its}/{limit}'] = aepe(polished, pair)
             rows.append(row)
         name = f'{size[1]}x{size[0]}'
         results[name] = rows
         means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
         print(f'{name}, {n} pairs: no residual {means.pop("none"):.3f}')
-        for preset in PRESETS:
-            print(f'  {preset:9s} ' + '  '.join(f'{limit or "-"}: {means[f"{preset}/{limit}"]:.3f}'
+        for preset in (*PRESETS, *(f'medium+polish{its}' for its in POLISH)):
+            print(f'  {preset:15s} ' + '  '.join(f'{limit or "-"}: {means[f"{preset}/{limit}"]:.3f}'
                                               for limit in LIMITS), flush=True)
     if out_path:
         with open(out_path, 'w') as f:
