@@ -15,6 +15,13 @@ unless the checkpoint says otherwise) and resizes the flow back; ``'adaptive'`` 
 coarse level at the input size and the finer levels on both images at the source's aspect
 ratio, longest side ``max_side`` (the paper's adaptive resolution).
 
+Full resolution: the optimised flow is right to a working pixel at best, so a DIS residual at
+the input's size refines it (``refine='dis'``), except where the residual is longer than
+``refine_max_cells`` working pixels (DIS locking on to another structure: on Sintel's ambush
+pair the residual took the optimised 31.6 px to 39.0), and a short variational polish
+(``polish`` iterations) evens out the seams between refined and kept pixels. Both settings
+were chosen on held-out calibration pairs (``scripts/dmp_tune_residual.py``).
+
 Matchability: the finest level's probability within one cell of the matched position
 (``confidence='peak'``: of the matched position alone), mapped through the checkpoint
 record's table (``calibrated``, on by default) and times the in-bounds mask. The shipped table
