@@ -123,6 +123,21 @@ def test_composed_transform_equals_warping_twice():
     assert float(err.max()) < 0.03, float(err.max())
 
 
+def _one_and_two_passes(net, option: str, kind: str, answer, stage):
+    """The network's two-way output on a photo pair with one and with two passes of a stage
+    (``option``), and what that stage regresses on the target aligned by the first output's
+    ``answer`` (a transform of ``kind``): the second pass, computed by hand."""
+    src, tgt = (F.interpolate(torch.tensor(_photo(seed)[None]).permute(0, 3, 1, 2).float() / 255.0,
+                              size=TINY.input_size, mode='area') for seed in (1, 2))
+    with torch.no_grad():
+        one, two = (net.two_way(src, tgt, **{option: p}) for p in (1, 2))
+        feats = net.features(torch.cat([src, tgt]))
+        size = (src.shape[-1], src.shape[-2])
+        aligned = F.grid_sample(torch.cat([tgt, src]), parametric.dense_map(kind, answer(one), size),
+                                align_corners=False)
+        return one, two, stage(net.correlation(feats, net.features(aligned)))
+
+
 def test_a_further_affine_pass_composes_exactly_and_runs_on_the_aligned_target():
     """``compose_affine_affine_torch`` is the affine of applying both; the network's second
     affine pass regresses on the target aligned by the first and composes that way, and the
@@ -137,15 +152,8 @@ def test_a_further_affine_pass_composes_exactly_and_runs_on_the_aligned_target()
     net = _net(3).eval()
     with torch.no_grad():   # a regressor that no longer answers the identity whatever it sees
         net.affine.linear.weight.normal_(0.0, 0.02)
-    src, tgt = (F.interpolate(torch.tensor(_photo(seed)[None]).permute(0, 3, 1, 2).float() / 255.0,
-                              size=TINY.input_size, mode='area') for seed in (1, 2))
-    with torch.no_grad():
-        one, two = (net.two_way(src, tgt, affine_passes=p) for p in (1, 2))
-        feats = net.features(torch.cat([src, tgt]))
-        size = (src.shape[-1], src.shape[-2])
-        aligned = F.grid_sample(torch.cat([tgt, src]), parametric.dense_map('affine', one.affine, size),
-                                align_corners=False)
-        step = net.affine_stage(net.correlation(feats, net.features(aligned)))
+    one, two, step = _one_and_two_passes(net, 'affine_passes', 'affine', lambda out: out.affine,
+                                         net.affine_stage)
     torch.testing.assert_close(two.affine, parametric.compose_affine_affine_torch(one.affine, step))
     assert not torch.allclose(two.affine, one.affine)
     with pytest.raises(ValueError, match='affine_passes'):
@@ -169,16 +177,7 @@ def test_a_further_tps_pass_composes_into_one_close_tps():
     err = (parametric.transform_points_torch('tps', fitted, pts) - direct).norm(dim=-1)
     assert float(err.max()) < 0.01, float(err.max())
     net = _net(2).eval()
-    src, tgt = (torch.tensor(_photo(seed)[None]).permute(0, 3, 1, 2).float() / 255.0
-                for seed in (1, 2))
-    src, tgt = (F.interpolate(x, size=TINY.input_size, mode='area') for x in (src, tgt))
-    with torch.no_grad():
-        one, two = (net.two_way(src, tgt, tps_passes=p) for p in (1, 2))
-        feats = net.features(torch.cat([src, tgt]))
-        size = (src.shape[-1], src.shape[-2])
-        aligned = F.grid_sample(torch.cat([tgt, src]), parametric.dense_map('tps', one.composed, size),
-                                align_corners=False)
-        step = net.tps(net.correlation(feats, net.features(aligned)))
+    one, two, step = _one_and_two_passes(net, 'tps_passes', 'tps', lambda out: out.composed, net.tps)
     assert torch.equal(one.affine, two.affine) and torch.equal(one.tps, two.tps)
     torch.testing.assert_close(two.composed, parametric.compose_tps_tps_torch(one.composed, step))
     with pytest.raises(ValueError, match='tps_passes'):
