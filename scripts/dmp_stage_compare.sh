@@ -3,18 +3,20 @@
 #   scripts/dmp_stage_compare.sh NAME=WEIGHTS [NAME=WEIGHTS ...]
 # Per checkpoint: the optimised flow on the flow and pose sets (uncalibrated, since a new
 # stage has no calibration table yet; 20 RANSAC seeds on the pose sets) and the pre-trained
-# output alone (iterations=0). Writes out/s27/cmp_NAME.json and out/s27/cmp_NAME_it0.json.
+# output alone (iterations=0). Writes $OUT/cmp_NAME.json and $OUT/cmp_NAME_it0.json (OUT:
+# default out/s27, the session that made it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p out/s27
+OUT=${OUT:-out/s27}
+mkdir -p "$OUT"
 for spec in "$@"; do
   name=${spec%%=*}; weights=${spec#*=}
   .venv/bin/python -m dense_match_ros.evaluation.cli --method dmp --weights "$weights" \
     --sets sintel,hpatches240,hpatches,synthetic,tum,middlebury --synthetic-n 20 \
-    --option calibrated=false --pose-seeds 20 --no-progress --json "out/s27/cmp_$name.json" \
-    > "out/s27/cmp_$name.log" 2>&1
+    --option calibrated=false --pose-seeds 20 --no-progress --json "$OUT/cmp_$name.json" \
+    > "$OUT/cmp_$name.log" 2>&1
   .venv/bin/python -m dense_match_ros.evaluation.cli --method dmp --weights "$weights" \
     --sets sintel,hpatches240,hpatches,synthetic --synthetic-n 20 --option iterations=0 \
-    --option calibrated=false --no-progress --json "out/s27/cmp_${name}_it0.json" \
-    > "out/s27/cmp_${name}_it0.log" 2>&1
+    --option calibrated=false --no-progress --json "$OUT/cmp_${name}_it0.json" \
+    > "$OUT/cmp_${name}_it0.log" 2>&1
 done
