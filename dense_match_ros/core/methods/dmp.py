@@ -134,7 +134,8 @@ class DmpMatcher(Matcher):
         # Each call starts from these (the shipped weights), unless warm_start.
         self._stored = copy.deepcopy({k: v for k, v in self.net.state_dict().items()
                                       if not k.startswith('trunk.')})
-        self._finishing: tuple[tuple[int, ...] | None, float] = (None, 0.0)
+        self._finishing: tuple[int, float] = (0, 0.0)
+        """(pixels of both images, seconds) of the last call's steps after the loop."""
         self.last_run: dict = {}
         """Figures of the last call: iterations, best_iteration, loss, initial_loss, reason, seconds."""
 
@@ -194,10 +195,10 @@ class DmpMatcher(Matcher):
     def _match(self, source: np.ndarray, target: np.ndarray):
         h, w = source.shape[:2]
         th, tw = target.shape[:2]
-        # What the steps after the loop took on the last pair of these sizes (none the first
-        # time) is kept out of the time budget, so a call ends within it.
-        sizes = (w, h, tw, th)
-        reserve = self._finishing[1] if self._finishing[0] == sizes else 0.0
+        # What the steps after the loop (full-resolution work) took on the last pair, scaled
+        # by the pixel count, is kept out of the time budget, so a call ends within it.
+        pixels = w * h + tw * th
+        reserve = self._finishing[1] * pixels / self._finishing[0] if self._finishing[0] else 0.0
         flow, confidence, size = self.working_flow(source, target, reserve)
         finishing = time.perf_counter()
         flow, confidence = grid.to_source_grid(flow, confidence, (w, h), size, (tw, th))
@@ -216,7 +217,7 @@ class DmpMatcher(Matcher):
         matchability = calibration.apply_table(np.nan_to_num(confidence).astype(np.float32),
                                                self.calibration)
         matchability = (matchability * grid.in_bounds(flow, (tw, th))).astype(np.float32)
-        self._finishing = (sizes, time.perf_counter() - finishing)
+        self._finishing = (pixels, time.perf_counter() - finishing)
         return flow, matchability
 
 
