@@ -1,7 +1,8 @@
 #!/bin/bash
 # Compare dmp checkpoints under the same load, one after another (README, "Stage 2"):
 #   scripts/dmp_stage_compare.sh NAME=WEIGHTS [NAME=WEIGHTS ...]
-# Per checkpoint: the optimised flow on the flow and pose sets (uncalibrated, since a new
+# Per checkpoint: the optimised flow on the flow sets (the viewpoint set too: stage 3 lost
+# there alone) and the pose sets (uncalibrated, since a new
 # stage has no calibration table yet; 20 RANSAC seeds on the pose sets) and the pre-trained
 # output alone (iterations=0). Writes $OUT/cmp_NAME.json and $OUT/cmp_NAME_it0.json (OUT:
 # default out/s27, the session that made it).
@@ -12,7 +13,7 @@ mkdir -p "$OUT"
 for spec in "$@"; do
   name=${spec%%=*}; weights=${spec#*=}
   .venv/bin/python -m dense_match_ros.evaluation.cli --method dmp --weights "$weights" \
-    --sets sintel,hpatches240,hpatches,synthetic,tum,middlebury --synthetic-n 20 \
+    --sets sintel,hpatches240,hpatches,hpatches_viewpoint,synthetic,tum,middlebury --synthetic-n 20 \
     --option calibrated=false --pose-seeds 20 --no-progress --json "$OUT/cmp_$name.json" \
     > "$OUT/cmp_$name.log" 2>&1
   .venv/bin/python -m dense_match_ros.evaluation.cli --method dmp --weights "$weights" \
