@@ -205,8 +205,8 @@ class DmpMatcher(Matcher):
         flow = np.nan_to_num(flow, nan=0.0, posinf=0.0, neginf=0.0)
         if self.refine == 'dis':
             # The optimised flow lives on a 240 px grid: a full-resolution DIS residual gives
-            # it sub-pixel precision (one DIS call). A residual longer
-            # than refine_max_cells working pixels is DIS jumping elsewhere, so it is dropped.
+            # it sub-pixel precision (one DIS call). A residual longer than refine_max_cells
+            # working pixels is DIS jumping to another structure, so it is dropped there.
             limit = self.refine_max_cells * max(w / size[0], h / size[1])
             flow = _refine.dis_residual(source, target, flow, self.refine_preset, limit or None)
         if self.polish:
