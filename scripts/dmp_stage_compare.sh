@@ -2,9 +2,8 @@
 # Compare dmp checkpoints under the same load, one after another (README, "Stage 2"):
 #   scripts/dmp_stage_compare.sh NAME=WEIGHTS [NAME=WEIGHTS ...]
 # Per checkpoint: the optimised flow on the flow sets (the viewpoint set too: stage 3 lost
-# there alone) and the pose sets (uncalibrated, since a new
-# stage has no calibration table yet; 20 RANSAC seeds on the pose sets) and the pre-trained
-# output alone (iterations=0). Writes $OUT/cmp_NAME.json and $OUT/cmp_NAME_it0.json (OUT:
+# there alone) and the pose sets (20 RANSAC seeds), uncalibrated since a new stage has no
+# calibration table yet, and the pre-trained output alone (iterations=0). Writes $OUT/cmp_NAME.json and $OUT/cmp_NAME_it0.json (OUT:
 # default out/s27, the session that made it).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -14,14 +14,11 @@ import time
 
 import numpy as np
 import torch
-import yaml
 
 from dense_match_ros.core.registry import load_matcher
+from dense_match_ros.evaluation import metrics
 from dense_match_ros.evaluation.calibrate import calibration_pairs
-
-
-def options(spec: str) -> dict:
-    return {k: yaml.safe_load(v) for k, v in (kv.split('=', 1) for kv in spec.split(','))}
+from dense_match_ros.evaluation.cli import parse_options
 
 
 def main() -> None:
@@ -36,13 +33,13 @@ def main() -> None:
     pairs = calibration_pairs(args.pairs, size=size)
     results = {}
     for spec in args.sets:
-        matcher = load_matcher('dmp', device='cpu', **options(spec))
+        matcher = load_matcher('dmp', device='cpu', **parse_options(spec.split(',')))
         errors, iterations, seconds = [], [], []
         for pair in pairs:
             started = time.perf_counter()
             flow, _ = matcher.match(pair.source, pair.target)
             seconds.append(time.perf_counter() - started)
-            errors.append(float(np.linalg.norm(flow - pair.flow, axis=-1)[pair.valid].mean()))
+            errors.append(metrics.aepe(flow, pair.flow, pair.valid))
             iterations.append(matcher.last_run['iterations'])
         results[spec] = {'aepe': errors, 'iterations': iterations, 'seconds': seconds}
         print(f'{spec:44s} mean AEPE {np.mean(errors):7.3f}  median {np.median(errors):6.3f}  '

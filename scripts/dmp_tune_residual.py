@@ -12,14 +12,13 @@ Prints the mean AEPE of every (preset, limit) per size, limit 0 being no limit, 
 import json
 import sys
 
-import cv2
 import numpy as np
 import torch
 
-from dense_match_ros.core.dis_presets import PRESETS, create_dis
-from dense_match_ros.core.refine import variational_polish
-from dense_match_ros.core.geometry import grid
+from dense_match_ros.core.dis_presets import PRESETS
+from dense_match_ros.core.refine import apply_residual, residual_of, variational_polish
 from dense_match_ros.core.registry import load_matcher
+from dense_match_ros.evaluation import metrics
 from dense_match_ros.evaluation.calibrate import calibration_pairs
 
 SIZES = ((240, 240), (436, 1024))
@@ -28,7 +27,7 @@ POLISH = (5, 10)
 
 
 def aepe(flow: np.ndarray, pair) -> float:
-    return float(np.linalg.norm(flow - pair.flow, axis=-1)[pair.valid].mean())
+    return metrics.aepe(flow, pair.flow, pair.valid)
 
 
 def main() -> None:
@@ -43,16 +42,11 @@ def main() -> None:
         for pair in calibration_pairs(n, size=size):
             flow, _ = matcher.match(pair.source, pair.target)
             scale = max(size) / max(matcher.input_size)
-            grey_s, grey_t = (cv2.cvtColor(x, cv2.COLOR_RGB2GRAY) for x in (pair.source, pair.target))
-            warped = grid.warp(grey_t, flow, border_mode=cv2.BORDER_REPLICATE)
             row = {'none': aepe(flow, pair)}
             for preset in PRESETS:
-                residual = create_dis(preset).calc(grey_s, warped, None)
-                length = np.linalg.norm(residual, axis=-1, keepdims=True)
+                residual = residual_of(pair.source, pair.target, flow, preset)
                 for limit in LIMITS:
-                    r = residual if not limit else np.where(length > limit * scale, 0.0, residual)
-                    r = r.astype(np.float32)
-                    refined = r + grid.warp(flow, r, border_mode=cv2.BORDER_REPLICATE)
+                    refined = apply_residual(flow, residual, limit * scale or None)
                     row[f'{preset}/{limit}'] = aepe(refined, pair)
                     if preset == 'medium':
                         for its in POLISH:

@@ -2,6 +2,7 @@
 and error, stops as told, is repeatable and safe; pre-training resumes exactly."""
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -221,7 +222,6 @@ def test_the_dis_residual_makes_the_working_grid_flow_precise(monkeypatch):
 def test_the_time_budget_bounds_the_whole_call(monkeypatch):
     """What follows the loop (residual, polish) took on the last pair, scaled by the pixel
     count, is kept out of the loop's budget, so the second call of a stream ends within it."""
-    import time
     src, tgt, _ = _photo_pair()
     m = _tiny_matcher(iterations=100000, min_update_px=0, patience=0, time_budget_s=0.5, polish=1)
 

@@ -38,17 +38,37 @@ def dis_residual(source: np.ndarray, target: np.ndarray, flow: np.ndarray,
     """``flow`` (source grid, pixels) refined by DIS on the full-resolution RGB pair; a pixel
     whose residual is longer than ``max_residual_px`` (None: no limit) keeps ``flow``."""
     check_refiner('dis', preset)
-    if max_residual_px is not None and not max_residual_px > 0:
-        raise ValueError(f'max_residual_px must be > 0 px or None, got {max_residual_px}')
+    check_residual_limit(max_residual_px)
+    return apply_residual(flow, residual_of(source, target, flow, preset), max_residual_px)
+
+
+def residual_of(source: np.ndarray, target: np.ndarray, flow: np.ndarray,
+                preset: str = 'medium') -> np.ndarray:
+    """DIS's flow from the grey source to the grey target warped by ``flow``: what
+    :func:`apply_residual` adds (apart so that one residual can be tried under several limits)."""
+    check_refiner('dis', preset)
     grey_s = cv2.cvtColor(source, cv2.COLOR_RGB2GRAY)
     grey_t = cv2.cvtColor(target, cv2.COLOR_RGB2GRAY)
     warped = grid.warp(grey_t, flow, border_mode=cv2.BORDER_REPLICATE)
-    residual = create_dis(preset).calc(grey_s, warped, None)
+    return create_dis(preset).calc(grey_s, warped, None)
+
+
+def apply_residual(flow: np.ndarray, residual: np.ndarray,
+                   max_residual_px: float | None = None) -> np.ndarray:
+    """``r(x) + f(x + r(x))`` (module doc), with ``r`` zero where it is longer than
+    ``max_residual_px`` (None: no limit); ``residual`` is left as it was."""
+    check_residual_limit(max_residual_px)
     if max_residual_px is not None:
         too_long = np.square(residual).sum(-1) > float(max_residual_px) ** 2
-        residual[too_long] = 0.0
+        residual = np.where(too_long[..., None], np.float32(0.0), residual).astype(np.float32)
     refined = residual + grid.warp(flow, residual, border_mode=cv2.BORDER_REPLICATE)
     return refined.astype(np.float32)
+
+
+def check_residual_limit(max_residual_px: float | None) -> None:
+    """Refuse a residual limit that is not a positive length (None: no limit)."""
+    if max_residual_px is not None and not max_residual_px > 0:
+        raise ValueError(f'max_residual_px must be > 0 px or None, got {max_residual_px}')
 
 
 def variational_polish(source: np.ndarray, target: np.ndarray, flow: np.ndarray,
