@@ -193,6 +193,54 @@ def test_two_calls_give_the_same_flow_and_warm_start_continues():
     assert not np.array_equal(second.flow, first.flow)
 
 
+def test_the_augmented_copy_shows_the_target_where_its_known_flow_points():
+    """A-DMP's extra pair: the copy at x is the target at x + flow wherever the flow lands
+    inside the target, and one seed gives one copy."""
+    _, tgt, _ = _photo_pair(size=96)
+    target = torch.from_numpy(tgt).permute(2, 0, 1)[None].float() / 255.0
+    aug = dmp_optim.augmented_copy(target, 0.1, seed=3)
+    origin = cell_centres(96, 96, 1, 'cpu')[None]
+    mapped = origin + aug.flow
+    seen = dmp_optim.sample_at(target, mapped, (96, 96))
+    assert 0.5 < float(aug.ok.float().mean()) < 1.0
+    # Within half a pixel of the edge sample_at pads with zeros, the copy reflects.
+    inside = aug.ok[0] & (mapped[0] >= 0).all(0) & (mapped[0] <= 95).all(0)
+    assert float((seen - aug.image).abs().amax(1)[0][inside].max()) < 1e-4
+    assert 1.0 < float(aug.flow.abs().max()) < 2 * 0.1 * 96     # a homography of that size
+    again = dmp_optim.augmented_copy(target, 0.1, seed=3)
+    assert torch.equal(again.image, aug.image) and torch.equal(again.flow, aug.flow)
+    assert not torch.equal(dmp_optim.augmented_copy(target, 0.1, seed=4).flow, aug.flow)
+
+
+def test_a_dmp_optimises_the_pair_and_the_copy_together(monkeypatch):
+    """With ``augment`` each step decodes the pair and the copy as one batch and adds the copy's
+    flow loss; the pair's own loss still ranks the iterates, and the result is deterministic."""
+    src, tgt, _ = _photo_pair()
+    batches, terms = [], []
+    decode, supervised = DmpNet.decode, dmp_optim.flow_loss
+
+    def counting_decode(self, src_f, tgt_f, size, coarse=None):
+        batches.append(next(iter(src_f.values())).shape[0])
+        return decode(self, src_f, tgt_f, size, coarse)
+
+    def counting_loss(*args, **kwargs):
+        out = supervised(*args, **kwargs)
+        terms.append(float(out.total))
+        return out
+
+    monkeypatch.setattr(DmpNet, 'decode', counting_decode)
+    monkeypatch.setattr(dmp_optim, 'flow_loss', counting_loss)
+    plain = _tiny_matcher().match(src, tgt)
+    assert set(batches) == {1} and not terms
+    batches.clear()
+    m = _tiny_matcher(augment=1.0)
+    a = m.match(src, tgt)
+    assert set(batches) == {2} and len(terms) == m.last_run['iterations'] + 1
+    assert all(math.isfinite(t) for t in terms)
+    assert not np.array_equal(a.flow, plain.flow)         # the copy's gradient changed the steps
+    np.testing.assert_array_equal(m.match(src, tgt).flow, a.flow)
+
+
 def test_the_dis_residual_makes_the_working_grid_flow_precise(monkeypatch):
     """The optimised flow lives on a coarse working grid; refine='dis' corrects a smooth
     error of a pixel or two at full resolution, refine='none' returns it as it is."""
@@ -290,7 +338,8 @@ def test_bad_inputs_name_the_rule(image, rule):
 def test_bad_options_and_wrong_weights_are_named(tmp_path):
     for bad, rule in (({'mode': 'x'}, 'mode'), ({'warp': 'x'}, 'warp'), ({'samples': 1}, 'samples'),
                       ({'iterations': -1}, 'iterations'), ({'tau': 0}, 'tau'),
-                      ({'refine': 'raft'}, 'refine'), ({'confidence': 'max'}, 'confidence')):
+                      ({'refine': 'raft'}, 'refine'), ({'confidence': 'max'}, 'confidence'),
+                      ({'augment': -1}, 'augment'), ({'augment_shift': 0.5}, 'augment_shift')):
         with pytest.raises(ValueError, match=rule):
             _tiny_matcher(**bad)
     other = tmp_path / 'not_dmp.pt'

@@ -15,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from dense_match_ros.core.networks.dmp import DmpConfig, DmpNet, config_from_dict
+from dense_match_ros.core.networks.dmp_supervision import flow_loss
 from dense_match_ros.core.checkpoint import load_trunk
 from dense_match_ros.training.tasks import TrainTask, fill, split_model
 
@@ -53,15 +53,6 @@ def build_network(model_config: dict) -> DmpNet:
     return net
 
 
-def pooled_flow(flow: torch.Tensor, ok: torch.Tensor, size: tuple[int, int]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ground-truth flow (B, 2, H, W) averaged over the usable pixels of each cell of a
-    ``size`` grid, and where a cell has any."""
-    weight = F.adaptive_avg_pool2d(ok[:, None], size)
-    mean = F.adaptive_avg_pool2d(flow * ok[:, None], size) / weight.clamp_min(1e-6)
-    return mean, weight[:, 0] > 0.25
-
-
 def dmp_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
              cfg: DmpLossConfig) -> tuple[torch.Tensor, dict[str, float]]:
     net = model.module if hasattr(model, 'module') else model
@@ -70,23 +61,11 @@ def dmp_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     out = model(src, tgt)
     gt = batch['flow'].permute(0, 3, 1, 2).float()
     ok = torch.isfinite(gt).all(1) & (torch.nan_to_num(gt).norm(dim=1) < cfg.max_flow)
-    gt = torch.nan_to_num(gt)
-
-    def epe(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        m = mask.float()
-        return ((pred.float() - target).norm(dim=1) * m).sum() / m.sum().clamp_min(1.0)
-
-    total = cfg.final_weight * epe(out.flow, gt, ok)
-    metrics = {}
-    for level, flow in zip(net.levels, out.flows):
-        target, mask = pooled_flow(gt, ok.float(), tuple(flow.shape[-2:]))
-        term = epe(flow, target, mask)
-        total = total + cfg.level_weight * term
-        metrics[f'epe_{level}'] = float(term.detach())
-    with torch.no_grad():
-        metrics['epe'] = float(epe(out.flow, gt, ok))
-        metrics['temperature_finest'] = float((-net.log_scale[-1]).exp())
-    return total, metrics
+    loss = flow_loss(out, net.levels, torch.nan_to_num(gt), ok, cfg.level_weight, cfg.final_weight)
+    metrics = {f'epe_{level}': float(term) for level, term in loss.levels.items()}
+    metrics['epe'] = float(loss.final)
+    metrics['temperature_finest'] = float((-net.log_scale[-1].detach()).exp())
+    return loss.total, metrics
 
 
 class DmpTask(TrainTask):

@@ -100,6 +100,7 @@ class DmpMatcher(Matcher):
                  precision: str = 'auto', calibrated: bool = True, seed: int = 0,
                  refine: str = 'dis', refine_preset: str = 'medium',
                  refine_max_cells: float = 6.0, polish: int = 5,
+                 augment: float = 0.0, augment_shift: float = 0.1,
                  confidence: str | None = None, net: DmpNet | None = None) -> None:
         _refine.check_refiner(refine, refine_preset)
         if not float(refine_max_cells) >= 0:
@@ -115,7 +116,8 @@ class DmpMatcher(Matcher):
         self.stopping = Stopping(self.default_iterations if iterations is None else int(iterations),
                                  float(min_update_px), int(window), int(patience), budget)
         self.stopping.check()
-        self.loss = LossSettings(int(samples), float(tau), float(phi), warp, float(lr))
+        self.loss = LossSettings(int(samples), float(tau), float(phi), warp, float(lr),
+                                 float(augment), float(augment_shift))
         self.loss.check()
         self.device = device
         if self.pretrained or net is not None:

@@ -16,6 +16,12 @@ Two ways to get the warped target's features (``warp``):
 * ``'image'``: the paper's way, the target image itself warped by the final flow and run
   through the trunk at every iteration (gradients pass through the frozen trunk to the flow).
 
+A-DMP (Sec. 3.5, ``augment`` > 0): a copy of the target warped by a random homography, whose
+flow is therefore known, is matched to the target alongside the pair (one batch of two), and
+its supervised flow loss (the pre-training's, :mod:`core.networks.dmp_supervision`) is added
+with weight ``augment``: the network keeps matching this scene's own appearance correctly
+while the unsupervised loss adapts it to the pair. Only the pair's loss ranks the iterates.
+
 Stopping (:class:`Stopping`): the mean flow update over the last ``window`` iterations below
 ``min_update_px``, no new lowest loss for ``patience`` iterations, or the wall-time budget.
 The lowest-loss iterate is returned, never a later, worse one; a non-finite loss ends the
@@ -30,11 +36,14 @@ import time
 import warnings
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dense_match_ros.core.device import autocast
-from dense_match_ros.core.networks.dmp import DmpNet, cell_centres, sample_at
+from dense_match_ros.core.geometry import transforms as tf
+from dense_match_ros.core.networks.dmp import DmpNet, DmpOutput, cell_centres, sample_at
+from dense_match_ros.core.networks.dmp_supervision import flow_loss
 from dense_match_ros.core.networks.backbone import STRIDES
 
 WARPS = ('features', 'image')
@@ -77,8 +86,16 @@ class LossSettings:
     lr: float = 1e-4
     """Adam step size (on calibration pairs, from a mid-training prior: 1e-4 beat 3e-4 and 1e-3
     at 20 and 60 iterations; README, DMP)."""
+    augment: float = 0.0
+    """A-DMP: weight of the augmented pair's flow loss (0: plain DMP, one pair per step)."""
+    augment_shift: float = 0.1
+    """The augmented copy's homography moves each image corner by up to this share of the
+    image's width and height."""
 
     def check(self) -> None:
+        if not self.augment >= 0 or not 0 <= self.augment_shift <= 0.4:
+            raise ValueError(f'augment must be >= 0 and augment_shift in [0, 0.4], got '
+                             f'{self.augment} and {self.augment_shift}')
         if self.samples < 2:
             raise ValueError(f'samples must be >= 2 (a contrastive loss needs negatives), got {self.samples}')
         if not self.tau > 0 or not 0 <= self.phi < 1 or not self.lr > 0:
@@ -157,6 +174,42 @@ def pair_loss(net: DmpNet, src: dict, tgt: dict, target_image: torch.Tensor, flo
     return PairLoss(value, score)
 
 
+class Augmented(NamedTuple):
+    """A-DMP's extra pair: ``image`` matched to the target, with its known flow."""
+
+    image: torch.Tensor
+    """(1, 3, H, W) the target resampled through the homography (reflected past its edges, so
+    no black border gives the match away)."""
+    flow: torch.Tensor
+    """(1, 2, H, W) pixels: image (x, y) shows target (x+u, y+v)."""
+    ok: torch.Tensor
+    """(1, H, W) bool: the flow lands inside the target."""
+
+
+def augmented_copy(target: torch.Tensor, shift: float, seed: int) -> Augmented:
+    """A-DMP's warped copy of ``target`` (1, 3, H, W): a homography that moves each image
+    corner by up to ``shift`` of the image's size, drawn from ``seed`` (one per call)."""
+    h, w = target.shape[-2:]
+    rng = np.random.default_rng(seed + 2)
+    corners = np.array([[-0.5, -0.5], [w - 0.5, -0.5], [w - 0.5, h - 0.5], [-0.5, h - 0.5]])
+    moved = corners + rng.uniform(-1.0, 1.0, (4, 2)) * shift * np.array([w, h])
+    homography = tf.homography_from_points(corners, moved)       # copy pixel -> target pixel
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    points = np.stack((xs, ys), -1)
+    mapped, depth = tf.apply_homography(homography, points)
+    flow = np.nan_to_num(mapped - points)
+    ok = ((depth > 0) & (mapped[..., 0] >= -0.5) & (mapped[..., 0] < w - 0.5)
+          & (mapped[..., 1] >= -0.5) & (mapped[..., 1] < h - 0.5))
+    positions = torch.from_numpy(np.nan_to_num(mapped)).float().to(target.device)
+    grid = torch.stack((2.0 * (positions[..., 0] + 0.5) / w - 1.0,
+                        2.0 * (positions[..., 1] + 0.5) / h - 1.0), -1)[None]
+    image = F.grid_sample(target.float(), grid, mode='bilinear', padding_mode='reflection',
+                          align_corners=False)
+    flow_t = torch.from_numpy(flow).float().permute(2, 0, 1)[None].to(target.device)
+    return Augmented(image.contiguous(memory_format=torch.channels_last), flow_t,
+                     torch.from_numpy(ok)[None].to(target.device))
+
+
 def fixed_positions(src: dict, levels, samples: int, seed: int) -> dict[str, torch.Tensor]:
     """Per level, the positions that score every iterate of one call."""
     generator = torch.Generator().manual_seed(seed + 1)
@@ -174,6 +227,16 @@ def optimise(net: DmpNet, source: torch.Tensor, target: torch.Tensor, stopping: 
     started = last = time.perf_counter()
     src, tgt = net.trunk_features(source), net.trunk_features(target)
     size = tuple(source.shape[-2:])
+    # What decode sees: the pair alone, or (A-DMP) the pair and the augmented copy as a batch.
+    batch_src, batch_tgt, batch_coarse, aug = src, tgt, coarse, None
+    if settings.augment > 0:
+        aug = augmented_copy(target, settings.augment_shift, seed)
+        copy = net.trunk_features(aug.image)
+        batch_src = {lv: torch.cat((src[lv], copy[lv])) for lv in net.levels}
+        batch_tgt = {lv: torch.cat((tgt[lv], tgt[lv])) for lv in net.levels}
+        if coarse is not None:
+            copy_coarse = net.coarse_features(aug.image, target)
+            batch_coarse = (torch.cat((coarse[0], copy_coarse[0])), torch.cat((coarse[1], coarse[1])))
     params = net.trainable_parameters()
     optimiser = torch.optim.Adam(params, lr=settings.lr)
     generator = torch.Generator().manual_seed(seed)
@@ -185,9 +248,16 @@ def optimise(net: DmpNet, source: torch.Tensor, target: torch.Tensor, stopping: 
     net.train()
     for step in range(stopping.iterations + 1):
         with autocast(str(device), amp):
-            out = net.decode(src, tgt, size, coarse)
+            out = net.decode(batch_src, batch_tgt, size, batch_coarse)
+            if aug is not None:
+                copy_out = DmpOutput([f[1:] for f in out.flows], out.flow[1:], out.confidence[1:])
+                out = DmpOutput([f[:1] for f in out.flows], out.flow[:1], out.confidence[:1])
             loss = pair_loss(net, src, tgt, target, out.flow, settings, generator, fixed)
-        value = loss.score if bool(torch.isfinite(loss.value.detach())) else math.nan
+            objective = loss.value
+            if aug is not None:
+                objective = objective + settings.augment * flow_loss(
+                    copy_out, net.levels, aug.flow, aug.ok).total
+        value = loss.score if bool(torch.isfinite(objective.detach())) else math.nan
         if not math.isfinite(value):
             warnings.warn(f'dmp: non-finite test-time loss at iteration {step}; returning the '
                           f'best finite iterate ({best[3]})', RuntimeWarning, stacklevel=3)
@@ -216,7 +286,7 @@ def optimise(net: DmpNet, source: torch.Tensor, target: torch.Tensor, stopping: 
             break
         last = now
         optimiser.zero_grad(set_to_none=True)
-        loss.value.backward()
+        objective.backward()
         optimiser.step()
         steps += 1
     net.eval()
