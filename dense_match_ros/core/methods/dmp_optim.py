@@ -200,11 +200,8 @@ def augmented_copy(target: torch.Tensor, shift: float, seed: int) -> Augmented:
     flow = np.nan_to_num(mapped - points)
     ok = ((depth > 0) & (mapped[..., 0] >= -0.5) & (mapped[..., 0] < w - 0.5)
           & (mapped[..., 1] >= -0.5) & (mapped[..., 1] < h - 0.5))
-    positions = torch.from_numpy(np.nan_to_num(mapped)).float().to(target.device)
-    grid = torch.stack((2.0 * (positions[..., 0] + 0.5) / w - 1.0,
-                        2.0 * (positions[..., 1] + 0.5) / h - 1.0), -1)[None]
-    image = F.grid_sample(target.float(), grid, mode='bilinear', padding_mode='reflection',
-                          align_corners=False)
+    positions = torch.from_numpy(np.nan_to_num(mapped)).float().permute(2, 0, 1)[None]
+    image = sample_at(target.float(), positions.to(target.device), (h, w), padding='reflection')
     flow_t = torch.from_numpy(flow).float().permute(2, 0, 1)[None].to(target.device)
     return Augmented(image.contiguous(memory_format=torch.channels_last), flow_t,
                      torch.from_numpy(ok)[None].to(target.device))

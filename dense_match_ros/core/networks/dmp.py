@@ -127,14 +127,16 @@ def cell_centres(h: int, w: int, stride: float | tuple[float, float], device) ->
     return torch.stack((gx, gy))
 
 
-def sample_at(features: torch.Tensor, positions: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def sample_at(features: torch.Tensor, positions: torch.Tensor, size: tuple[int, int],
+              padding: str = 'zeros') -> torch.Tensor:
     """``features`` of an image of ``size`` (H, W) pixels sampled at pixel ``positions``
-    (B, 2, h, w), bilinear, zeros outside; fp32 sampling grid."""
+    (B, 2, h, w), bilinear, zeros outside (``padding``: any of ``grid_sample``'s modes); fp32
+    sampling grid."""
     h, w = size
     gx = 2.0 * (positions[:, 0] + 0.5) / w - 1.0
     gy = 2.0 * (positions[:, 1] + 0.5) / h - 1.0
     grid = torch.stack((gx, gy), -1)
-    out = F.grid_sample(features.float(), grid, mode='bilinear', padding_mode='zeros',
+    out = F.grid_sample(features.float(), grid, mode='bilinear', padding_mode=padding,
                         align_corners=False)
     return out.to(features.dtype)
 
