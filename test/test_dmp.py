@@ -420,6 +420,37 @@ def test_pretraining_needs_a_trained_trunk():
         task.model_config({'radisu': 3})
 
 
+def _tiny_shipped(path, seed: int = 0):
+    """Tiny dmp weights in the shipped format (fp16, record with a sha256)."""
+    import dataclasses
+    ckpt.export_weights({'model': _net(seed).state_dict(), 'method': 'dmp', 'step': 0,
+                         'config': {'model': dataclasses.asdict(TINY)}}, path, {'command': 'test'})
+    return path
+
+
+def test_weights_carry_their_fitted_test_time_lr(tmp_path):
+    """The fit keeps the candidate with the lowest mean AEPE on the calibration pairs, writes
+    it into the record, and the matcher takes it unless told another."""
+    from dense_match_ros.evaluation import test_time_lr
+    weights = _tiny_shipped(tmp_path / 'dmp_tiny.pt')
+    assert load_matcher('dmp', device='cpu', weights=str(weights)).loss.lr == dmp_method.DEFAULT_LR
+    argv = ['--weights', str(weights), '--lr', '3e-3', '--lr', '1e-6', '--pairs', '2',
+            '--size', '64x64', '--iterations', '4', '--no-progress']
+    assert test_time_lr.main([*argv, '--write']) == 0
+    record = json.loads(weights.with_suffix('.json').read_text())
+    fit = record['test_time']
+    assert set(fit['mean_aepe']) == {'0.003', '1e-06'}
+    assert fit['mean_aepe']['0.003'] != fit['mean_aepe']['1e-06']   # the steps differ on these pairs
+    assert fit['lr'] == float(min(fit['mean_aepe'], key=fit['mean_aepe'].get))
+    assert fit['iterations'] == 4 and fit['command'].endswith('--write')
+    assert load_matcher('dmp', device='cpu', weights=str(weights)).loss.lr == fit['lr']
+    assert load_matcher('dmp', device='cpu', weights=str(weights), lr=2e-4).loss.lr == 2e-4
+    # The weights' checksum is of the .pt file alone: the fitted step does not break it.
+    assert record['sha256'] == ckpt.sha256_of(weights)
+    with pytest.raises(SystemExit, match='dmp-scratch'):
+        test_time_lr.main(['--method', 'dmp-scratch', *argv, '--write'])
+
+
 def test_shipped_checkpoint_improves_on_its_own_pretrained_output():
     """The shipped dmp_cpu.pt: loads through the registry, names the command that made it, and
     the per-pair optimisation lowers its test-time loss on a real photo's known warp."""

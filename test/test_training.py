@@ -186,3 +186,46 @@ def test_a_file_that_is_not_a_checkpoint_gets_one_clear_error(tmp_path, content)
     text = str(info.value)
     assert str(path) in text and 'checkpoint' in text and 'weights_only' not in text
     assert 'expected a dgc checkpoint' in text or 'without its' in text
+
+
+def test_averaged_weights_are_the_weighted_mean_of_their_members(tmp_path):
+    """``dense-match-train average``: float tensors are the normalised weighted mean, the
+    result loads through the registry, the record names each member with its weight, and
+    members of another shape are refused."""
+    import dataclasses
+    from dense_match_ros.core.networks.dmp import DmpConfig, DmpNet
+    from dense_match_ros.core.registry import load_matcher
+    config = DmpConfig(width=0.125, input_size=(32, 32), finest='conv3', radius=2, hidden=8)
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = DmpNet(config)
+        for p in net.parameters():           # the zero-initialised outer layers differ too
+            p.data.normal_()
+        path = tmp_path / f'm{seed}.pt'
+        ckpt.export_weights({'model': net.state_dict(), 'method': 'dmp', 'step': 0,
+                             'config': {'model': dataclasses.asdict(config)}}, path, {'command': 't'})
+        paths.append(path)
+    out = tmp_path / 'avg.pt'
+    assert main(['average', '--member', str(paths[0]), '--member', str(paths[1]),
+                 '--weight', '1', '--weight', '3', '--out', str(out)]) == 0
+    a, b, mean = (torch.load(p, weights_only=True)['state_dict'] for p in (*paths, out))
+    floats = [k for k, v in a.items() if v.is_floating_point()]
+    assert floats and a.keys() == mean.keys()
+    for k in floats:
+        want = (0.25 * a[k].float() + 0.75 * b[k].float()).half()
+        torch.testing.assert_close(mean[k], want, atol=2e-3, rtol=2e-3)
+    assert any(not torch.equal(mean[k], a[k]) and not torch.equal(mean[k], b[k]) for k in floats)
+    record = json.loads(out.with_suffix('.json').read_text())
+    assert [m['weight'] for m in record['average']] == [0.25, 0.75]
+    assert record['average'][0]['weights'] == str(paths[0]) and record['method'] == 'dmp'
+    src = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    flow, _ = load_matcher('dmp', device='cpu', weights=str(out), iterations=1, time_budget_s=0,
+                           refine='none', polish=0).match(src, src)
+    assert np.isfinite(flow).all()
+    other = DmpConfig(width=0.125, input_size=(32, 32), finest='conv3', radius=2, hidden=4)
+    ckpt.export_weights({'model': DmpNet(other).state_dict(), 'method': 'dmp', 'step': 0,
+                         'config': {'model': dataclasses.asdict(other)}}, tmp_path / 'o.pt', {})
+    with pytest.raises(ValueError, match='shape'):
+        main(['average', '--member', str(paths[0]), '--member', str(tmp_path / 'o.pt'),
+              '--out', str(tmp_path / 'bad.pt')])

@@ -9,6 +9,7 @@ Examples::
         --out runs/dgc_gpu --set data.photos=gpu_carry/train_pack --minutes 8   # GPU, no PyYAML
     dense-match-train export runs/hilm_cpu --out dense_match_ros/weights/hilm_cpu.pt \\
         --eval-json runs/eval/hilm_cpu.json
+    dense-match-train average --member A.pt --member B.pt --out AB.pt   # parameters averaged
 
 A run resumes from ``OUT/last.pt`` unless ``--fresh`` is given; ``--stop-at`` ends it early
 (the schedule still spans ``--steps``), which is how an interruption is reproduced in tests.
@@ -35,7 +36,7 @@ from dense_match_ros.training.tasks import available_tasks
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='dense-match-train', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('method', help=f'one of: {", ".join(available_tasks())}, or "export"')
+    p.add_argument('method', help=f'one of: {", ".join(available_tasks())}, "export" or "average"')
     p.add_argument('--config', type=Path, default=None,
                    help='YAML training config (JSON plus # lines without PyYAML)')
     p.add_argument('--out', type=Path, default=None, help='run folder (default runs/METHOD)')
@@ -166,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == 'export':
         return export_main(argv[1:])
+    if argv and argv[0] == 'average':
+        from dense_match_ros.training.averaging import main as average_main
+        return average_main(argv[1:])
     return train_main(argv)
 
 

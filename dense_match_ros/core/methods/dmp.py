@@ -83,6 +83,20 @@ def scratch_network(weights: str | Path | None, config: DmpConfig = SCRATCH_CONF
     return net, path
 
 
+DEFAULT_LR = 1e-4
+"""The test-time Adam step of a checkpoint whose record holds none (stage 2's fit)."""
+
+
+def recorded_lr(record: dict) -> float:
+    """The test-time learning rate fitted for these weights (``test_time.lr`` in the record,
+    written by ``python -m dense_match_ros.evaluation.test_time_lr --write``), else
+    :data:`DEFAULT_LR`. Each pre-training stage leaves a prior of its own sharpness, so the
+    step that improves it most differs (stage 2: 1e-4; stage 3c: 5e-5): the step travels
+    with the weights it was fitted for rather than with the code."""
+    fitted = (record.get('test_time') or {}).get('lr')
+    return float(fitted) if fitted else DEFAULT_LR
+
+
 class DmpMatcher(Matcher):
     """DMP-dagger: the pre-trained network, optimised on each pair."""
 
@@ -94,7 +108,7 @@ class DmpMatcher(Matcher):
 
     def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
                  mode: str = 'resize', max_side: int = 480, iterations: int | None = None,
-                 lr: float = 1e-4, samples: int = 256, tau: float = 0.1, phi: float = 0.01,
+                 lr: float | None = None, samples: int = 256, tau: float = 0.1, phi: float = 0.01,
                  warp: str = 'features', min_update_px: float = 0.05, window: int = 10,
                  patience: int = 40, time_budget_s: float | None = None, warm_start: bool = False,
                  precision: str = 'auto', calibrated: bool = True, seed: int = 0,
@@ -116,15 +130,17 @@ class DmpMatcher(Matcher):
         self.stopping = Stopping(self.default_iterations if iterations is None else int(iterations),
                                  float(min_update_px), int(window), int(patience), budget)
         self.stopping.check()
-        self.loss = LossSettings(int(samples), float(tau), float(phi), warp, float(lr),
-                                 float(augment), float(augment_shift))
-        self.loss.check()
         self.device = device
         if self.pretrained or net is not None:
             self.net, self.record, self.weights = WEIGHTS.network_for(net, weights, variant, device)
         else:
             net, self.weights = scratch_network(weights)
             self.net, self.record = net.to(device).eval(), {}
+        if lr is None:
+            lr = recorded_lr(self.record)
+        self.loss = LossSettings(int(samples), float(tau), float(phi), warp, float(lr),
+                                 float(augment), float(augment_shift))
+        self.loss.check()
         if confidence is not None:
             self.net.use_confidence(confidence)
         self.mode, self.max_side = mode, int(max_side)
