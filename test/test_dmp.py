@@ -230,10 +230,10 @@ def test_a_dmp_optimises_the_pair_and_the_copy_together(monkeypatch):
 
     monkeypatch.setattr(DmpNet, 'decode', counting_decode)
     monkeypatch.setattr(dmp_optim, 'flow_loss', counting_loss)
-    plain = _tiny_matcher().match(src, tgt)
+    plain = _tiny_matcher(rotations=1).match(src, tgt)   # upright only: no scan passes counted
     assert set(batches) == {1} and not terms
     batches.clear()
-    m = _tiny_matcher(augment=1.0)
+    m = _tiny_matcher(augment=1.0, rotations=1)
     a = m.match(src, tgt)
     assert set(batches) == {2} and len(terms) == m.last_run['iterations'] + 1
     assert all(math.isfinite(t) for t in terms)
@@ -313,7 +313,7 @@ def test_a_non_finite_loss_stops_with_a_warning_and_returns_the_best_finite_iter
         return dmp_optim.PairLoss(loss.value * math.nan, math.nan) if len(calls) == 4 else loss
 
     monkeypatch.setattr(dmp_optim, 'pair_loss', flaky)
-    m = _tiny_matcher(iterations=20, min_update_px=0, patience=0)
+    m = _tiny_matcher(iterations=20, min_update_px=0, patience=0, rotations=1)
     with pytest.warns(RuntimeWarning, match='non-finite'):
         flow, match = m.match(src, tgt)
     assert m.last_run['reason'] == 'non-finite' and m.last_run['best_iteration'] <= 2
@@ -449,6 +449,49 @@ def test_weights_carry_their_fitted_test_time_lr(tmp_path):
     assert record['sha256'] == ckpt.sha256_of(weights)
     with pytest.raises(SystemExit, match='dmp-scratch'):
         test_time_lr.main(['--method', 'dmp-scratch', *argv, '--write'])
+
+
+@pytest.mark.parametrize('turns', [0, 1, 2, 3])
+def test_flow_into_a_turned_target_maps_back_exactly(turns):
+    """Points found in np.rot90(target, k) land on the same pixels of the target itself."""
+    from dense_match_ros.core.geometry import grid
+    rng = np.random.default_rng(turns)
+    target = rng.integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    turned = np.rot90(target, turns)
+    th, tw = turned.shape[:2]
+    hits = np.stack([rng.integers(0, tw, (4, 6)), rng.integers(0, th, (4, 6))], -1).astype(np.float32)
+    flow = grid.map_to_flow(hits)                           # a 4x6 source grid into the turned copy
+    back = grid.flow_to_map(grid.unrotate_flow(flow, turns, (7, 5)))
+    xi, yi = np.rint(back[..., 0]).astype(int), np.rint(back[..., 1]).astype(int)
+    np.testing.assert_allclose(back, np.stack([xi, yi], -1), atol=1e-4)
+    assert (xi >= 0).all() and (xi < 7).all() and (yi >= 0).all() and (yi < 5).all()
+    np.testing.assert_array_equal(target[yi, xi], turned[hits[..., 1].astype(int), hits[..., 0].astype(int)])
+
+
+def test_the_rotation_search_matches_a_turned_target_through_its_upright_copy():
+    """A target rolled by a quarter turn: upright only, the network is lost; with
+    ``rotations=4`` the turn whose copy gives the lowest initial loss is the upright one, and
+    the flow points into the turned target itself."""
+    src, _, _ = _photo_pair(shift=(0.0, 0.0))
+    tgt = np.ascontiguousarray(np.rot90(src, -1))             # np.rot90(tgt, 1) is src again
+    h, w = src.shape[:2]
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    truth = np.stack([(w - 1 - y) - x, x - y], -1)            # src (x, y) shows tgt (W-1-y, x)
+    errors, flows = {}, {}
+    for rotations in (1, 4):
+        m = _tiny_matcher(iterations=2, rotations=rotations, refine='none', polish=0)
+        flows[rotations], match = m.match(src, tgt)
+        assert np.isfinite(flows[rotations]).all() and np.isfinite(match).all()
+        errors[rotations] = float(np.linalg.norm(flows[rotations] - truth, axis=-1).mean())
+    assert m.last_run['turns'] == 1 and set(m.last_run['turn_losses']) == {0, 1, 2, 3}
+    assert min(m.last_run['turn_losses'], key=m.last_run['turn_losses'].get) == 1
+    assert errors[4] < 0.5 * errors[1], errors
+    # What it matched is the upright pair itself, brought into the turned target's pixels.
+    upright = _tiny_matcher(iterations=2, refine='none', polish=0).match(src, src).flow
+    from dense_match_ros.core.geometry import grid
+    np.testing.assert_allclose(flows[4], grid.unrotate_flow(upright, 1, (w, h)), atol=1e-3)
+    with pytest.raises(ValueError, match='rotations'):
+        _tiny_matcher(rotations=3)
 
 
 def test_shipped_checkpoint_improves_on_its_own_pretrained_output():

@@ -158,6 +158,30 @@ def to_source_grid(flow: np.ndarray, matchability: np.ndarray | None,
     return flow, matchability
 
 
+def unrotate_flow(flow: np.ndarray, quarter_turns: int, target_size: tuple[int, int]) -> np.ndarray:
+    """Flow into ``np.rot90(target, quarter_turns)`` made into flow into ``target`` itself
+    (``target_size`` (W, H) of the unrotated target).
+
+    A matcher whose features are not rotation invariant can match a target turned by a
+    multiple of 90 degrees against an upright copy; the copy is an exact permutation of the
+    target's pixels, so the points it finds map back exactly.
+    """
+    k = int(quarter_turns) % 4
+    if k == 0:
+        return flow
+    w, h = target_size
+    pts = flow_to_map(flow)
+    x, y = pts[..., 0], pts[..., 1]
+    # np.rot90 turns counter-clockwise: after one turn, pixel (x', y') shows (W-1-y', x').
+    if k == 1:
+        orig = (w - 1 - y, x)
+    elif k == 2:
+        orig = (w - 1 - x, h - 1 - y)
+    else:
+        orig = (y, h - 1 - x)
+    return map_to_flow(np.stack(orig, axis=-1).astype(np.float32))
+
+
 def warp(target: np.ndarray, flow: np.ndarray, interpolation: int = cv2.INTER_LINEAR,
          border_value: float = 0.0, border_mode: int = cv2.BORDER_CONSTANT) -> np.ndarray:
     """Sample ``target`` at source (x, y) + flow: the target warped onto the source grid.
