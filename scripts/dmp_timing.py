@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """DMP time per pair with early stopping against the 300-iteration result (issue 16):
-HPatches pair at 240x240, the Sintel pairs, N held-out synthetic pairs; 1 thread."""
+HPatches pair at 240x240, the Sintel pairs, N held-out synthetic pairs; 1 thread.
+
+    PYTHONPATH=. python scripts/dmp_timing.py N OUT.json [KEY=VALUE ...]   (matcher options, both runs)"""
 import json, sys, time, numpy as np, torch
 torch.set_num_threads(1)
 import cv2; cv2.setNumThreads(1)
 from dense_match_ros.core.registry import load_matcher
 from dense_match_ros.data.shared_sets import hpatches_pair, sintel_pairs
 from dense_match_ros.data.synthetic import heldout_pairs
-n = int(sys.argv[1]); out = sys.argv[2]
+from dense_match_ros.evaluation.cli import parse_options
+n = int(sys.argv[1]); out = sys.argv[2]; options = parse_options(sys.argv[3:])
 pairs = [hpatches_pair(size=(240, 240))] + sintel_pairs() + heldout_pairs(n)
-early = load_matcher('dmp', device='cpu')
-full = load_matcher('dmp', device='cpu', iterations=300, patience=0, min_update_px=0, time_budget_s=0)
+early = load_matcher('dmp', device='cpu', **options)
+full = load_matcher('dmp', device='cpu', **{**options, 'iterations': 300, 'patience': 0, 'min_update_px': 0, 'time_budget_s': 0})
 early.match(pairs[0].source, pairs[0].target)  # warm-up (oneDNN kernels), not timed
 rows = []
 def aepe(f, p):

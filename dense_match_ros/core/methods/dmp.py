@@ -268,7 +268,9 @@ class DmpMatcher(Matcher):
         self.last_run.update({'turns': turns, 'turn_losses': losses})
         if losses:
             # How much lower the chosen copy's loss is than the upright target's (0: upright).
-            self.last_run['turn_gain'] = 1.0 - losses[turns] / losses[0] if losses[0] else 0.0
+            chosen, upright = losses[turns], losses[0]
+            finite = math.isfinite(chosen) and math.isfinite(upright) and upright
+            self.last_run['turn_gain'] = 1.0 - chosen / upright if finite else 0.0
             self.last_run['upright_loss'] = losses[0]
         # Rotation maps the target's frame onto itself, so in-bounds pixels stay in bounds.
         return grid.unrotate_flow(flow, turns, (tw, th)), matchability
