@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 import torch
 
-from dense_match_ros.core.geometry.essential import rotation_compensated_parallax
+from dense_match_ros.core.geometry.essential import normalize_points, rotation_compensated_parallax
 from dense_match_ros.core.geometry.gt_flow import flow_from_depth
 from dense_match_ros.core.registry import load_matcher
 from dense_match_ros.data.shared_sets import tum_pairs
@@ -23,8 +23,8 @@ def median_parallax_deg(flow: np.ndarray, ok: np.ndarray, K_s, K_t, R) -> float:
     y, x = np.mgrid[0:h, 0:w].astype(np.float64)
     src = np.stack([x[ok], y[ok]], -1)
     tgt = src + flow[ok].astype(np.float64)
-    norm = lambda p, K: (p - K[:2, 2]) / np.diag(K)[:2]   # noqa: E731 (pixel -> normalised)
-    return float(np.degrees(np.median(rotation_compensated_parallax(R, norm(src, K_s), norm(tgt, K_t)))))
+    parallax = rotation_compensated_parallax(R, normalize_points(src, K_s), normalize_points(tgt, K_t))
+    return float(np.degrees(np.median(parallax)))
 
 
 def main() -> None:

@@ -49,6 +49,18 @@ def write_record(weights: str | Path, record: dict) -> Path:
     return path
 
 
+def checkpoint_method(path: str | Path) -> str | None:
+    """The ``method`` a checkpoint file (shipped weights or a run's ``last.pt``) says it holds,
+    read without checking it (None: unreadable or not ours; :func:`load_weights` then gives
+    the proper error)."""
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:
+        return None
+    method = obj.get('method') if isinstance(obj, dict) else None
+    return method if isinstance(method, str) else None
+
+
 def load_weights(path: str | Path, method: str, verify: bool = True) -> tuple[dict, dict, dict]:
     """(model_config, float32 state_dict, record) of a shipped checkpoint or training state.
 

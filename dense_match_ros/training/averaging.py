@@ -19,26 +19,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
-from dense_match_ros.core.checkpoint import CheckpointError, load_weights, read_record
+from dense_match_ros.core.checkpoint import (CheckpointError, checkpoint_method, load_weights,
+                                             read_record)
 
 PROG = 'dense-match-train average'
-
-
-def checkpoint_method(path: str | Path) -> str:
-    """The method a checkpoint (shipped weights or a run's ``last.pt``) was trained for."""
-    try:
-        obj = torch.load(Path(path), map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f'no checkpoint at {path}') from None
-    except Exception as exc:
-        raise CheckpointError(f'{path} is not a dense_match_ros checkpoint '
-                              f'({type(exc).__name__} while reading it)') from None
-    method = obj.get('method') if isinstance(obj, dict) else None
-    if not isinstance(method, str):
-        raise CheckpointError(f'{path} is not a dense_match_ros checkpoint (it names no method)')
-    return method
 
 
 def average_states(states: Sequence[dict], weights: Sequence[float]) -> dict:
@@ -102,6 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(weights) != len(args.member):
         raise SystemExit(f'{PROG}: {len(args.member)} members but {len(weights)} weights')
     method = checkpoint_method(args.member[0])
+    if method is None:
+        if not Path(args.member[0]).is_file():
+            raise FileNotFoundError(f'no checkpoint at {args.member[0]}')
+        raise CheckpointError(f'{args.member[0]} is not a dense_match_ros checkpoint '
+                              '(unreadable, or it names no method)')
     loaded = [load_weights(m, method) for m in args.member]
     state = average_states([s for _, s, _ in loaded], weights)
     total = float(sum(weights))

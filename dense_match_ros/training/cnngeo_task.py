@@ -62,7 +62,7 @@ class CnnGeoLossConfig:
 def _load_state(path: str, what: str) -> tuple[dict, dict]:
     """(model config, float32 state) of a cnngeo checkpoint of either stage."""
     from dense_match_ros.training import checkpoint as ckpt
-    from dense_match_ros.core.methods.cnngeo import checkpoint_method
+    from dense_match_ros.core.checkpoint import checkpoint_method
     found = checkpoint_method(path)
     model_config, state, _ = ckpt.load_weights(path, found if found in STAGE_METHODS
                                                else ' or '.join(STAGE_METHODS))

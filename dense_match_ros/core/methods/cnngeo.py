@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import torch
 
-from dense_match_ros.core.checkpoint import CheckpointError, load_weights
+from dense_match_ros.core.checkpoint import CheckpointError, checkpoint_method, load_weights
 from dense_match_ros.core.device import autocast, check_precision, inference_dtype
 from dense_match_ros.core.geometry import parametric
 from dense_match_ros.core.methods import weights as _weights
@@ -72,16 +72,6 @@ class StageWeights(_weights.LearnedWeights):
         net.load_state_dict(state)
         record = {**record, 'checkpoint_method': found}
         return net.to(device).eval(), record
-
-
-def checkpoint_method(path: str | Path) -> str | None:
-    """The ``method`` a checkpoint file says it holds (None: unreadable; the full loader
-    then gives the proper error)."""
-    try:
-        obj = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception:
-        return None
-    return obj.get('method') if isinstance(obj, dict) else None
 
 
 WEIGHTS = StageWeights('cnngeo', lambda cfg: CnnGeoNet(config_from_dict(cfg)), TRAIN_HINT)
