@@ -16,6 +16,13 @@ homography, similarity), so the affine stage learns the best affine of a TPS or
 homography in this sense; stage 2's loss is on the *composed* transform, what ``cnngeo``
 returns. Points are normalised coordinates (1 px = 2 / size).
 
+``loss.match_weight`` > 0 adds a dense signal for the trunk (not in the paper): a softmax
+cross-entropy over the raw pool4 correlation, whose label for each source cell is the target
+cell its true correspondence falls in. Six regressed parameters say little about which of
+225 cells matched; measured on the held-out pairs, only about half of the shipped trunk's
+best correlations land within one cell of the truth (``scripts/cnngeo_corr_probe.py``).
+It acts only where the trunk learns (``model.freeze_backbone=false``).
+
 The trunk starts from random initialisation or, with ``model.backbone_init``, from another
 method's checkpoint of the same width (the shipped ``hilm`` trunk, trained here from
 random init), frozen with ``model.freeze_backbone`` or fine-tuned.
@@ -43,6 +50,7 @@ import torch
 
 from dense_match_ros.core.geometry import grid, parametric, transforms as tf
 from dense_match_ros.core.networks.cnngeo import CnnGeoConfig, CnnGeoNet, config_from_dict
+from dense_match_ros.core.networks.correlation import global_correlation
 from dense_match_ros.core.checkpoint import load_trunk, read_record, write_record
 from dense_match_ros.training.tasks import TrainTask, fill, split_model
 
@@ -57,6 +65,10 @@ ARCH_KEYS = ('width', 'batch_norm', 'input_size', 'normalize_matches', 'channels
 class CnnGeoLossConfig:
     grid_points: int = 21
     """Loss points per side of the regular grid on [-1, 1] (the paper's 21)."""
+    match_weight: float = 0.0
+    """Weight of the correlation cross-entropy (0: the paper's grid loss alone)."""
+    match_temperature: float = 0.07
+    """Cosine scale of that cross-entropy's softmax (logits = cosine / temperature)."""
 
 
 def _load_state(path: str, what: str) -> tuple[dict, dict]:
@@ -128,6 +140,38 @@ def predicted_points(out, stage: str, points: torch.Tensor) -> torch.Tensor:
     return parametric.transform_points_torch('tps', out.composed.float(), points)
 
 
+def cell_labels(flow: torch.Tensor, valid: torch.Tensor, cell: int = 16) -> torch.Tensor:
+    """(B, Hs, Ws) int64: the target cell (``ty * Wt + tx``) holding the true match of each
+    source cell's centre pixel, -1 where that pixel has none or it leaves the target.
+
+    ``flow`` (B, H, W, 2) and ``valid`` (B, H, W) at the network's input size; the target
+    grid is the source's (both images share the input size)."""
+    b, h, w, _ = flow.shape
+    hs, ws = h // cell, w // cell
+    ys = torch.arange(hs, device=flow.device) * cell + cell // 2
+    xs = torch.arange(ws, device=flow.device) * cell + cell // 2
+    f = flow[:, ys][:, :, xs].float()                              # (B, Hs, Ws, 2)
+    ok = valid[:, ys][:, :, xs].bool()
+    tx = torch.floor((xs.view(1, 1, -1) + f[..., 0]) / cell)
+    ty = torch.floor((ys.view(1, -1, 1) + f[..., 1]) / cell)
+    ok &= (tx >= 0) & (tx < ws) & (ty >= 0) & (ty < hs) & torch.isfinite(f).all(-1)
+    labels = (ty.clamp(0, hs - 1) * ws + tx.clamp(0, ws - 1)).long()
+    return torch.where(ok, labels, torch.full_like(labels, -1))
+
+
+def match_loss(net: CnnGeoNet, source_feat: torch.Tensor, target_feat: torch.Tensor,
+               labels: torch.Tensor, temperature: float) -> tuple[torch.Tensor, float]:
+    """(cross-entropy of the raw correlation against ``labels``, share of cells whose best
+    score is their label); float32 throughout, as the matcher correlates."""
+    with torch.autocast(source_feat.device.type, enabled=False):
+        corr = global_correlation(source_feat.float(), target_feat.float())
+        loss = torch.nn.functional.cross_entropy(corr / float(temperature), labels,
+                                                 ignore_index=-1)
+        known = labels >= 0
+        acc = float((corr.argmax(1) == labels)[known].float().mean()) if known.any() else 0.0
+    return (loss if known.any() else corr.sum() * 0.0), acc
+
+
 def grid_loss(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Mean over points (and batch) of the squared distance: the paper's grid loss."""
     return (predicted.float() - truth.float()).square().sum(-1).mean()
@@ -155,6 +199,9 @@ class _CnnGeoTask(TrainTask):
         cfg = fill(CnnGeoLossConfig, values, 'cnngeo loss')
         if cfg.grid_points < 2:
             raise ValueError(f'loss.grid_points must be >= 2, got {cfg.grid_points}')
+        if cfg.match_weight < 0 or cfg.match_temperature <= 0:
+            raise ValueError(f'loss.match_weight must be >= 0 and loss.match_temperature > 0, '
+                             f'got {cfg.match_weight} and {cfg.match_temperature}')
         return dataclasses.asdict(cfg)
 
     def build_model(self, model_config: dict) -> CnnGeoNet:
@@ -167,15 +214,28 @@ class _CnnGeoTask(TrainTask):
         net = model.module if hasattr(model, 'module') else model
         src = batch['source'].float() / 255.0
         tgt = batch['target'].float() / 255.0
-        out = model(src, tgt, stages=self.stage)
+        weight = float(loss_config.get('match_weight', 0.0))
+        extra = {}
+        if weight > 0 and 'backbone' not in net.frozen:
+            # The network's own pieces, so the features serve both losses (one trunk pass).
+            b = src.shape[0]
+            feats = net.features(torch.cat([src, tgt], dim=0))
+            out = net.regress(src, tgt, feats[:b], feats[b:], self.stage)
+            ce, acc = match_loss(net, feats[:b], feats[b:], cell_labels(batch['flow'], batch['valid']),
+                                 float(loss_config.get('match_temperature', 0.07)))
+            extra = {'match_ce': float(ce.detach()), 'match_acc': acc}
+        else:
+            out = model(src, tgt, stages=self.stage)
         points = parametric.grid_points(int(loss_config['grid_points']), device=src.device)
         truth = batch['points'].float()
         pred = predicted_points(out, self.stage, points)
         loss = grid_loss(pred, truth)
+        if extra:
+            loss = loss + weight * ce
         with torch.no_grad():
             half = torch.tensor([s / 2.0 for s in reversed(net.config.input_size)], device=src.device)
             dist_px = ((pred.float() - truth) * half).norm(dim=-1).mean()
-            metrics = {'grid_px': float(dist_px)}
+            metrics = {'grid_px': float(dist_px), **extra}
             if self.stage == 'tps':
                 affine = parametric.transform_points_torch('affine', out.affine.float(), points)
                 metrics['grid_px_affine'] = float(((affine - truth) * half).norm(dim=-1).mean())
