@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import torch
 
+from dense_match_ros.core.checkpoint import checkpoint_method
 from dense_match_ros.core.registry import load_matcher
 from dense_match_ros.data.synthetic import heldout_pairs
 
@@ -57,16 +58,18 @@ def main() -> int:
     torch.set_num_threads(1)
     pairs = heldout_pairs(args.n, size=(240, 240))
     rows = defaultdict(lambda: defaultdict(list))
-    full = load_matcher('cnngeo', weights=args.weights)
     aff = load_matcher('cnngeo-affine', weights=args.weights)
-    net = full.net
+    affine_only = args.weights and checkpoint_method(args.weights) == 'cnngeo-affine'
+    full = None if affine_only else load_matcher('cnngeo', weights=args.weights)
+    net = aff.net
     for pair in pairs:
         truth, valid = pair.flow, pair.valid
         row = rows[pair.kind]
-        row['cnngeo'].append(aepe(full.match(pair.source, pair.target).flow, truth, valid))
+        if full is not None:
+            row['cnngeo'].append(aepe(full.match(pair.source, pair.target).flow, truth, valid))
         row['cnngeo-affine'].append(aepe(aff.match(pair.source, pair.target).flow, truth, valid))
-        with torch.no_grad(), full._autocast():
-            feats = net.features(torch.cat([full._tensor(pair.source), full._tensor(pair.target)]))
+        with torch.no_grad(), aff._autocast():
+            feats = net.features(torch.cat([aff._tensor(pair.source), aff._tensor(pair.target)]))
             corr = net.correlation(feats[:1], feats[1:])[0].float()  # (225, 15, 15)
         k, hs, ws = corr.shape
         scores = corr.reshape(k, hs * ws)                  # target index x source index
@@ -86,7 +89,7 @@ def main() -> int:
         for fit in ('affine', 'homography'):
             flow = fitted_flow(fit, src, dst, 240)
             row[f'fit_{fit}'].append(aepe(flow, truth, valid) if flow is not None else np.nan)
-    out = {kind: {k: float(np.nanmean(v)) for k, v in row.items()} | {'pairs': len(row['cnngeo'])}
+    out = {kind: {k: float(np.nanmean(v)) for k, v in row.items()} | {'pairs': len(row['cnngeo-affine'])}
            for kind, row in rows.items()}
     allrows = defaultdict(list)
     for row in rows.values():

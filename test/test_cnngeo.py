@@ -15,9 +15,9 @@ from dense_match_ros.core.registry import available_methods, load_matcher
 from dense_match_ros.data.synthetic import SyntheticPairGenerator
 from dense_match_ros.training import checkpoint as ckpt
 from dense_match_ros.training.cli import main
-from dense_match_ros.training.cnngeo_task import (CnnGeoAffineTask, CnnGeoTpsTask, ensemble_main,
-                                                  fit_sigma, grid_loss, predicted_points,
-                                                  true_points)
+from dense_match_ros.training.cnngeo_task import (CnnGeoAffineTask, CnnGeoTpsTask, cell_labels,
+                                                  ensemble_main, fit_sigma, grid_loss,
+                                                  match_loss, predicted_points, true_points)
 
 torch.set_num_threads(1)
 TINY = CnnGeoConfig(width=0.125, input_size=(64, 64), channels=(16, 8), kernel_sizes=(3, 1))
@@ -507,6 +507,52 @@ def test_task_configs_check_stage_and_architecture(tmp_path):
     net.train()
     assert not net.backbone.training and not net.affine.training and net.tps.training
     assert not any(p.requires_grad for p in net.affine.parameters())
+    # model.tps_init: the TPS regressor of a network on another trunk, over stage 1's.
+    other = _train_state(_perturbed(_net(9), 4), 'cnngeo-tps', tmp_path, 'other.pt')
+    net = tps.build_model(tps.model_config({**cfg, 'affine_weights': str(stage1),
+                                            'tps_init': str(other)}))
+    theirs, mine = torch.load(other)['model'], net.state_dict()
+    stage1_state = torch.load(stage1)['model']
+    assert all(torch.equal(mine[k], v) for k, v in theirs.items() if k.startswith('tps.'))
+    assert all(torch.equal(mine[k], v) for k, v in stage1_state.items())
+    with pytest.raises(ValueError, match='holds no TPS stage'):
+        tps.build_model(tps.model_config({**cfg, 'affine_weights': str(stage1),
+                                          'tps_init': str(stage1)}))
+
+
+def test_cell_labels_name_the_target_cell_of_each_true_match_and_drop_the_rest():
+    flow = torch.zeros(2, 48, 48, 2)
+    flow[0, ..., 0] = 16.0                                    # one cell right
+    flow[1, ..., 1] = -20.0                                   # 20 px up: from the cell above
+    valid = torch.ones(2, 48, 48, dtype=torch.bool)
+    valid[1, 24, 40] = False                                  # centre of source cell (1, 2)
+    labels = cell_labels(flow, valid)
+    assert labels[0].tolist() == [[1, 2, -1], [4, 5, -1], [7, 8, -1]]
+    assert labels[1].tolist() == [[-1, -1, -1], [0, 1, -1], [3, 4, 5]]
+
+
+def test_the_match_loss_rewards_features_that_find_the_true_cell_and_trains_the_trunk():
+    net = _net(3, tps=False)
+    labels = torch.arange(9).view(1, 3, 3)                    # identity on a 3x3 grid
+    feats = F.normalize(torch.randn(1, 8, 3, 3), dim=1)
+    right, acc = match_loss(net, feats, feats, labels, 0.07)
+    wrong, _ = match_loss(net, feats, feats.flip(-1), labels, 0.07)
+    assert acc == 1.0 and float(right) < float(wrong)
+    none, none_acc = match_loss(net, feats, feats, torch.full((1, 3, 3), -1), 0.07)
+    assert float(none) == 0.0 and none_acc == 0.0            # nothing known: no signal, no NaN
+    # Through the task: the trunk gets gradient from the matches when it learns.
+    task = CnnGeoAffineTask()
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    batch = {'source': images, 'target': images, 'flow': torch.zeros(2, 64, 64, 2),
+             'valid': torch.ones(2, 64, 64, dtype=torch.bool),
+             'points': parametric.grid_points(5).float().expand(2, -1, -1)}
+    loss_config = task.loss_config({'grid_points': 5, 'match_weight': 0.5})
+    loss, metrics = task.loss(net.train(), batch, loss_config)
+    loss.backward()
+    assert 0.0 <= metrics['match_acc'] <= 1.0 and np.isfinite(metrics['match_ce'])
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.backbone.parameters())
+    with pytest.raises(ValueError, match='match_temperature'):
+        task.loss_config({'match_temperature': 0.0})
 
 
 def test_cli_affine_stage_resumes_exactly_then_the_tps_stage_trains_and_exports(tmp_path):

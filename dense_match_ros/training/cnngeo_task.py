@@ -54,7 +54,7 @@ from dense_match_ros.core.networks.correlation import global_correlation
 from dense_match_ros.core.checkpoint import load_trunk, read_record, write_record
 from dense_match_ros.training.tasks import TrainTask, fill, split_model
 
-TRAINING_KEYS = ('backbone_init', 'freeze_backbone', 'init_weights', 'affine_weights')
+TRAINING_KEYS = ('backbone_init', 'freeze_backbone', 'init_weights', 'affine_weights', 'tps_init')
 """Model-section keys that shape training, not the architecture (kept in the config record)."""
 STAGE_METHODS = ('cnngeo-affine', 'cnngeo-tps')
 ARCH_KEYS = ('width', 'batch_norm', 'input_size', 'normalize_matches', 'channels', 'kernel_sizes')
@@ -115,6 +115,19 @@ def build_network(model_config: dict, stage: str) -> CnnGeoNet:
         other, state = _load_state(whole, 'init_weights')
         _check_same(arch, other, whole, ('width', 'input_size', 'tps'))
         net.load_state_dict(state)
+    tps_init = train_keys.get('tps_init')
+    if tps_init:
+        # Only the TPS regressor, over whatever trunk and affine stage the keys above gave:
+        # a TPS stage trained on another trunk is a better start than the identity, though
+        # the ensemble join refuses it (it reads a correlation of other features).
+        if net.tps is None:
+            raise ValueError('model.tps_init starts the TPS regressor: train cnngeo-tps')
+        other, state = _load_state(tps_init, 'tps_init')
+        _check_same(arch, other, tps_init, ('input_size', 'channels', 'kernel_sizes'))
+        part = _part(state, 'tps.')
+        if not part:
+            raise ValueError(f'{tps_init}: holds no TPS stage (model.tps_init)')
+        net.tps.load_state_dict(part)
     frozen = ['backbone'] if train_keys.get('freeze_backbone') else []
     if stage == 'tps':
         frozen = ['backbone', 'affine']
@@ -189,7 +202,7 @@ class _CnnGeoTask(TrainTask):
         for key in ('input_size', 'channels', 'kernel_sizes'):
             full[key] = list(full[key])
         full.update({'backbone_init': None, 'freeze_backbone': False, 'init_weights': None,
-                     'affine_weights': None, **train_keys})
+                     'affine_weights': None, 'tps_init': None, **train_keys})
         if wants_tps and not (full['affine_weights'] or full['init_weights']):
             raise ValueError(f'{self.name} starts from a trained affine stage: set '
                              f'model.affine_weights=RUN/last.pt (a cnngeo-affine run)')
