@@ -578,6 +578,10 @@ def test_cli_affine_stage_resumes_exactly_then_the_tps_stage_trains_and_exports(
     assert main(['export', str(stage2), '--out', str(out)]) == 0
     record = json.loads(out.with_suffix('.json').read_text())
     assert record['method'] == 'cnngeo-tps' and record['dtype'] == 'float16'
+    # The affine stage's run, never exported itself, heads the stage chain.
+    assert [(st['steps'], st['init_weights']) for st in record['stages']] == [
+        (20, None), (3, str(whole / 'last.pt'))]
+    assert record['stages'][0]['command'].startswith('dense-match-train cnngeo-affine')
     rng = np.random.default_rng(6)
     src = rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)
     for name in ('cnngeo', 'cnngeo-affine'):

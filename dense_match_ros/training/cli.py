@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import shlex
 import sys
 import time
@@ -102,21 +103,38 @@ def _eval_summary(path: Path) -> dict:
             'command': record.get('command'), 'sets': sets}
 
 
+PARENT_KEYS = ('init_weights', 'affine_weights')
+"""Model keys naming the checkpoint a run started from, in order of preference (a
+``cnngeo-tps`` run starts from its affine stage's run)."""
+
+
 def stages_after(init: str | None, this: dict) -> list[dict]:
     """Every training stage behind weights trained from ``init``: the stages of that
-    checkpoint (when it has a record), then ``this`` one. Also used for weights that came
-    back without their training state (``scripts/attach_eval.py``)."""
+    checkpoint, then ``this`` one. A shipped checkpoint lists them in its record; a run's
+    training state (a stage that was never exported, such as a ``cnngeo-affine`` run under
+    a TPS stage) gives its own summary after the stages of the checkpoint it started from.
+    Also used for weights that came back without their training state
+    (``scripts/attach_eval.py``)."""
     earlier: list[dict] = []
     before = read_record(init) if init else {}
     if before:
         earlier = before.get('stages') or [{k: before.get(k) for k in
                                             ('command', 'steps', 'wall_time_s', 'evaluation')}]
+    elif init:
+        from dense_match_ros.training import checkpoint as ckpt
+        try:
+            state = ckpt.load_training_state(init)
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError):
+            state = None  # not a training state either: the path alone says where it began
+        if state is not None and 'config' in state:
+            earlier = _stages(state, ckpt.run_summary(state))
     return earlier + [{**this, 'init_weights': init}]
 
 
 def _stages(state: dict, this: dict) -> list[dict]:
-    """:func:`stages_after` the run's ``model.init_weights``."""
-    return stages_after((state['config'].get('model') or {}).get('init_weights'), this)
+    """:func:`stages_after` the checkpoint the run started from (:data:`PARENT_KEYS`)."""
+    model = state['config'].get('model') or {}
+    return stages_after(next((model[k] for k in PARENT_KEYS if model.get(k)), None), this)
 
 
 def export_main(argv: Sequence[str]) -> int:
