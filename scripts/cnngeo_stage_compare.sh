@@ -1,8 +1,8 @@
 #!/bin/bash
 # Compare cnngeo checkpoints set by set (README, "A matching loss for the trunk"):
 #   OUT=out/s31 scripts/cnngeo_stage_compare.sh NAME=WEIGHTS [NAME=WEIGHTS ...]
-# Per checkpoint: the round-trip sigma of each method fitted into its record unless it has
-# one (FIT=false skips), then `cnngeo` and `cnngeo-affine` on every shared set and 50
+# Per checkpoint: the round-trip sigma of each method fitted into its record (FIT=false keeps
+# the record's), then `cnngeo` and `cnngeo-affine` on every shared set and 50
 # held-out synthetic pairs, and `cnngeo` on 200. The networks run no time budget, so two
 # invocations side by side measure the same as one alone. Writes $OUT/cg_NAME_{tps,affine,200}.json.
 set -euo pipefail

@@ -594,6 +594,15 @@ def test_cli_affine_stage_resumes_exactly_then_the_tps_stage_trains_and_exports(
         calibration = json.loads(out.with_suffix('.json').read_text())['calibration']
         assert load_matcher(name, device='cpu', weights=str(out)).sigma == calibration[key]
     assert set(calibration['fits']) == {'cnngeo', 'cnngeo-affine'}
+    # The record's inference.tps_passes sets the default; an option overrides it.
+    assert load_matcher('cnngeo', device='cpu', weights=str(out)).tps_passes == 1
+    record = json.loads(out.with_suffix('.json').read_text())
+    out.with_suffix('.json').write_text(json.dumps({**record, 'inference': {'tps_passes': 2}}))
+    assert load_matcher('cnngeo', device='cpu', weights=str(out)).tps_passes == 2
+    assert load_matcher('cnngeo', device='cpu', weights=str(out), tps_passes=1).tps_passes == 1
+    out.with_suffix('.json').write_text(json.dumps({**record, 'inference': {'tps_passes': 0}}))
+    with pytest.raises(CheckpointError, match='tps_passes'):
+        load_matcher('cnngeo', device='cpu', weights=str(out))
 
 
 def test_shipped_cpu_checkpoint_recovers_a_known_warp():
