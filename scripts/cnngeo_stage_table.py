@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from stage_columns import print_columns
+
 
 def column(out: Path, name: str) -> dict[str, str]:
     cells: dict[str, str] = {}
@@ -44,12 +46,7 @@ def main() -> int:
     p.add_argument('out', type=Path)
     p.add_argument('names', nargs='+')
     args = p.parse_args()
-    cols = {n: column(args.out, n) for n in args.names}
-    keys = list(dict.fromkeys(k for c in cols.values() for k in c))
-    print('| | ' + ' | '.join(args.names) + ' |')
-    print('|---|' + '---|' * len(args.names))
-    for k in keys:
-        print(f'| {k} | ' + ' | '.join(cols[n].get(k, '-') for n in args.names) + ' |')
+    print_columns(args.names, lambda n: column(args.out, n))
     return 0
 
 

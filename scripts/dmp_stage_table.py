@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from stage_columns import print_columns
+
 import numpy as np
 
 UNSOLVED = ('/rot90', '/rot180')
@@ -61,12 +63,7 @@ def main() -> None:
     p.add_argument('out', type=Path)
     p.add_argument('names', nargs='+')
     args = p.parse_args()
-    columns = {n: column(args.out, n) for n in args.names}
-    keys = list(dict.fromkeys(k for c in columns.values() for k in c))
-    print('| | ' + ' | '.join(args.names) + ' |')
-    print('|---' * (len(args.names) + 1) + '|')
-    for key in keys:
-        print(f'| {key} | ' + ' | '.join(columns[n].get(key, '') for n in args.names) + ' |')
+    print_columns(args.names, lambda n: column(args.out, n), missing='')
 
 
 if __name__ == '__main__':
