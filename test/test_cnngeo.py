@@ -535,10 +535,10 @@ def test_the_match_loss_rewards_features_that_find_the_true_cell_and_trains_the_
     net = _net(3, tps=False)
     labels = torch.arange(9).view(1, 3, 3)                    # identity on a 3x3 grid
     feats = F.normalize(torch.randn(1, 8, 3, 3), dim=1)
-    right, acc = match_loss(net, feats, feats, labels, 0.07)
-    wrong, _ = match_loss(net, feats, feats.flip(-1), labels, 0.07)
+    right, acc = match_loss(feats, feats, labels, 0.07)
+    wrong, _ = match_loss(feats, feats.flip(-1), labels, 0.07)
     assert acc == 1.0 and float(right) < float(wrong)
-    none, none_acc = match_loss(net, feats, feats, torch.full((1, 3, 3), -1), 0.07)
+    none, none_acc = match_loss(feats, feats, torch.full((1, 3, 3), -1), 0.07)
     assert float(none) == 0.0 and none_acc == 0.0            # nothing known: no signal, no NaN
     # Through the task: the trunk gets gradient from the matches when it learns.
     task = CnnGeoAffineTask()

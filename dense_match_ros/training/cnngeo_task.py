@@ -172,8 +172,8 @@ def cell_labels(flow: torch.Tensor, valid: torch.Tensor, cell: int = 16) -> torc
     return torch.where(ok, labels, torch.full_like(labels, -1))
 
 
-def match_loss(net: CnnGeoNet, source_feat: torch.Tensor, target_feat: torch.Tensor,
-               labels: torch.Tensor, temperature: float) -> tuple[torch.Tensor, float]:
+def match_loss(source_feat: torch.Tensor, target_feat: torch.Tensor, labels: torch.Tensor,
+               temperature: float) -> tuple[torch.Tensor, float]:
     """(cross-entropy of the raw correlation against ``labels``, share of cells whose best
     score is their label); float32 throughout, as the matcher correlates."""
     with torch.autocast(source_feat.device.type, enabled=False):
@@ -231,10 +231,14 @@ class _CnnGeoTask(TrainTask):
         extra = {}
         if weight > 0 and 'backbone' not in net.frozen:
             # The network's own pieces, so the features serve both losses (one trunk pass).
+            # They bypass a DistributedDataParallel wrapper's forward, which would then not
+            # synchronise the gradients: one process only.
+            if model is not net:
+                raise ValueError('loss.match_weight trains in one process (world size 1)')
             b = src.shape[0]
             feats = net.features(torch.cat([src, tgt], dim=0))
             out = net.regress(src, tgt, feats[:b], feats[b:], self.stage)
-            ce, acc = match_loss(net, feats[:b], feats[b:], cell_labels(batch['flow'], batch['valid']),
+            ce, acc = match_loss(feats[:b], feats[b:], cell_labels(batch['flow'], batch['valid']),
                                  float(loss_config.get('match_temperature', 0.07)))
             extra = {'match_ce': float(ce.detach()), 'match_acc': acc}
         else:
