@@ -24,10 +24,7 @@ import torch
 from dense_match_ros.core.checkpoint import checkpoint_method
 from dense_match_ros.core.registry import load_matcher
 from dense_match_ros.data.synthetic import heldout_pairs
-
-
-def aepe(flow: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> float:
-    return float(np.linalg.norm(flow - truth, axis=-1)[valid].mean())
+from dense_match_ros.evaluation.metrics import aepe
 
 
 def fitted_flow(kind: str, src: np.ndarray, dst: np.ndarray, size: int) -> np.ndarray | None:

@@ -178,11 +178,13 @@ def match_loss(source_feat: torch.Tensor, target_feat: torch.Tensor, labels: tor
     score is their label); float32 throughout, as the matcher correlates."""
     with torch.autocast(source_feat.device.type, enabled=False):
         corr = global_correlation(source_feat.float(), target_feat.float())
+        known = labels >= 0
+        if not known.any():  # cross_entropy would be NaN with every label ignored
+            return corr.sum() * 0.0, 0.0
         loss = torch.nn.functional.cross_entropy(corr / float(temperature), labels,
                                                  ignore_index=-1)
-        known = labels >= 0
-        acc = float((corr.argmax(1) == labels)[known].float().mean()) if known.any() else 0.0
-    return (loss if known.any() else corr.sum() * 0.0), acc
+        acc = float((corr.argmax(1) == labels)[known].float().mean())
+    return loss, acc
 
 
 def grid_loss(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
