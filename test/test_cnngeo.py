@@ -551,6 +551,29 @@ def test_the_match_loss_rewards_features_that_find_the_true_cell_and_trains_the_
     loss.backward()
     assert 0.0 <= metrics['match_acc'] <= 1.0 and np.isfinite(metrics['match_ce'])
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.backbone.parameters())
+    # A wrapper that, like DistributedDataParallel, only sees its forward: the same loss,
+    # and the features come from that forward (one trunk pass serves both losses).
+    calls = []
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            calls.append(kwargs)
+            return self.module(*args, **kwargs)
+
+    net.eval()
+    plain, plain_metrics = task.loss(net, batch, loss_config)
+    wrapped, wrapped_metrics = task.loss(Wrapper(net), batch, loss_config)
+    assert calls == [{'stages': 'affine', 'with_features': True}]
+    assert torch.allclose(plain, wrapped) and wrapped_metrics == pytest.approx(plain_metrics)
+    with torch.no_grad():
+        out = net(images.float() / 255, images.float().flip(-1) / 255, stages='affine',
+                  with_features=True)
+        assert torch.equal(out.features[1], net.features(images.float().flip(-1) / 255))
+        assert net(images.float() / 255, images.float() / 255, stages='affine').features is None
     with pytest.raises(ValueError, match='match_temperature'):
         task.loss_config({'match_temperature': 0.0})
 

@@ -232,15 +232,10 @@ class _CnnGeoTask(TrainTask):
         weight = float(loss_config.get('match_weight', 0.0))
         extra = {}
         if weight > 0 and 'backbone' not in net.frozen:
-            # The network's own pieces, so the features serve both losses (one trunk pass).
-            # They bypass a DistributedDataParallel wrapper's forward, which would then not
-            # synchronise the gradients: one process only.
-            if model is not net:
-                raise ValueError('loss.match_weight trains in one process (world size 1)')
-            b = src.shape[0]
-            feats = net.features(torch.cat([src, tgt], dim=0))
-            out = net.regress(src, tgt, feats[:b], feats[b:], self.stage)
-            ce, acc = match_loss(feats[:b], feats[b:], cell_labels(batch['flow'], batch['valid']),
+            # Through the (possibly wrapped) model's forward, so the features serve both losses
+            # in one trunk pass and a multi-process wrapper synchronises their gradients.
+            out = model(src, tgt, stages=self.stage, with_features=True)
+            ce, acc = match_loss(*out.features, cell_labels(batch['flow'], batch['valid']),
                                  float(loss_config.get('match_temperature', 0.07)))
             extra = {'match_ce': float(ce.detach()), 'match_acc': acc}
         else:

@@ -75,6 +75,9 @@ class CnnGeoOutput(NamedTuple):
     """(B, 18) float32: the TPS stage, source -> affine-aligned target (None: no TPS stage)."""
     composed: torch.Tensor | None
     """(B, 18) float32: ``affine(tps(x))``, source -> target (None: no TPS stage)."""
+    features: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(source, target) pool4 features, (B, C, h, w) float32 L2-normalised, when the forward
+    was asked for them (training's matching loss), else None."""
 
 
 class Regressor(nn.Module):
@@ -248,16 +251,20 @@ class CnnGeoNet(nn.Module):
         return F.grid_sample(target.float(), grid, mode='bilinear', padding_mode='zeros',
                              align_corners=False).to(target.dtype)
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor, stages: str = 'tps') -> CnnGeoOutput:
+    def forward(self, source: torch.Tensor, target: torch.Tensor, stages: str = 'tps',
+                with_features: bool = False) -> CnnGeoOutput:
         """``source``, ``target``: RGB (B, 3, H, W) in [0, 1] at ``input_size``.
-        ``stages='affine'`` stops after the affine stage."""
+        ``stages='affine'`` stops after the affine stage. ``with_features`` also returns the
+        pool4 features, so a loss on them shares this pass (and a multi-process wrapper,
+        which only synchronises gradients through its forward, still sees every use)."""
         if stages not in STAGES:
             raise ValueError(f'stages must be one of {STAGES}, got {stages!r}')
         self._check(source, 'source')
         self._check(target, 'target')
         b = source.shape[0]
         feats = self.features(torch.cat([source, target], dim=0))  # one pass: shared BN batch
-        return self.regress(source, target, feats[:b], feats[b:], stages)
+        out = self.regress(source, target, feats[:b], feats[b:], stages)
+        return out._replace(features=(feats[:b], feats[b:])) if with_features else out
 
     def two_way(self, image_a: torch.Tensor, image_b: torch.Tensor, stages: str = 'tps',
                 tps_passes: int = 1, affine_passes: int = 1) -> CnnGeoOutput:
