@@ -3,12 +3,17 @@
 features (the shipped ``hilm`` trunk, no adaptation) on the HPatches pair at 240x240, per
 pyramid level, against the true flow averaged over each cell.
 
-    python scripts/dmp_trunk_matches.py
+    python scripts/dmp_trunk_matches.py [--weights W]
+
+``--weights`` takes any checkpoint holding ``backbone.*`` (e.g. ``cnngeo_cpu.pt``, whose trunk
+was fine-tuned with a matching loss on pool4), to see whether another trunk starts better.
 
 Iteration 0 of ``dmp-scratch`` is the soft-argmax of these correlations, so where about half
 of the cells' best matches are off by more than a cell the per-pair loss has no good start to
 refine (README, "dmp-scratch").
 """
+import argparse
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,9 +27,13 @@ LEVELS = ('pool4', 'conv4', 'conv3')
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--weights', default=None, help='checkpoint whose trunk to probe '
+                        '(default: the shipped hilm)')
+    args = parser.parse_args()
     torch.set_num_threads(1)
     pair = hpatches_pair(size=(240, 240))
-    net, trunk = scratch_network(None)
+    net, trunk = scratch_network(args.weights)
     as_tensor = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255.0
     with torch.no_grad():
         src = net.trunk(as_tensor(pair.source), levels=LEVELS)

@@ -370,8 +370,8 @@ def test_any_size_and_never_nan():
 # ------------------------------------------------------------------------------ pre-training
 
 
-def _tiny_trunk(tmp_path):
-    torch.manual_seed(5)
+def _tiny_trunk(tmp_path, seed: int = 5):
+    torch.manual_seed(seed)
     trunk = VGGBackbone(VGGConfig(width=0.125, batch_norm=True))
     path = tmp_path / 'trunk.pt'
     torch.save({'state_dict': {f'backbone.{k}': v for k, v in trunk.state_dict().items()}}, path)
@@ -409,6 +409,22 @@ def test_pretraining_resumes_exactly_trains_only_the_added_modules_and_exports(t
     src, tgt, _ = _photo_pair()
     flow, match = load_matcher('dmp', device='cpu', weights=str(out), iterations=2).match(src, tgt)
     assert np.isfinite(flow).all() and np.isfinite(match).all()
+    # A later stage on another trunk: that trunk, and the exported stage's trained modules.
+    from dense_match_ros.training.dmp_task import DmpTask
+    (tmp_path / 'other').mkdir()
+    other = _tiny_trunk(tmp_path / 'other', seed=6)
+    task = DmpTask()
+    config = task.model_config({'width': 0.125, 'input_size': [64, 64], 'finest': 'conv3',
+                                'radius': 2, 'hidden': 8, 'init_weights': str(out),
+                                'trunk_init': str(other)})
+    swapped = task.build_model(config).state_dict()
+    exported = ckpt.load_weights(out, 'dmp')[1]
+    for k, v in torch.load(other, weights_only=True)['state_dict'].items():
+        assert torch.equal(swapped['trunk.' + k[len('backbone.'):]], v), k
+    assert any(not torch.equal(swapped[k], exported[k].float()) for k in exported if k.startswith('trunk.'))
+    for k, v in exported.items():
+        if not k.startswith('trunk.'):
+            assert torch.equal(swapped[k], v.float()), k
 
 
 def test_pretraining_needs_a_trained_trunk():
@@ -416,6 +432,9 @@ def test_pretraining_needs_a_trained_trunk():
     task = DmpTask()
     with pytest.raises(ValueError, match='backbone_init'):
         task.build_model(task.model_config({'width': 0.125, 'input_size': [64, 64]}))
+    with pytest.raises(ValueError, match='trunk_init swaps'):
+        task.build_model(task.model_config({'width': 0.125, 'input_size': [64, 64],
+                                            'trunk_init': 'trunk.pt'}))
     with pytest.raises(ValueError, match='radisu'):
         task.model_config({'radisu': 3})
 

@@ -6,7 +6,9 @@ against the ground truth averaged onto that level's cells, plus the final flow's
 project's synthetic pairs (warps and independently moving objects). Only the adaptation and
 residual modules (and the per-level softmax temperatures) train: the trunk is the project's
 backbone, frozen (``model.backbone_init`` names the checkpoint it comes from, which the
-JSON record keeps).
+JSON record keeps). ``model.trunk_init`` swaps the trunk of an ``init_weights`` stage for
+another checkpoint's (a trunk trained further elsewhere, e.g. ``cnngeo``'s with its matching
+loss), keeping the modules already trained on top to adapt to it.
 
     dense-match-train dmp --config config/train_dmp_cpu.yaml --out runs/dmp_cpu
 """
@@ -21,7 +23,7 @@ from dense_match_ros.core.networks.dmp_supervision import flow_loss
 from dense_match_ros.core.checkpoint import load_trunk
 from dense_match_ros.training.tasks import TrainTask, fill, split_model
 
-TRAINING_KEYS = ('backbone_init', 'init_weights')
+TRAINING_KEYS = ('backbone_init', 'init_weights', 'trunk_init')
 
 
 @dataclasses.dataclass
@@ -37,13 +39,18 @@ class DmpLossConfig:
 def build_network(model_config: dict) -> DmpNet:
     """The network of a model config: the trunk from ``backbone_init`` (required: a frozen
     random trunk matches nothing), the rest from ``init_weights`` (a dmp checkpoint: a later
-    stage) or the identity."""
+    stage) or the identity; ``trunk_init`` replaces an ``init_weights`` stage's trunk."""
     arch, train_keys = split_model(model_config, DmpConfig, TRAINING_KEYS, 'dmp model')
     net = DmpNet(config_from_dict(arch))
+    if train_keys.get('trunk_init') and not train_keys.get('init_weights'):
+        raise ValueError('model.trunk_init swaps the trunk of a model.init_weights stage; '
+                         'a first stage names its trunk with model.backbone_init')
     if train_keys.get('init_weights'):
         from dense_match_ros.training import checkpoint as ckpt
         _, state, _ = ckpt.load_weights(train_keys['init_weights'], 'dmp')
         net.load_state_dict(state)
+        if train_keys.get('trunk_init'):
+            load_trunk(net.trunk, train_keys['trunk_init'], 'the dmp trunk')
     elif train_keys.get('backbone_init'):
         load_trunk(net.trunk, train_keys['backbone_init'], 'the dmp trunk')
     else:
@@ -77,7 +84,7 @@ class DmpTask(TrainTask):
         arch, train_keys = split_model(values, DmpConfig, TRAINING_KEYS, 'dmp model')
         full = dataclasses.asdict(config_from_dict(arch))
         full['input_size'] = list(full['input_size'])
-        return {**full, 'backbone_init': None, 'init_weights': None, **train_keys}
+        return {**full, 'backbone_init': None, 'init_weights': None, 'trunk_init': None, **train_keys}
 
     def loss_config(self, values: dict) -> dict:
         return dataclasses.asdict(fill(DmpLossConfig, values, 'dmp loss'))
