@@ -61,8 +61,13 @@ from dense_match_ros.core.registry import Matcher
 TRAIN_HINT = ('dense-match-train dmp --config config/train_dmp_cpu.yaml --out runs/dmp_cpu && '
               'dense-match-train export runs/dmp_cpu --out dense_match_ros/weights/dmp_cpu.pt')
 WEIGHTS = _weights.LearnedWeights('dmp', lambda cfg: DmpNet(config_from_dict(cfg)), TRAIN_HINT)
-TRUNK_WEIGHTS = 'hilm'
-"""Whose shipped checkpoint gives ``dmp-scratch`` its trunk (the project's trained backbone)."""
+TRUNK_WEIGHTS = 'cnngeo'
+"""Whose shipped checkpoint gives ``dmp-scratch`` its trunk: ``cnngeo``'s, the project's
+backbone (``hilm``'s) fine-tuned with a matching loss on pool4. Its nearest neighbours on the
+HPatches pair at 240x240 are within a cell for 0.89 / 0.84 / 0.61 of the pool4 / conv4 /
+conv3 cells against ``hilm``'s 0.54 / 0.55 / 0.53 (``scripts/dmp_trunk_matches.py
+--weights``), and DMP from scratch needs mostly right neighbours to start from: on
+``hilm``'s trunk it diverged (56.5 px)."""
 SCRATCH_CONFIG = DmpConfig(width=0.25, input_size=(240, 240), finest='conv3', radius=3, hidden=32,
                            adapt_kernel=1, temperature=0.02)
 """``dmp-scratch``'s network: the architecture of the CPU pre-training (config/train_dmp_cpu.yaml),
@@ -101,14 +106,14 @@ DEFAULT_LR = 1e-4
 """The test-time Adam step of a checkpoint whose record holds none (stage 2's fit)."""
 
 
-def recorded_lr(record: dict) -> float:
+def recorded_lr(record: dict, fallback: float = DEFAULT_LR) -> float:
     """The test-time learning rate fitted for these weights (``test_time.lr`` in the record,
     written by ``python -m dense_match_ros.evaluation.test_time_lr --write``), else
-    :data:`DEFAULT_LR`. Each pre-training stage leaves a prior of its own sharpness, so the
+    ``fallback``. Each pre-training stage leaves a prior of its own sharpness, so the
     step that improves it most differs (stage 2: 1e-4; stage 3c: 5e-5): the step travels
     with the weights it was fitted for rather than with the code."""
     fitted = (record.get('test_time') or {}).get('lr')
-    return float(fitted) if fitted else DEFAULT_LR
+    return float(fitted) if fitted else float(fallback)
 
 
 class DmpMatcher(Matcher):
@@ -116,6 +121,9 @@ class DmpMatcher(Matcher):
 
     pretrained = True
     default_iterations = 300
+    default_lr = DEFAULT_LR
+    """The test-time step where the weights' record fits none."""
+    default_patience = 40
     default_time_budget_s = 2.0
     """Per call (trunk features included): the CPU target of a pair at 240x240. Without it the
     loop ran its 300 iterations on most pairs (about 30 s on the 2-core CPU); 0 removes it."""
@@ -124,7 +132,7 @@ class DmpMatcher(Matcher):
                  mode: str = 'resize', max_side: int = 480, iterations: int | None = None,
                  lr: float | None = None, samples: int = 256, tau: float = 0.1, phi: float = 0.01,
                  warp: str = 'features', min_update_px: float = 0.05, window: int = 10,
-                 patience: int = 40, time_budget_s: float | None = None, warm_start: bool = False,
+                 patience: int | None = None, time_budget_s: float | None = None, warm_start: bool = False,
                  precision: str = 'auto', calibrated: bool = True, seed: int = 0,
                  refine: str = 'dis', refine_preset: str = 'medium',
                  refine_max_cells: float = 6.0, polish: int = 5,
@@ -144,7 +152,8 @@ class DmpMatcher(Matcher):
         check_precision(precision)
         budget = self.default_time_budget_s if time_budget_s is None else float(time_budget_s)
         self.stopping = Stopping(self.default_iterations if iterations is None else int(iterations),
-                                 float(min_update_px), int(window), int(patience), budget)
+                                 float(min_update_px), int(window),
+                                 self.default_patience if patience is None else int(patience), budget)
         self.stopping.check()
         self.device = device
         if self.pretrained or net is not None:
@@ -153,7 +162,7 @@ class DmpMatcher(Matcher):
             net, self.weights = scratch_network(weights)
             self.net, self.record = net.to(device).eval(), {}
         if lr is None:
-            lr = recorded_lr(self.record)
+            lr = recorded_lr(self.record, self.default_lr)
         self.loss = LossSettings(int(samples), float(tau), float(phi), warp, float(lr),
                                  float(augment), float(augment_shift))
         self.loss.check()
@@ -311,5 +320,15 @@ class DmpScratchMatcher(DmpMatcher):
 
     pretrained = False
     default_iterations = 2000
-    default_time_budget_s = 20.0
-    """The paper's 2000 iterations take minutes per pair on the CPU: capped at 20 s by default."""
+    """The paper's count; on the HPatches pair at 240x240 (the ``cnngeo`` stage-5 trunk
+    fine-tuned further, lr 3e-4) 2,000 iterations gave 1.83 px and 3,500 gave 1.74 (README,
+    "dmp-scratch on a matching-trained trunk")."""
+    default_time_budget_s = 300.0
+    """2,000 iterations take about 4 minutes on the 2-core CPU beside other work: the budget
+    only stops a slower machine from running much longer."""
+    default_lr = 3e-4
+    """Measured over 120 s on the HPatches pair (the stage-5 ``cnngeo`` trunk): 1e-4 3.45 px (it stopped on patience at 805
+    iterations), 3e-4 2.76, 1e-3 2.93; over 2,000 iterations (the further trunk) 3e-4 1.83, 5e-4 1.90."""
+    default_patience = 300
+    """From the identity the loss falls slowly and unevenly: 40 iterations without a new
+    lowest loss stopped lr 1e-4 at iteration 805 while it was still improving."""
