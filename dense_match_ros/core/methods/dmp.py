@@ -320,15 +320,16 @@ class DmpScratchMatcher(DmpMatcher):
 
     pretrained = False
     default_iterations = 2000
-    """The paper's count; on the HPatches pair at 240x240 (the ``cnngeo`` stage-5 trunk
-    fine-tuned further, lr 3e-4) 2,000 iterations gave 1.83 px and 3,500 gave 1.74 (README,
-    "dmp-scratch on a matching-trained trunk")."""
+    """The paper's count; on the HPatches pair at 240x240 (the ``cnngeo`` stage-6 trunk in
+    fp32, lr 3e-4) 2,000 iterations gave 1.83 px and 3,500 gave 1.74 (README, "dmp-scratch on
+    a matching-trained trunk")."""
     default_time_budget_s = 300.0
     """2,000 iterations take about 4 minutes on the 2-core CPU beside other work: the budget
     only stops a slower machine from running much longer."""
     default_lr = 3e-4
-    """Measured over 120 s on the HPatches pair (the stage-5 ``cnngeo`` trunk): 1e-4 3.45 px (it stopped on patience at 805
-    iterations), 3e-4 2.76, 1e-3 2.93; over 2,000 iterations (the further trunk) 3e-4 1.83, 5e-4 1.90."""
+    """Measured over 120 s on the HPatches pair (the stage-5 ``cnngeo`` trunk): 1e-4 3.45 px
+    (stopped on patience at 805 iterations), 3e-4 2.76, 1e-3 2.93; over 2,000 iterations (the
+    stage-6 trunk) 3e-4 1.83, 5e-4 1.90."""
     default_patience = 300
     """From the identity the loss falls slowly and unevenly: 40 iterations without a new
     lowest loss stopped lr 1e-4 at iteration 805 while it was still improving."""
