@@ -16,6 +16,7 @@ from dense_match_ros.data.synthetic import SyntheticPairGenerator
 from dense_match_ros.training import checkpoint as ckpt
 from dense_match_ros.training.cli import main
 from dense_match_ros.training.cnngeo_task import (CnnGeoAffineTask, CnnGeoTpsTask, cell_labels,
+                                                  sampled_match_loss,
                                                   ensemble_main, fit_sigma, grid_loss,
                                                   match_loss, predicted_points, true_points)
 
@@ -567,7 +568,7 @@ def test_the_match_loss_rewards_features_that_find_the_true_cell_and_trains_the_
     net.eval()
     plain, plain_metrics = task.loss(net, batch, loss_config)
     wrapped, wrapped_metrics = task.loss(Wrapper(net), batch, loss_config)
-    assert calls == [{'stages': 'affine', 'with_features': True}]
+    assert calls == [{'stages': 'affine', 'with_features': True, 'feature_levels': ()}]
     assert torch.allclose(plain, wrapped) and wrapped_metrics == pytest.approx(plain_metrics)
     with torch.no_grad():
         out = net(images.float() / 255, images.float().flip(-1) / 255, stages='affine',
@@ -576,6 +577,55 @@ def test_the_match_loss_rewards_features_that_find_the_true_cell_and_trains_the_
         assert net(images.float() / 255, images.float() / 255, stages='affine').features is None
     with pytest.raises(ValueError, match='match_temperature'):
         task.loss_config({'match_temperature': 0.0})
+
+
+def test_the_shallow_level_match_loss_scores_drawn_cells_and_trains_the_levels_above_it():
+    # Identity labels on a 4x4 grid of cells, every cell known: the right features win.
+    labels = torch.arange(16).view(1, 4, 4)
+    feats = torch.randn(1, 8, 4, 4)
+    keys = torch.rand(1, 16)
+    right, acc = sampled_match_loss(feats, feats, labels, keys, 5, 0.07)
+    wrong, _ = sampled_match_loss(feats, feats.flip(-1), labels, keys, 5, 0.07)
+    assert acc == 1.0 and float(right) < float(wrong)
+    # Only labelled cells are drawn, the highest keys first: with 3 of 16 known and 3 points,
+    # exactly those 3 are scored, so corrupting an unknown cell's source feature changes nothing.
+    few = torch.full((1, 4, 4), -1)
+    few[0, 0, :3] = torch.tensor([0, 1, 2])
+    base, _ = sampled_match_loss(feats, feats, few, keys, 3, 0.07)
+    other = feats.clone()
+    other[0, :, 3, 3] = -other[0, :, 3, 3]
+    assert torch.equal(base, sampled_match_loss(other, feats, few, keys, 3, 0.07)[0])
+    none, none_acc = sampled_match_loss(feats, feats, torch.full((1, 4, 4), -1), keys, 3, 0.07)
+    assert float(none) == 0.0 and none_acc == 0.0
+    # Through the task: conv3's loss alone (no pool4 term) reaches the trunk up to conv3,
+    # and the batch carries the drawn keys (from the loader's generator: resumes draw alike).
+    task = CnnGeoAffineTask()
+    loss_config = task.loss_config({'grid_points': 5, 'level_match': ['conv3'],
+                                    'level_match_weight': 1.0, 'level_points': 32})
+    gen = SyntheticPairGenerator(photos=[_photo(1, 96)], size=(64, 64))
+    pairs = [gen.pair(3, i) for i in range(2)]
+    extra = task.extra_batch(pairs, np.random.default_rng(0), loss_config)
+    assert extra['keys_conv3'].shape == (2, 16 * 16)
+    np.testing.assert_array_equal(extra['keys_conv3'],
+                                  task.extra_batch(pairs, np.random.default_rng(0), loss_config)['keys_conv3'])
+    net = _net(3, tps=False)
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    batch = {'source': images, 'target': images, 'flow': torch.zeros(2, 64, 64, 2),
+             'valid': torch.ones(2, 64, 64, dtype=torch.bool),
+             'points': parametric.grid_points(5).float().expand(2, -1, -1),
+             'keys_conv3': torch.from_numpy(extra['keys_conv3'])}
+    net.train()
+    grid_only, _ = task.loss(net, batch, task.loss_config({'grid_points': 5}))
+    loss, metrics = task.loss(net, batch, loss_config)
+    assert 0.0 <= metrics['match_acc_conv3'] <= 1.0 and 'match_ce' not in metrics
+    assert float(loss.detach()) > float(grid_only.detach())
+    net.zero_grad()
+    (loss - grid_only).backward()     # the level term alone
+    first = net.backbone.blocks[0][0].weight.grad
+    assert first is not None and first.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.backbone.blocks[3].parameters())
+    with pytest.raises(ValueError, match='level_match'):
+        task.loss_config({'level_match': ['pool4'], 'level_match_weight': 1.0})
 
 
 def test_cli_affine_stage_resumes_exactly_then_the_tps_stage_trains_and_exports(tmp_path):

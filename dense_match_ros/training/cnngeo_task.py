@@ -21,7 +21,9 @@ cross-entropy over the raw pool4 correlation, whose label for each source cell i
 cell its true correspondence falls in. Six regressed parameters say little about which of
 225 cells matched; measured on the held-out pairs, only about half of the shipped trunk's
 best correlations land within one cell of the truth (``scripts/cnngeo_corr_probe.py``).
-It acts only where the trunk learns (``model.freeze_backbone=false``).
+It acts only where the trunk learns (``model.freeze_backbone=false``). ``loss.level_match``
+(e.g. ``[conv4, conv3]``, weight ``loss.level_match_weight``) adds the same cross-entropy at
+shallower levels, on source cells drawn per pair: the levels DMP's finer pyramid matches on.
 
 The trunk starts from random initialisation or, with ``model.backbone_init``, from another
 method's checkpoint of the same width (the shipped ``hilm`` trunk, trained here from
@@ -49,6 +51,7 @@ import numpy as np
 import torch
 
 from dense_match_ros.core.geometry import grid, parametric, transforms as tf
+from dense_match_ros.core.networks.backbone import STRIDES
 from dense_match_ros.core.networks.cnngeo import CnnGeoConfig, CnnGeoNet, config_from_dict
 from dense_match_ros.core.networks.correlation import global_correlation
 from dense_match_ros.core.checkpoint import load_trunk, read_record, write_record
@@ -69,6 +72,27 @@ class CnnGeoLossConfig:
     """Weight of the correlation cross-entropy (0: the paper's grid loss alone)."""
     match_temperature: float = 0.07
     """Cosine scale of that cross-entropy's softmax (logits = cosine / temperature)."""
+    level_match: tuple[str, ...] = ()
+    """Shallower trunk levels (``conv3``, ``conv4``) that get the same cross-entropy: the
+    levels DMP's finer pyramid levels correlate, which the grid loss and the pool4 term
+    reach only through pool4. HiLM's idea (a metric loss at a shallow level and a deep one)
+    on this trunk."""
+    level_match_weight: float = 0.0
+    """Weight of each ``level_match`` level's cross-entropy."""
+    level_points: int = 256
+    """Source cells drawn per pair and level: a shallow level's whole correlation (3,600
+    cells squared for conv3 at 240x240) would not fit a CPU batch."""
+
+
+LEVEL_STRIDES = {k: v for k, v in STRIDES.items() if k != 'pool4'}
+"""The trunk levels above pool4 a matching loss may reach, with their strides."""
+
+
+def _shallow_levels(loss_config: dict) -> tuple[str, ...]:
+    """The ``level_match`` levels, or none when their weight is 0."""
+    if float(loss_config.get('level_match_weight', 0.0)) <= 0:
+        return ()
+    return tuple(loss_config.get('level_match') or ())
 
 
 def _load_state(path: str, what: str) -> tuple[dict, dict]:
@@ -187,6 +211,32 @@ def match_loss(source_feat: torch.Tensor, target_feat: torch.Tensor, labels: tor
     return loss, acc
 
 
+def sampled_match_loss(source_feat: torch.Tensor, target_feat: torch.Tensor,
+                       labels: torch.Tensor, keys: torch.Tensor, points: int,
+                       temperature: float) -> tuple[torch.Tensor, float]:
+    """:func:`match_loss` on ``points`` source cells per pair: those with a label and the
+    highest ``keys`` (B, Hs*Ws) (random numbers drawn with the batch, so a resumed run
+    draws the same cells), each scored against every target cell. Raw features in; cosine
+    scores in float32."""
+    with torch.autocast(source_feat.device.type, enabled=False):
+        src = torch.nn.functional.normalize(source_feat.float(), dim=1).flatten(2)
+        tgt = torch.nn.functional.normalize(target_feat.float(), dim=1).flatten(2)
+        flat = labels.flatten(1)
+        if not (flat >= 0).any():
+            return (src.sum() + tgt.sum()) * 0.0, 0.0
+        keys = keys.to(src.device, torch.float32)
+        rank = torch.where(flat >= 0, keys, torch.full_like(keys, -1.0))
+        idx = rank.topk(min(int(points), flat.shape[1]), dim=1).indices           # (B, P)
+        chosen = flat.gather(1, idx)
+        desc = src.gather(2, idx[:, None].expand(-1, src.shape[1], -1))          # (B, C, P)
+        corr = torch.einsum('bcp,bcm->bpm', desc, tgt).flatten(0, 1)             # (B*P, M)
+        chosen = chosen.flatten()
+        loss = torch.nn.functional.cross_entropy(corr / float(temperature), chosen, ignore_index=-1)
+        known = chosen >= 0
+        acc = float((corr.argmax(1) == chosen)[known].float().mean())
+    return loss, acc
+
+
 def grid_loss(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Mean over points (and batch) of the squared distance: the paper's grid loss."""
     return (predicted.float() - truth.float()).square().sum(-1).mean()
@@ -217,35 +267,61 @@ class _CnnGeoTask(TrainTask):
         if cfg.match_weight < 0 or cfg.match_temperature <= 0:
             raise ValueError(f'loss.match_weight must be >= 0 and loss.match_temperature > 0, '
                              f'got {cfg.match_weight} and {cfg.match_temperature}')
-        return dataclasses.asdict(cfg)
+        shallow = set(cfg.level_match) - set(LEVEL_STRIDES)
+        if shallow:
+            raise ValueError(f'loss.level_match: {sorted(shallow)} are not trunk levels above '
+                             f'pool4; choose from {sorted(LEVEL_STRIDES)}')
+        if cfg.level_match_weight < 0 or cfg.level_points < 1:
+            raise ValueError(f'loss.level_match_weight must be >= 0 and loss.level_points >= 1, '
+                             f'got {cfg.level_match_weight} and {cfg.level_points}')
+        out = dataclasses.asdict(cfg)
+        out['level_match'] = list(cfg.level_match)
+        return out
 
     def build_model(self, model_config: dict) -> CnnGeoNet:
         return build_network(model_config, self.stage)
 
     def extra_batch(self, pairs: list, rng: np.random.Generator, loss_config: dict) -> dict:
-        return {'points': true_points(pairs, int(loss_config.get('grid_points', 21)))}
+        extra = {'points': true_points(pairs, int(loss_config.get('grid_points', 21)))}
+        h, w = pairs[0].source.shape[:2]
+        for level in _shallow_levels(loss_config):
+            stride = LEVEL_STRIDES[level]
+            extra[f'keys_{level}'] = rng.random((len(pairs), (h // stride) * (w // stride)),
+                                                dtype=np.float32)
+        return extra
 
     def loss(self, model, batch, loss_config):
         net = model.module if hasattr(model, 'module') else model
         src = batch['source'].float() / 255.0
         tgt = batch['target'].float() / 255.0
         weight = float(loss_config.get('match_weight', 0.0))
-        extra = {}
-        if weight > 0 and 'backbone' not in net.frozen:
-            # Through the (possibly wrapped) model's forward, so the features serve both losses
+        temperature = float(loss_config.get('match_temperature', 0.07))
+        shallow = _shallow_levels(loss_config) if 'backbone' not in net.frozen else ()
+        extra, dense = {}, []
+        if (weight > 0 and 'backbone' not in net.frozen) or shallow:
+            # Through the (possibly wrapped) model's forward, so the features serve every loss
             # in one trunk pass and a multi-process wrapper synchronises their gradients.
-            out = model(src, tgt, stages=self.stage, with_features=True)
-            ce, acc = match_loss(*out.features, cell_labels(batch['flow'], batch['valid']),
-                                 float(loss_config.get('match_temperature', 0.07)))
-            extra = {'match_ce': float(ce.detach()), 'match_acc': acc}
+            out = model(src, tgt, stages=self.stage, with_features=True, feature_levels=shallow)
+            if weight > 0:
+                ce, acc = match_loss(*out.features, cell_labels(batch['flow'], batch['valid']),
+                                     temperature)
+                dense.append(weight * ce)
+                extra.update({'match_ce': float(ce.detach()), 'match_acc': acc})
+            level_weight = float(loss_config['level_match_weight'])
+            for level in shallow:
+                labels = cell_labels(batch['flow'], batch['valid'], LEVEL_STRIDES[level])
+                ce, acc = sampled_match_loss(*out.levels[level], labels, batch[f'keys_{level}'],
+                                             int(loss_config['level_points']), temperature)
+                dense.append(level_weight * ce)
+                extra.update({f'match_ce_{level}': float(ce.detach()), f'match_acc_{level}': acc})
         else:
             out = model(src, tgt, stages=self.stage)
         points = parametric.grid_points(int(loss_config['grid_points']), device=src.device)
         truth = batch['points'].float()
         pred = predicted_points(out, self.stage, points)
         loss = grid_loss(pred, truth)
-        if extra:
-            loss = loss + weight * ce
+        for term in dense:
+            loss = loss + term
         with torch.no_grad():
             half = torch.tensor([s / 2.0 for s in reversed(net.config.input_size)], device=src.device)
             dist_px = ((pred.float() - truth) * half).norm(dim=-1).mean()

@@ -78,6 +78,9 @@ class CnnGeoOutput(NamedTuple):
     features: tuple[torch.Tensor, torch.Tensor] | None = None
     """(source, target) pool4 features, (B, C, h, w) float32 L2-normalised, when the forward
     was asked for them (training's matching loss), else None."""
+    levels: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    """(source, target) raw features of the shallower trunk levels the forward was asked for
+    (``feature_levels``; training's matching loss on them), else None."""
 
 
 class Regressor(nn.Module):
@@ -186,7 +189,13 @@ class CnnGeoNet(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """pool4 features of RGB (B, 3, H, W) in [0, 1], L2-normalised per position (float32)."""
-        return F.normalize(self.backbone(images, levels=('pool4',))['pool4'].float(), dim=1)
+        return self._trunk(images)[0]
+
+    def _trunk(self, images: torch.Tensor, extra: tuple[str, ...] = ()
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(normalised pool4 features, raw features of the ``extra`` levels) from one pass."""
+        out = self.backbone(images, levels=('pool4', *extra))
+        return F.normalize(out['pool4'].float(), dim=1), {k: out[k] for k in extra}
 
     def correlation(self, source_feat: torch.Tensor, target_feat: torch.Tensor) -> torch.Tensor:
         """(B, Ht*Wt, Hs, Ws) float32 matches, normalised over channels unless switched off."""
@@ -252,19 +261,26 @@ class CnnGeoNet(nn.Module):
                              align_corners=False).to(target.dtype)
 
     def forward(self, source: torch.Tensor, target: torch.Tensor, stages: str = 'tps',
-                with_features: bool = False) -> CnnGeoOutput:
+                with_features: bool = False, feature_levels: tuple[str, ...] = ()
+                ) -> CnnGeoOutput:
         """``source``, ``target``: RGB (B, 3, H, W) in [0, 1] at ``input_size``.
         ``stages='affine'`` stops after the affine stage. ``with_features`` also returns the
-        pool4 features, so a loss on them shares this pass (and a multi-process wrapper,
-        which only synchronises gradients through its forward, still sees every use)."""
+        pool4 features and ``feature_levels`` those of shallower trunk levels, so a loss on
+        them shares this pass (and a multi-process wrapper, which only synchronises
+        gradients through its forward, still sees every use)."""
         if stages not in STAGES:
             raise ValueError(f'stages must be one of {STAGES}, got {stages!r}')
         self._check(source, 'source')
         self._check(target, 'target')
         b = source.shape[0]
-        feats = self.features(torch.cat([source, target], dim=0))  # one pass: shared BN batch
+        # One pass over both images: a shared BN batch.
+        feats, levels = self._trunk(torch.cat([source, target], dim=0), tuple(feature_levels))
         out = self.regress(source, target, feats[:b], feats[b:], stages)
-        return out._replace(features=(feats[:b], feats[b:])) if with_features else out
+        if with_features:
+            out = out._replace(features=(feats[:b], feats[b:]))
+        if levels:
+            out = out._replace(levels={k: (v[:b], v[b:]) for k, v in levels.items()})
+        return out
 
     def two_way(self, image_a: torch.Tensor, image_b: torch.Tensor, stages: str = 'tps',
                 tps_passes: int = 1, affine_passes: int = 1) -> CnnGeoOutput:
