@@ -180,6 +180,38 @@ def test_optimisation_lowers_loss_and_error_on_a_shifted_pair_within_30_iteratio
     assert end < 0.9 * start, (start, end)
 
 
+def test_the_loss_reuses_the_decodes_adapted_features_with_the_same_value_and_gradients():
+    net = _net(4)
+    with torch.no_grad():                      # adaptation layers away from the identity
+        for p in net.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    src_img, tgt_img, _ = _photo_pair()
+    source = torch.from_numpy(src_img).permute(2, 0, 1)[None].float() / 255.0
+    target = torch.from_numpy(tgt_img).permute(2, 0, 1)[None].float() / 255.0
+    src, tgt = net.trunk_features(source), net.trunk_features(target)
+    settings = dmp_optim.LossSettings(samples=32)
+    fixed = dmp_optim.fixed_positions(src, net.levels, 32, 0)
+
+    def loss_and_grads(reuse: bool):
+        net.zero_grad(set_to_none=True)
+        out = net.decode(src, tgt, (64, 64))
+        loss = dmp_optim.pair_loss(net, src, tgt, target, out.flow, settings,
+                                   torch.Generator().manual_seed(1), fixed,
+                                   out.adapted if reuse else None)
+        loss.value.backward()
+        return loss, [p.grad.clone() for p in net.trainable_parameters()]
+
+    assert set(net.decode(src, tgt, (64, 64)).adapted) == set(net.levels)
+    again, grads_again = loss_and_grads(False)
+    reused, grads_reused = loss_and_grads(True)
+    assert torch.allclose(again.value, reused.value) and again.score == pytest.approx(reused.score)
+    for a, b in zip(grads_again, grads_reused):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # A coarse level decoded from other (resized) images is not the pair's own pool4.
+    coarse = (src['pool4'].clone(), tgt['pool4'].clone())
+    assert 'pool4' not in net.decode(src, tgt, (64, 64), coarse).adapted
+
+
 def test_two_calls_give_the_same_flow_and_warm_start_continues():
     src, tgt, _ = _photo_pair()
     m = _tiny_matcher()

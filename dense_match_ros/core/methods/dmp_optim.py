@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from dense_match_ros.core.device import autocast
 from dense_match_ros.core.geometry import transforms as tf
-from dense_match_ros.core.networks.dmp import DmpNet, DmpOutput, cell_centres, sample_at
+from dense_match_ros.core.networks.dmp import DmpNet, DmpOutput, cell_centres, sample_at, unit
 from dense_match_ros.core.networks.dmp_supervision import flow_loss
 from dense_match_ros.core.networks.backbone import STRIDES
 
@@ -148,8 +148,12 @@ class PairLoss(NamedTuple):
 
 def pair_loss(net: DmpNet, src: dict, tgt: dict, target_image: torch.Tensor, flow: torch.Tensor,
               settings: LossSettings, generator: torch.Generator,
-              fixed: dict[str, torch.Tensor]) -> PairLoss:
-    """The test-time loss of a final flow (1, 2, H, W), summed over the levels."""
+              fixed: dict[str, torch.Tensor],
+              adapted: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> PairLoss:
+    """The test-time loss of a final flow (1, 2, H, W), summed over the levels. ``adapted``:
+    the decode's adapted features of the same pair (:attr:`DmpOutput.adapted`), reused where
+    given (the same values and gradients as adapting again, at half the adaptation cost)."""
+    adapted = adapted or {}
     h, w = flow.shape[-2:]
     if settings.warp == 'image':
         origin = cell_centres(h, w, 1, flow.device)[None]
@@ -159,13 +163,15 @@ def pair_loss(net: DmpNet, src: dict, tgt: dict, target_image: torch.Tensor, flo
     for level in net.levels:
         s = STRIDES[level]
         lh, lw = src[level].shape[-2:]
+        source, target = adapted.get(level) or (None, None)
         if settings.warp == 'image':
             warped = net.adapted(warped_feats, level)
         else:
             level_flow = F.interpolate(flow, size=(lh, lw), mode='area')
             positions = cell_centres(lh, lw, s, flow.device)[None] + level_flow
-            warped = F.normalize(sample_at(net.adapt[level](tgt[level]), positions, (h, w)).float(), dim=1)
-        source = net.adapted(src, level)
+            target = net.adapt[level](tgt[level]) if target is None else target
+            warped = unit(sample_at(target, positions, (h, w)))
+        source = net.adapted(src, level) if source is None else source
         index = torch.randperm(lh * lw, generator=generator)[:settings.samples].to(flow.device)
         term = contrastive(source, warped, index, settings)
         value = term if value is None else value + term
@@ -248,8 +254,10 @@ def optimise(net: DmpNet, source: torch.Tensor, target: torch.Tensor, stopping: 
             out = net.decode(batch_src, batch_tgt, size, batch_coarse)
             if aug is not None:
                 copy_out = DmpOutput([f[1:] for f in out.flows], out.flow[1:], out.confidence[1:])
-                out = DmpOutput([f[:1] for f in out.flows], out.flow[:1], out.confidence[:1])
-            loss = pair_loss(net, src, tgt, target, out.flow, settings, generator, fixed)
+                out = DmpOutput([f[:1] for f in out.flows], out.flow[:1], out.confidence[:1],
+                                {lv: (a[:1], b[:1]) for lv, (a, b) in out.adapted.items()})
+            loss = pair_loss(net, src, tgt, target, out.flow, settings, generator, fixed,
+                             out.adapted)
             objective = loss.value
             if aug is not None:
                 objective = objective + settings.augment * flow_loss(
