@@ -130,9 +130,12 @@ def contrastive(source: torch.Tensor, warped: torch.Tensor, index: torch.Tensor,
     loss: with a plain mean over the kept ones, a flow that pushes positions out of view
     (where warped features are zero) would look better while getting worse.
     """
-    s = source.flatten(2)[0, :, index].float()                    # (C, M)
-    t = warped.flatten(2)[0, :, index].float()
-    nll = -(s.t() @ t / settings.tau).log_softmax(1).diagonal()
+    # float32 whatever autocast says: in bf16 the M x M scores (up to 1/tau = 10) carry
+    # errors of about 0.04, and the lowest-loss iterate was picked among near-ties.
+    with torch.autocast(source.device.type, enabled=False):
+        s = source.flatten(2)[0, :, index].float()                # (C, M)
+        t = warped.flatten(2)[0, :, index].float()
+        nll = -(s.t() @ t / settings.tau).log_softmax(1).diagonal()
     if settings.phi > 0:
         nll = nll.clamp(max=-math.log(settings.phi))
     return nll.mean()
