@@ -15,10 +15,10 @@ from dense_match_ros.core.registry import available_methods, load_matcher
 from dense_match_ros.data.synthetic import SyntheticPairGenerator
 from dense_match_ros.training import checkpoint as ckpt
 from dense_match_ros.training.cli import main
-from dense_match_ros.training.cnngeo_task import (CnnGeoAffineTask, CnnGeoTpsTask, cell_labels,
-                                                  sampled_match_loss,
-                                                  ensemble_main, fit_sigma, grid_loss,
-                                                  match_loss, predicted_points, true_points)
+from dense_match_ros.training.cnngeo_task import (CnnGeoAffineTask, CnnGeoTpsTask, ensemble_main,
+                                                  fit_sigma, grid_loss, predicted_points,
+                                                  true_points)
+from dense_match_ros.training.match_losses import cell_labels, match_loss, sampled_match_loss
 
 torch.set_num_threads(1)
 TINY = CnnGeoConfig(width=0.125, input_size=(64, 64), channels=(16, 8), kernel_sizes=(3, 1))
