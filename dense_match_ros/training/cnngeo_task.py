@@ -232,13 +232,15 @@ class _CnnGeoTask(TrainTask):
         tgt = batch['target'].float() / 255.0
         weight = float(loss_config.get('match_weight', 0.0))
         temperature = float(loss_config.get('match_temperature', 0.07))
-        shallow = _shallow_levels(loss_config) if 'backbone' not in net.frozen else ()
+        learns = 'backbone' not in net.frozen
+        pool4 = weight > 0 and learns
+        shallow = _shallow_levels(loss_config) if learns else ()
         extra, dense = {}, []
-        if (weight > 0 and 'backbone' not in net.frozen) or shallow:
+        if pool4 or shallow:
             # Through the (possibly wrapped) model's forward, so the features serve every loss
             # in one trunk pass and a multi-process wrapper synchronises their gradients.
             out = model(src, tgt, stages=self.stage, with_features=True, feature_levels=shallow)
-            if weight > 0:
+            if pool4:
                 ce, acc = match_loss(*out.features, cell_labels(batch['flow'], batch['valid']),
                                      temperature)
                 dense.append(weight * ce)

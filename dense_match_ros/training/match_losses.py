@@ -17,7 +17,6 @@ LEVEL_STRIDES = {k: v for k, v in STRIDES.items() if k != 'pool4'}
 """The trunk levels above pool4 a matching loss may reach, with their strides."""
 
 
-
 def cell_labels(flow: torch.Tensor, valid: torch.Tensor, cell: int = 16) -> torch.Tensor:
     """(B, Hs, Ws) int64: the target cell (``ty * Wt + tx``) holding the true match of each
     source cell's centre pixel, -1 where that pixel has none or it leaves the target.
