@@ -34,7 +34,7 @@ import torch
 
 from dense_match_ros.core.checkpoint import CheckpointError, checkpoint_method, load_weights
 from dense_match_ros.core.device import autocast, check_precision, inference_dtype
-from dense_match_ros.core.geometry import parametric
+from dense_match_ros.core.geometry import direct_alignment, parametric
 from dense_match_ros.core.methods import weights as _weights
 from dense_match_ros.core.methods.inputs import check_rgb
 from dense_match_ros.core.networks.cnngeo import CnnGeoNet, config_from_dict
@@ -49,6 +49,9 @@ CHECKPOINT_METHODS = ('cnngeo-tps', 'cnngeo-affine')
 MIN_SIDE = 16
 DEFAULT_SIGMA_PX = 2.0
 """Round-trip sigma (input-size pixels) where the checkpoint record has no fitted one."""
+ALIGN_MODES = ('none', 'photometric')
+"""``align``: the network's spline as it is, or refined by direct alignment on the pixels
+(:mod:`.geometry.direct_alignment`; README, "cnngeo: direct alignment")."""
 SIGMA_KEYS = {'tps': 'sigma_px', 'affine': 'sigma_px_affine'}
 """Where the record's ``calibration`` keeps each method's fitted sigma (the round trip of the
 affine stage alone errs more than that of the composition, so each has its own)."""
@@ -90,9 +93,17 @@ class CnnGeoMatcher(Matcher):
     def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
                  sigma: float | None = None, width: float | None = None,
                  precision: str = 'auto', tps_passes: int | None = None,
-                 affine_passes: int = 1, net: CnnGeoNet | None = None) -> None:
+                 affine_passes: int = 1, round_trip_passes: int | None = None,
+                 align: str | None = None, align_levels: list | None = None,
+                 align_max_shift: float | None = None, net: CnnGeoNet | None = None) -> None:
         check_precision(precision)
-        for name, passes in (('tps_passes', tps_passes), ('affine_passes', affine_passes)):
+        if align is not None and align not in ALIGN_MODES:
+            raise ValueError(f'align must be one of {ALIGN_MODES}, got {align!r}')
+        if align == 'photometric' and self.stages != 'tps':
+            raise ValueError('align refines the TPS of cnngeo; cnngeo-affine stays the affine '
+                             'stage alone (the paper\'s baseline)')
+        for name, passes in (('tps_passes', tps_passes), ('affine_passes', affine_passes),
+                             ('round_trip_passes', round_trip_passes)):
             if passes is not None and int(passes) < 1:
                 raise ValueError(f'{name} must be >= 1, got {passes}')
         if sigma is not None and not sigma > 0:
@@ -107,6 +118,31 @@ class CnnGeoMatcher(Matcher):
                 raise CheckpointError(f'{self.weights}: inference.tps_passes must be >= 1, '
                                       f'found {tps_passes}')
         self.tps_passes, self.affine_passes = int(tps_passes), int(affine_passes)
+        # The backward transform serves only the round trip, whose sigma is tens of pixels:
+        # a checkpoint may say its further TPS passes are not worth their time there.
+        if round_trip_passes is None:
+            round_trip_passes = (self.record.get('inference') or {}).get('round_trip_passes')
+        self.round_trip_passes = min(self.tps_passes, int(round_trip_passes or self.tps_passes))
+        if self.round_trip_passes < 1:
+            raise CheckpointError(f'{self.weights}: inference.round_trip_passes must be >= 1, '
+                                  f'found {round_trip_passes}')
+        # The record says whether the checkpoint was measured best with the alignment; it is
+        # cnngeo's (the TPS) only, so the affine stage alone never takes it from there.
+        if align is None:
+            align = (self.record.get('inference') or {}).get('align', 'none') \
+                if self.stages == 'tps' else 'none'
+            if align not in ALIGN_MODES:
+                raise CheckpointError(f'{self.weights}: inference.align must be one of '
+                                      f'{ALIGN_MODES}, found {align!r}')
+        self.align = align
+        if align_levels is None:
+            align_levels = (self.record.get('inference') or {}).get('align_levels')
+        settings = {}
+        if align_levels is not None:
+            settings['levels'] = tuple((int(side), int(steps)) for side, steps in align_levels)
+        if align_max_shift is not None:
+            settings['max_shift'] = float(align_max_shift)
+        self.alignment = direct_alignment.AlignmentSettings(**settings)
         found_width = float(self.net.config.width)
         if width is not None and abs(float(width) - found_width) > 1e-9:
             raise CheckpointError(f'{self.weights or "the network"}: expected a width-{width:g} '
@@ -138,12 +174,17 @@ class CnnGeoMatcher(Matcher):
 
     # -- parameters -----------------------------------------------------------------
 
-    def _tensor(self, image: np.ndarray) -> torch.Tensor:
+    def _resized(self, image: np.ndarray) -> np.ndarray:
+        """``image`` at the network's input size (itself when it is that size already)."""
         h, w = self.input_size
         ih, iw = image.shape[:2]
-        if (iw, ih) != (w, h):
-            shrink = w < iw or h < ih
-            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        if (iw, ih) == (w, h):
+            return image
+        shrink = w < iw or h < ih
+        return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+    def _tensor(self, image: np.ndarray) -> torch.Tensor:
+        image = self._resized(image)
         t = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None]
         return (t.float() / 255.0).contiguous(memory_format=torch.channels_last)
 
@@ -157,7 +198,8 @@ class CnnGeoMatcher(Matcher):
         affine stage (2, 6)): one batch of two."""
         with self._autocast():
             out = self.net.two_way(self._tensor(source), self._tensor(target), stages=self.stages,
-                                   tps_passes=self.tps_passes, affine_passes=self.affine_passes)
+                                   tps_passes=self.tps_passes, affine_passes=self.affine_passes,
+                                   backward_passes=self.round_trip_passes)
         if self.stages == 'affine':
             return 'affine', out.affine.float(), out.affine.float()
         return 'tps', out.composed.float(), out.affine.float()
@@ -167,7 +209,10 @@ class CnnGeoMatcher(Matcher):
     def _match(self, source: np.ndarray, target: np.ndarray):
         h, w = source.shape[:2]
         th, tw = target.shape[:2]
-        kind, theta, affine = self.predict(source, target)
+        # The network's copies of both images serve the alignment too: its working sizes
+        # (at most 120 px) are below the input size, so nothing is lost.
+        small_s, small_t = self._resized(source), self._resized(target)
+        kind, theta, affine = self.predict(small_s, small_t)
         theta, affine = theta.cpu(), affine.cpu()
         why = [f'{name}: {reason}' for name, a in (('source->target', affine[0]),
                                                    ('target->source', affine[1]))
@@ -179,13 +224,18 @@ class CnnGeoMatcher(Matcher):
                           f'matchability 0', RuntimeWarning, stacklevel=3)
             if not torch.isfinite(theta[0]).all():
                 return np.zeros((h, w, 2), np.float32), np.zeros((h, w), np.float32)
+        if self.align == 'photometric' and not why:
+            # Forward only: the round trip's sigma (tens of px) does not see the few pixels
+            # the alignment moves, and the backward direction would double its cost.
+            aligned = direct_alignment.refine_tps(small_s, small_t, theta[0].numpy(), self.alignment)
+            theta = torch.cat([torch.from_numpy(aligned.theta)[None], theta[1:]])
         there = parametric.dense_map(kind, theta[:1], (w, h))      # T_st at every source pixel
-        flow = np.nan_to_num(parametric.map_to_flow(there, (tw, th))[0].numpy())
+        flow = _finite(parametric.map_to_flow(there, (tw, th))[0].numpy())
         if why:
             return flow, np.zeros((h, w), np.float32)
         consistency = self._consistency(kind, theta, (w, h))
         matchability = consistency * parametric.inside(there[0]).numpy()
-        return flow, np.nan_to_num(matchability)
+        return flow, _finite(matchability)
 
     def round_trip(self, kind: str, theta: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
         """e(x) = |T_ts(T_st(x)) - x| in input-size pixels on the source grid of ``size`` (W, H),
@@ -209,6 +259,12 @@ class CnnGeoMatcher(Matcher):
         """exp(-e^2 / 2 sigma^2) of the round trip (:meth:`round_trip`)."""
         error = self.round_trip(kind, theta, size)
         return np.exp(-np.square(error) / (2.0 * self.sigma ** 2)).astype(np.float32)
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    """``values`` with any NaN or infinity made finite; one pass when there is none (a full
+    frame's nan_to_num costs a millisecond)."""
+    return values if np.isfinite(values).all() else np.nan_to_num(values)
 
 
 class CnnGeoAffineMatcher(CnnGeoMatcher):

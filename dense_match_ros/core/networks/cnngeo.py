@@ -210,7 +210,8 @@ class CnnGeoNet(nn.Module):
 
     def regress(self, source: torch.Tensor, target: torch.Tensor, source_feat: torch.Tensor,
                 target_feat: torch.Tensor, stages: str = 'tps', tps_passes: int = 1,
-                affine_passes: int = 1) -> CnnGeoOutput:
+                affine_passes: int = 1, later_rows: int | None = None,
+                all_rows_passes: int | None = None) -> CnnGeoOutput:
         """Both stages from images and their already computed features (the matcher
         computes each image's features once for both directions).
 
@@ -219,7 +220,9 @@ class CnnGeoNet(nn.Module):
         stage then corrects what is left, a smaller warp than training's, where a regressor
         is more precise (the paper's hierarchy, one more level at test time).
         ``affine_passes`` > 1 does the same for the affine stage, whose passes compose exactly
-        (:func:`parametric.compose_affine_affine_torch`)."""
+        (:func:`parametric.compose_affine_affine_torch`). TPS passes after the first
+        ``all_rows_passes`` run on the first ``later_rows`` rows only (:meth:`two_way`: the
+        forward transforms; the backward ones serve only the round trip)."""
         affine = self.affine_stage(self.correlation(source_feat, target_feat))
         size = (source.shape[-1], source.shape[-2])
         for _ in range(int(affine_passes) - 1):
@@ -233,9 +236,13 @@ class CnnGeoNet(nn.Module):
         # through (the affine stage is trained on its own loss).
         tps = self._tps_on_aligned(source_feat, target, 'affine', affine, size)
         composed = parametric.compose_affine_tps_torch(affine, tps)
-        for _ in range(int(tps_passes) - 1):
-            step = self._tps_on_aligned(source_feat, target, 'tps', composed, size)
-            composed = parametric.compose_tps_tps_torch(composed, step)
+        for index in range(2, int(tps_passes) + 1):
+            k = len(composed)
+            if later_rows is not None and all_rows_passes is not None and index > all_rows_passes:
+                k = int(later_rows)
+            step = self._tps_on_aligned(source_feat[:k], target[:k], 'tps', composed[:k], size)
+            composed = torch.cat([parametric.compose_tps_tps_torch(composed[:k], step),
+                                  composed[k:]])
         return CnnGeoOutput(affine, tps, composed)
 
     def affine_stage(self, correlation: torch.Tensor) -> torch.Tensor:
@@ -283,8 +290,11 @@ class CnnGeoNet(nn.Module):
         return out
 
     def two_way(self, image_a: torch.Tensor, image_b: torch.Tensor, stages: str = 'tps',
-                tps_passes: int = 1, affine_passes: int = 1) -> CnnGeoOutput:
-        """(a -> b, b -> a) as one batch of two: each image's features are computed once."""
+                tps_passes: int = 1, affine_passes: int = 1,
+                backward_passes: int | None = None) -> CnnGeoOutput:
+        """(a -> b, b -> a) as one batch of two: each image's features are computed once.
+        ``backward_passes`` (default ``tps_passes``) caps the TPS passes of b -> a, which a
+        matcher needs only for the round trip of its matchability."""
         self._check(image_a, 'source')
         self._check(image_b, 'target')
         images = torch.cat([image_a, image_b], dim=0)
@@ -292,7 +302,8 @@ class CnnGeoNet(nn.Module):
         n = len(image_a)
         swapped = torch.cat([image_b, image_a], dim=0)
         return self.regress(images, swapped, feats, torch.cat([feats[n:], feats[:n]]), stages,
-                            tps_passes, affine_passes)
+                            tps_passes, affine_passes, later_rows=n,
+                            all_rows_passes=backward_passes)
 
 
 def config_from_dict(values: dict) -> CnnGeoConfig:
