@@ -190,7 +190,7 @@ def _tps_on_grid(theta: torch.Tensor, width: int, height: int, grid_size: int = 
     symmetric about the image centre, so the kernel of the control point at (-cx, cy) is
     that of (cx, cy) read with its columns reversed (rows for -cy): a 3x3 grid needs four
     log passes, not nine. The kernels then meet the coefficients in one matrix product.
-    Measured at 640x480 on one core: 9.5 -> 4 ms.
+    Measured at 640x480 on one core: 6.0 -> 4.5 ms.
     """
     dtype, device = theta.dtype, theta.device
     n = grid_size * grid_size

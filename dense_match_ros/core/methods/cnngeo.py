@@ -121,11 +121,12 @@ class CnnGeoMatcher(Matcher):
         # The backward transform serves only the round trip, whose sigma is tens of pixels:
         # a checkpoint may say its further TPS passes are not worth their time there.
         if round_trip_passes is None:
-            round_trip_passes = (self.record.get('inference') or {}).get('round_trip_passes')
-        self.round_trip_passes = min(self.tps_passes, int(round_trip_passes or self.tps_passes))
-        if self.round_trip_passes < 1:
-            raise CheckpointError(f'{self.weights}: inference.round_trip_passes must be >= 1, '
-                                  f'found {round_trip_passes}')
+            round_trip_passes = int((self.record.get('inference') or {}).get(
+                'round_trip_passes', self.tps_passes))
+            if round_trip_passes < 1:
+                raise CheckpointError(f'{self.weights}: inference.round_trip_passes must be '
+                                      f'>= 1, found {round_trip_passes}')
+        self.round_trip_passes = min(self.tps_passes, int(round_trip_passes))
         # The record says whether the checkpoint was measured best with the alignment; it is
         # cnngeo's (the TPS) only, so the affine stage alone never takes it from there.
         if align is None:
