@@ -4,9 +4,10 @@ EpicFlow from its confident matches on a grid, the border band left to the inter
 then the variational polish (issue 16's note of the session of 2026-12-06, later):
 
     PYTHONPATH=. python scripts/dmp_epic_trial.py [sets=hpatches240,hpatches,sintel] [cells=1]
-        [thr=0.5] [border=0.05] [polish=5] [only_border=1]
+        [step=PX] [thr=0.5] [border=0.05] [polish=5] [only_border=1]
 
 `cells`: the grid step in cells of DMP's finest level (a 60x60 grid over the input);
+`step=PX` instead: a square grid of PX pixels;
 `only_border=1` keeps DMP's flow inside the band and interpolates only the band.
 """
 import sys
@@ -23,9 +24,9 @@ from dense_match_ros.evaluation import metrics
 
 
 def redensified(source, target, flow, matchability, cells, thr, border, only_border, polish,
-                interp):
+                interp, step=None):
     h, w = flow.shape[:2]
-    sx, sy = max(1.0, cells * w / 60), max(1.0, cells * h / 60)
+    sx, sy = (step, step) if step else (max(1.0, cells * w / 60), max(1.0, cells * h / 60))
     xs, ys = np.meshgrid(np.round(np.arange(sx / 2, w, sx)).astype(int).clip(0, w - 1),
                          np.round(np.arange(sy / 2, h, sy)).astype(int).clip(0, h - 1))
     b = border * min(h, w)
@@ -52,7 +53,8 @@ def main() -> None:
             dense = redensified(p.source, p.target, res.flow, res.matchability,
                                 float(kw.get('cells', 1.0)), float(kw.get('thr', 0.5)),
                                 float(kw.get('border', 0.05)), kw.get('only_border') == '1',
-                                int(kw.get('polish', 5)), interp)
+                                int(kw.get('polish', 5)), interp,
+                                float(kw['step']) if 'step' in kw else None)
             extra.append(time.perf_counter() - start)
             base.append(metrics.aepe(res.flow, p.flow, p.valid))
             new.append(metrics.aepe(dense, p.flow, p.valid))
