@@ -225,3 +225,28 @@ def test_the_min_score_fit_scores_each_floor_as_the_matcher_with_that_floor_scor
     assert fit['aepe_smoothed'] == pytest.approx(min(smoothed))
     assert fit['curve']['kept_per_pair'][0] >= fit['curve']['kept_per_pair'][1] > 0
     assert fit['curve']['kept_per_pair'][2] == 0
+
+
+def test_a_match_that_strays_from_its_neighbours_is_dropped_and_the_fit_scores_each_limit():
+    """``neighbour_consistent``: on a grid of matches moving by (3, 1), one match sent 20 px
+    the other way is dropped at a 5 px limit and kept at 0 (off). The consistency fit scores
+    each limit as ``match()`` with that ``consistency_px`` scores it."""
+    from dense_match_ros.core.methods.epicflow import neighbour_consistent
+    from dense_match_ros.evaluation import metrics
+    from dense_match_ros.evaluation.calibrate import calibration_pairs
+    from dense_match_ros.training.deepmatching_task import fit_consistency
+    ys, xs = np.mgrid[0:80:8, 0:80:8]
+    pts = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
+    targets = pts + np.array([3.0, 1.0], np.float32)
+    targets[45] += np.array([-20.0, 4.0], np.float32)
+    keep = neighbour_consistent(pts, targets, 5.0)
+    assert not keep[45] and keep.sum() == len(pts) - 1
+    assert neighbour_consistent(pts, targets, 0.0).all()
+    pair = calibration_pairs(1)[0]
+    limits = (0.0, 2.0)
+    fit = fit_consistency(DeepMatchingHogMatcher(), [pair], limits=limits)
+    valid = np.asarray(pair.valid, bool)
+    for limit, aepe in zip(limits, fit['curve']['aepe']):
+        flow = DeepMatchingHogMatcher(consistency_px=limit).match(pair.source, pair.target).flow
+        assert aepe == pytest.approx(metrics.aepe(flow, pair.flow, valid), rel=1e-5)
+    assert fit['curve']['kept_per_pair'][0] >= fit['curve']['kept_per_pair'][1]

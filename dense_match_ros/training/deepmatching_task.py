@@ -166,6 +166,10 @@ class DeepMatchingTask(TrainTask):
 MIN_SCORES = tuple(round(0.02 * i, 2) for i in range(41))   # 0.0, 0.02 ... 0.8
 
 
+CONSISTENCY_PX = (0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0)
+"""The neighbour-consistency limits tried (working pixels; 0: off)."""
+
+
 def fit_min_score(matcher, pairs: Sequence, floors: Sequence[float] = MIN_SCORES,
                   progress: bool = False) -> dict:
     """The ``min_score`` whose kept matches give the lowest mean dense AEPE after
@@ -175,19 +179,38 @@ def fit_min_score(matcher, pairs: Sequence, floors: Sequence[float] = MIN_SCORES
     interpolation around it more than a missing one costs, and the dense flow is what the
     matcher returns. Each pair's candidates are matched once; only the floor moves.
     """
+    fit = _fit_setting(matcher, pairs, floors, 'min_score', progress,
+                       lambda ps, pt, score, eligible, floor: eligible & (score >= floor))
+    return fit
+
+
+def fit_consistency(matcher, pairs: Sequence, limits: Sequence[float] = CONSISTENCY_PX,
+                    progress: bool = False) -> dict:
+    """The ``consistency_px`` (at the matcher's ``min_score``) chosen the same way as the
+    floor: lowest smoothed mean dense AEPE after densification over ``pairs``."""
+    return _fit_setting(matcher, pairs, limits, 'consistency_px', progress,
+                        lambda ps, pt, score, eligible, limit: matcher.kept(
+                            ps, pt, eligible & (score >= matcher.min_score), limit))
+
+
+def _fit_setting(matcher, pairs: Sequence, values: Sequence[float], name: str, progress: bool,
+                 keep_for) -> dict:
+    """Mean dense AEPE over ``pairs`` for each value of a keep rule ``keep_for(ps, pt, score,
+    eligible, value)``; the value whose mean with its neighbours' is lowest wins."""
     from tqdm import tqdm
     from dense_match_ros.core.geometry import grid
     from dense_match_ros.evaluation import metrics
+    floors = values
     aepe = np.zeros(len(floors))
     kept = np.zeros(len(floors))
-    for pair in tqdm(pairs, desc='min_score', disable=not progress):
+    for pair in tqdm(pairs, desc=name, disable=not progress):
         h, w = pair.source.shape[:2]
         th, tw = pair.target.shape[:2]
         src, tgt = matcher.working_images(pair.source, pair.target)
         ps, pt, score, _, eligible = matcher.candidates(src, tgt)
         valid = np.asarray(pair.valid, bool) & np.isfinite(pair.flow).all(-1)
         for i, floor in enumerate(floors):
-            keep = eligible & (score >= floor)
+            keep = keep_for(ps, pt, score, eligible, floor)
             flow = matcher.densify(src, tgt, ps[keep], pt[keep])
             flow, _ = grid.to_source_grid(flow, None, (w, h), tgt.shape[1::-1], (tw, th))
             aepe[i] += metrics.aepe(flow, pair.flow, valid)
@@ -198,9 +221,9 @@ def fit_min_score(matcher, pairs: Sequence, floors: Sequence[float] = MIN_SCORES
     # floors): the chosen floor is the best of its mean with both neighbours.
     smooth = np.convolve(np.pad(aepe, 1, mode='edge'), np.ones(3) / 3.0, mode='valid')
     best = int(np.argmin(smooth))
-    return {'min_score': float(floors[best]), 'aepe': float(aepe[best]),
+    return {name: float(floors[best]), 'aepe': float(aepe[best]),
             'aepe_smoothed': float(smooth[best]),
-            'curve': {'min_score': [float(f) for f in floors], 'aepe': aepe.tolist(),
+            'curve': {name: [float(f) for f in floors], 'aepe': aepe.tolist(),
                       'kept_per_pair': kept.tolist()}}
 
 
@@ -248,8 +271,48 @@ def min_score_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def consistency_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog='python -m dense_match_ros.training.deepmatching_task consistency',
+                                description="fit deepmatching's consistency_px (at the record's "
+                                'min_score) on held-out synthetic pairs (held-out photos, seed 7)')
+    p.add_argument('--weights', default=None)
+    p.add_argument('--pairs', type=int, default=40)
+    p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--no-progress', action='store_true')
+    p.add_argument('--write', action='store_true',
+                   help="store it as calibration.consistency_px in the checkpoint's JSON record")
+    args = p.parse_args(argv)
+    from dense_match_ros.core.device import set_threads
+    from dense_match_ros.core.registry import load_matcher
+    set_threads(args.threads)
+    matcher = load_matcher('deepmatching', device='cpu', weights=args.weights)
+    fit = fit_consistency(matcher, calibration_pairs(args.pairs), progress=not args.no_progress)
+    print(json.dumps({'consistency_px': fit['consistency_px'], 'min_score': matcher.min_score,
+                      'aepe': round(fit['aepe'], 4), 'aepe_smoothed': round(fit['aepe_smoothed'], 4)}))
+    print('curve: ' + '  '.join(f'{f:g}->{a:.3f}' for f, a in
+                                zip(fit['curve']['consistency_px'], fit['curve']['aepe'])))
+    if args.write:
+        if not matcher.weights:
+            print('--write: this matcher has no checkpoint file', file=sys.stderr)
+            return 2
+        record = read_record(matcher.weights)
+        calibration = record.setdefault('calibration', {})
+        calibration['consistency_px'] = fit['consistency_px']
+        calibration['consistency_fit'] = {
+            'set': f'held-out pairs of every kind, half with moving objects (held-out photos, '
+                   f'{args.pairs} pairs, seed {CALIBRATION_SEED}, 240x240)',
+            'criterion': 'lowest mean dense AEPE after densification, at min_score '
+                         f'{matcher.min_score:g}',
+            **fit, 'command': 'python -m dense_match_ros.training.deepmatching_task consistency '
+                              + ' '.join(argv if argv is not None else sys.argv[2:])}
+        print(f'wrote calibration.consistency_px into {write_record(matcher.weights, record)}')
+    return 0
+
+
+COMMANDS = {'min-score': min_score_main, 'consistency': consistency_main}
+
 if __name__ == '__main__':
-    if sys.argv[1:2] != ['min-score']:
-        raise SystemExit('usage: python -m dense_match_ros.training.deepmatching_task min-score '
-                         '[options]')
-    sys.exit(min_score_main(sys.argv[2:]))
+    if sys.argv[1:2] and sys.argv[1] in COMMANDS:
+        sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))
+    raise SystemExit('usage: python -m dense_match_ros.training.deepmatching_task '
+                     'min-score|consistency [options]')

@@ -7,8 +7,10 @@ Pipeline, on working copies of both images (longest side ``max_side``):
    descriptor for ``deepmatching-hog``), the atomic volume, bottom-up and top-down passes;
 2. each atomic patch's best target position and score; a match is kept when it is
    reciprocal (the target cell's best source patch is it or a neighbour) or its score is at
-   least ``threshold``, and its score is at least ``min_score``: :meth:`match_sparse`
-   returns these, in the images' own pixels;
+   least ``threshold``, and its score is at least ``min_score``; with ``consistency_px``
+   (fitted per checkpoint) a match whose displacement strays that far from its
+   neighbours' median is dropped too: :meth:`match_sparse` returns these, in the images'
+   own pixels;
 3. EpicFlow's edge-aware interpolation (:mod:`.epicflow`) makes the dense flow, optionally
    polished by ``cv2.VariationalRefinement`` (``refine=True``, the default: better on every
    shared set for both descriptors, e.g. Sintel 8.06 -> 7.88 px with HOG; README);
@@ -43,7 +45,7 @@ from dense_match_ros.core.device import autocast, check_precision, inference_dty
 from dense_match_ros.core.geometry import grid
 from dense_match_ros.core.refine import variational_polish
 from dense_match_ros.core.methods import weights as _weights
-from dense_match_ros.core.methods.epicflow import EpicInterpolator
+from dense_match_ros.core.methods.epicflow import EpicInterpolator, neighbour_consistent
 from dense_match_ros.core.networks.deepmatching import (ATOMIC, DeepMatchingConfig, DeepMatchingNet,
                                                         best_matches, config_from_dict,
                                                         finest_volume)
@@ -92,7 +94,8 @@ class DeepMatchingMatcher(Matcher):
 
     def __init__(self, device: str = 'cpu', weights: str | None = None, variant: str | None = None,
                  max_side: int = 512, max_memory_mb: float = 1024.0, levels: int = 0,
-                 threshold: float = 0.8, min_score: float | None = None, refine: bool = True,
+                 threshold: float = 0.8, min_score: float | None = None,
+                 consistency_px: float | None = None, refine: bool = True,
                  matchability: str = 'support',
                  fb_sigma: float = 2.0, width: float | None = None, precision: str = 'auto',
                  net: DeepMatchingNet | None = None) -> None:
@@ -118,6 +121,10 @@ class DeepMatchingMatcher(Matcher):
         fitted = (self.record.get('calibration') or {}).get('min_score')
         self.min_score = float(min_score if min_score is not None else
                                fitted if fitted is not None else self.default_min_score)
+        # Off unless asked or fitted for the checkpoint (``deepmatching_task consistency``).
+        fitted = (self.record.get('calibration') or {}).get('consistency_px')
+        self.consistency_px = float(consistency_px if consistency_px is not None else
+                                    fitted if fitted is not None else 0.0)
         self.refine = bool(refine)
         self.matchability = matchability
         self.fb_sigma = float(fb_sigma)
@@ -208,7 +215,18 @@ class DeepMatchingMatcher(Matcher):
     def _working_matches(self, src: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, ...]:
         """(source px, target px, score, reciprocal, kept) of every atomic patch, working pixels."""
         ps, pt, score, recip, eligible = self.candidates(src, tgt)
-        return ps, pt, score, recip, eligible & (score >= self.min_score)
+        return ps, pt, score, recip, self.kept(ps, pt, eligible & (score >= self.min_score))
+
+    def kept(self, ps: np.ndarray, pt: np.ndarray, keep: np.ndarray,
+             consistency_px: float | None = None) -> np.ndarray:
+        """``keep`` less the matches that disagree with their neighbours by more than
+        ``consistency_px`` working pixels (default: the matcher's; 0: none dropped)."""
+        limit = self.consistency_px if consistency_px is None else float(consistency_px)
+        if limit <= 0 or not keep.any():
+            return keep
+        out = keep.copy()
+        out[keep] = neighbour_consistent(ps[keep], pt[keep], limit)
+        return out
 
     def match_sparse(self, source: np.ndarray, target: np.ndarray) -> SparseMatches:
         """The kept matches, in the images' own pixels (no densification)."""

@@ -65,3 +65,24 @@ def nearest_match_flow(pts_a: np.ndarray, pts_b: np.ndarray, shape: tuple[int, i
         return np.zeros((h, w, 2), np.float32)
     _, idx = cKDTree(pts_a).query(grid.pixel_coords(h, w).reshape(-1, 2))
     return (np.asarray(pts_b) - np.asarray(pts_a))[idx].reshape(h, w, 2).astype(np.float32)
+
+
+def neighbour_consistent(pts_a: np.ndarray, pts_b: np.ndarray, limit_px: float,
+                         neighbours: int = 8) -> np.ndarray:
+    """bool (N,): matches whose displacement lies within ``limit_px`` of the median
+    displacement of their ``neighbours`` nearest matches (in ``pts_a``).
+
+    Why: the interpolator fits each pixel from its nearest matches, so one wrong match
+    bends the flow of a whole patch around it; a match that disagrees with every neighbour
+    is far more often wrong than the only right one among wrong neighbours. ``limit_px`` <= 0
+    keeps everything.
+    """
+    n = len(pts_a)
+    if limit_px <= 0 or n <= neighbours:
+        return np.ones(n, bool)
+    from scipy.spatial import cKDTree
+    pts_a = np.asarray(pts_a, np.float32)
+    moves = np.asarray(pts_b, np.float32) - pts_a
+    _, idx = cKDTree(pts_a).query(pts_a, k=neighbours + 1)
+    median = np.median(moves[idx[:, 1:]], axis=1)
+    return np.linalg.norm(moves - median, axis=1) < float(limit_px)
