@@ -227,85 +227,84 @@ def _fit_setting(matcher, pairs: Sequence, values: Sequence[float], name: str, p
                       'kept_per_pair': kept.tolist()}}
 
 
-def min_score_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog='python -m dense_match_ros.training.deepmatching_task min-score',
-                                description="fit deepmatching's min_score on held-out "
-                                'synthetic pairs (held-out photos, seed 7)')
-    p.add_argument('--method', default='deepmatching', choices=('deepmatching', 'deepmatching-hog'))
+def _run_fit(command: str, name: str, fit_for, argv: Sequence[str] | None,
+             methods: tuple[str, ...] = ('deepmatching',)):
+    """Parse a fit command's arguments, fit ``name`` with ``fit_for(matcher, pairs, progress)``
+    on the calibration pairs and print it: (arguments, matcher, fit)."""
+    p = argparse.ArgumentParser(prog=f'python -m dense_match_ros.training.deepmatching_task {command}',
+                                description=f"fit deepmatching's {name} on held-out synthetic "
+                                'pairs (held-out photos, seed 7)')
+    p.add_argument('--method', default=methods[0], choices=methods)
     p.add_argument('--weights', default=None)
     p.add_argument('--pairs', type=int, default=40)
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--no-progress', action='store_true')
     p.add_argument('--write', action='store_true',
-                   help="store it as calibration.min_score in the checkpoint's JSON record")
+                   help=f"store it as calibration.{name} in the checkpoint's JSON record")
     args = p.parse_args(argv)
     from dense_match_ros.core.device import set_threads
     from dense_match_ros.core.registry import load_matcher
     set_threads(args.threads)
     matcher = load_matcher(args.method, device='cpu', weights=args.weights)
     # The pairs dense-match-calibrate fits on (every warp kind, half with moving objects):
-    # the floor is chosen on the mix of motions the matcher meets, not on one kind of it.
-    fit = fit_min_score(matcher, calibration_pairs(args.pairs), progress=not args.no_progress)
-    print(json.dumps({'min_score': fit['min_score'], 'aepe': round(fit['aepe'], 4),
+    # the setting is chosen on the mix of motions the matcher meets, not on one kind of it.
+    fit = fit_for(matcher, calibration_pairs(args.pairs), not args.no_progress)
+    print(json.dumps({name: fit[name], 'aepe': round(fit['aepe'], 4),
                       'aepe_smoothed': round(fit['aepe_smoothed'], 4)}))
-    print('curve: ' + '  '.join(f'{f:.2f}->{a:.3f}' for f, a in
-                                zip(fit['curve']['min_score'], fit['curve']['aepe'])))
-    if args.write:
-        if not matcher.weights:
-            print('--write: this matcher has no checkpoint file', file=sys.stderr)
-            return 2
-        record = read_record(matcher.weights)
-        previous = record.get('calibration') or {}
-        record['calibration'] = {
-            'min_score': fit['min_score'],
-            **({'replaced': {'min_score': previous['min_score'],
-                             'set': (previous.get('fit') or {}).get('set')}}
-               if previous.get('min_score') is not None else {}),
-            'fit': {'set': f'held-out pairs of every kind, half with moving objects (held-out '
-                           f'photos, {args.pairs} pairs, seed {CALIBRATION_SEED}, 240x240)',
-                    'criterion': 'lowest mean dense AEPE after densification',
-                    **fit, 'command': 'python -m dense_match_ros.training.deepmatching_task '
-                                      'min-score ' + ' '.join(argv if argv is not None
-                                                              else sys.argv[2:])}}
-        print(f'wrote calibration.min_score into {write_record(matcher.weights, record)}')
+    print('curve: ' + '  '.join(f'{f:g}->{a:.3f}' for f, a in
+                                zip(fit['curve'][name], fit['curve']['aepe'])))
+    if args.write and not matcher.weights:
+        print('--write: this matcher has no checkpoint file', file=sys.stderr)
+        return args, None, fit
+    return args, matcher, fit
+
+
+def _fit_description(command: str, args, argv: Sequence[str] | None, criterion: str) -> dict:
+    return {'set': f'held-out pairs of every kind, half with moving objects (held-out photos, '
+                   f'{args.pairs} pairs, seed {CALIBRATION_SEED}, 240x240)',
+            'criterion': criterion,
+            'command': f'python -m dense_match_ros.training.deepmatching_task {command} '
+                       + ' '.join(argv if argv is not None else sys.argv[2:])}
+
+
+def min_score_main(argv: Sequence[str] | None = None) -> int:
+    args, matcher, fit = _run_fit('min-score', 'min_score',
+                                  lambda m, pairs, progress: fit_min_score(m, pairs, progress=progress),
+                                  argv, methods=('deepmatching', 'deepmatching-hog'))
+    if not args.write:
+        return 0
+    if matcher is None:
+        return 2
+    record = read_record(matcher.weights)
+    previous = record.get('calibration') or {}
+    described = _fit_description('min-score', args, argv, 'lowest mean dense AEPE after densification')
+    record['calibration'] = {
+        'min_score': fit['min_score'],
+        **({'replaced': {'min_score': previous['min_score'],
+                         'set': (previous.get('fit') or {}).get('set')}}
+           if previous.get('min_score') is not None else {}),
+        'fit': {'set': described['set'], 'criterion': described['criterion'], **fit,
+                'command': described['command']}}
+    print(f'wrote calibration.min_score into {write_record(matcher.weights, record)}')
     return 0
 
 
 def consistency_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog='python -m dense_match_ros.training.deepmatching_task consistency',
-                                description="fit deepmatching's consistency_px (at the record's "
-                                'min_score) on held-out synthetic pairs (held-out photos, seed 7)')
-    p.add_argument('--weights', default=None)
-    p.add_argument('--pairs', type=int, default=40)
-    p.add_argument('--threads', type=int, default=1)
-    p.add_argument('--no-progress', action='store_true')
-    p.add_argument('--write', action='store_true',
-                   help="store it as calibration.consistency_px in the checkpoint's JSON record")
-    args = p.parse_args(argv)
-    from dense_match_ros.core.device import set_threads
-    from dense_match_ros.core.registry import load_matcher
-    set_threads(args.threads)
-    matcher = load_matcher('deepmatching', device='cpu', weights=args.weights)
-    fit = fit_consistency(matcher, calibration_pairs(args.pairs), progress=not args.no_progress)
-    print(json.dumps({'consistency_px': fit['consistency_px'], 'min_score': matcher.min_score,
-                      'aepe': round(fit['aepe'], 4), 'aepe_smoothed': round(fit['aepe_smoothed'], 4)}))
-    print('curve: ' + '  '.join(f'{f:g}->{a:.3f}' for f, a in
-                                zip(fit['curve']['consistency_px'], fit['curve']['aepe'])))
-    if args.write:
-        if not matcher.weights:
-            print('--write: this matcher has no checkpoint file', file=sys.stderr)
-            return 2
-        record = read_record(matcher.weights)
-        calibration = record.setdefault('calibration', {})
-        calibration['consistency_px'] = fit['consistency_px']
-        calibration['consistency_fit'] = {
-            'set': f'held-out pairs of every kind, half with moving objects (held-out photos, '
-                   f'{args.pairs} pairs, seed {CALIBRATION_SEED}, 240x240)',
-            'criterion': 'lowest mean dense AEPE after densification, at min_score '
-                         f'{matcher.min_score:g}',
-            **fit, 'command': 'python -m dense_match_ros.training.deepmatching_task consistency '
-                              + ' '.join(argv if argv is not None else sys.argv[2:])}
-        print(f'wrote calibration.consistency_px into {write_record(matcher.weights, record)}')
+    args, matcher, fit = _run_fit('consistency', 'consistency_px',
+                                  lambda m, pairs, progress: fit_consistency(m, pairs, progress=progress),
+                                  argv)
+    if not args.write:
+        return 0
+    if matcher is None:
+        return 2
+    record = read_record(matcher.weights)
+    calibration = record.setdefault('calibration', {})
+    described = _fit_description('consistency', args, argv, 'lowest mean dense AEPE after '
+                                 f'densification, at min_score {matcher.min_score:g}')
+    calibration['consistency_px'] = fit['consistency_px']
+    calibration['consistency_fit'] = {'set': described['set'], 'criterion': described['criterion'],
+                                      **fit, 'command': described['command']}
+    print(f'wrote calibration.consistency_px into {write_record(matcher.weights, record)}')
     return 0
 
 
