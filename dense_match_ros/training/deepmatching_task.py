@@ -278,6 +278,8 @@ def min_score_main(argv: Sequence[str] | None = None) -> int:
     record = read_record(matcher.weights)
     previous = record.get('calibration') or {}
     described = _fit_description('min-score', args, argv, 'lowest mean dense AEPE after densification')
+    # A new floor replaces the whole calibration: a consistency limit was fitted at the old
+    # floor, so it goes too (fit it again with the consistency command).
     record['calibration'] = {
         'min_score': fit['min_score'],
         **({'replaced': {'min_score': previous['min_score'],
