@@ -179,9 +179,8 @@ def fit_min_score(matcher, pairs: Sequence, floors: Sequence[float] = MIN_SCORES
     interpolation around it more than a missing one costs, and the dense flow is what the
     matcher returns. Each pair's candidates are matched once; only the floor moves.
     """
-    fit = _fit_setting(matcher, pairs, floors, 'min_score', progress,
-                       lambda ps, pt, score, eligible, floor: eligible & (score >= floor))
-    return fit
+    return _fit_setting(matcher, pairs, floors, 'min_score', progress,
+                        lambda ps, pt, score, eligible, floor: eligible & (score >= floor))
 
 
 def fit_consistency(matcher, pairs: Sequence, limits: Sequence[float] = CONSISTENCY_PX,
@@ -200,17 +199,16 @@ def _fit_setting(matcher, pairs: Sequence, values: Sequence[float], name: str, p
     from tqdm import tqdm
     from dense_match_ros.core.geometry import grid
     from dense_match_ros.evaluation import metrics
-    floors = values
-    aepe = np.zeros(len(floors))
-    kept = np.zeros(len(floors))
+    aepe = np.zeros(len(values))
+    kept = np.zeros(len(values))
     for pair in tqdm(pairs, desc=name, disable=not progress):
         h, w = pair.source.shape[:2]
         th, tw = pair.target.shape[:2]
         src, tgt = matcher.working_images(pair.source, pair.target)
         ps, pt, score, _, eligible = matcher.candidates(src, tgt)
         valid = np.asarray(pair.valid, bool) & np.isfinite(pair.flow).all(-1)
-        for i, floor in enumerate(floors):
-            keep = keep_for(ps, pt, score, eligible, floor)
+        for i, value in enumerate(values):
+            keep = keep_for(ps, pt, score, eligible, value)
             flow = matcher.densify(src, tgt, ps[keep], pt[keep])
             flow, _ = grid.to_source_grid(flow, None, (w, h), tgt.shape[1::-1], (tw, th))
             aepe[i] += metrics.aepe(flow, pair.flow, valid)
@@ -218,19 +216,19 @@ def _fit_setting(matcher, pairs: Sequence, values: Sequence[float], name: str, p
     aepe /= max(1, len(pairs))
     kept /= max(1, len(pairs))
     # The curve is jagged (one pair's interpolation can fail or recover between two close
-    # floors): the chosen floor is the best of its mean with both neighbours.
+    # values): the chosen value is the best of its mean with both neighbours.
     smooth = np.convolve(np.pad(aepe, 1, mode='edge'), np.ones(3) / 3.0, mode='valid')
     best = int(np.argmin(smooth))
-    return {name: float(floors[best]), 'aepe': float(aepe[best]),
+    return {name: float(values[best]), 'aepe': float(aepe[best]),
             'aepe_smoothed': float(smooth[best]),
-            'curve': {name: [float(f) for f in floors], 'aepe': aepe.tolist(),
+            'curve': {name: [float(v) for v in values], 'aepe': aepe.tolist(),
                       'kept_per_pair': kept.tolist()}}
 
 
 def _run_fit(command: str, name: str, fit_for, argv: Sequence[str] | None,
              methods: tuple[str, ...] = ('deepmatching',)):
-    """Parse a fit command's arguments, fit ``name`` with ``fit_for(matcher, pairs, progress)``
-    on the calibration pairs and print it: (arguments, matcher, fit)."""
+    """Parse a fit command's arguments, fit ``name`` with ``fit_for(matcher, pairs,
+    progress=...)`` on the calibration pairs and print it: (arguments, matcher, fit)."""
     p = argparse.ArgumentParser(prog=f'python -m dense_match_ros.training.deepmatching_task {command}',
                                 description=f"fit deepmatching's {name} on held-out synthetic "
                                 'pairs (held-out photos, seed 7)')
@@ -248,66 +246,68 @@ def _run_fit(command: str, name: str, fit_for, argv: Sequence[str] | None,
     matcher = load_matcher(args.method, device='cpu', weights=args.weights)
     # The pairs dense-match-calibrate fits on (every warp kind, half with moving objects):
     # the setting is chosen on the mix of motions the matcher meets, not on one kind of it.
-    fit = fit_for(matcher, calibration_pairs(args.pairs), not args.no_progress)
+    fit = fit_for(matcher, calibration_pairs(args.pairs), progress=not args.no_progress)
     print(json.dumps({name: fit[name], 'aepe': round(fit['aepe'], 4),
                       'aepe_smoothed': round(fit['aepe_smoothed'], 4)}))
     print('curve: ' + '  '.join(f'{f:g}->{a:.3f}' for f, a in
                                 zip(fit['curve'][name], fit['curve']['aepe'])))
-    if args.write and not matcher.weights:
-        print('--write: this matcher has no checkpoint file', file=sys.stderr)
-        return args, None, fit
     return args, matcher, fit
 
 
-def _fit_description(command: str, args, argv: Sequence[str] | None, criterion: str) -> dict:
-    return {'set': f'held-out pairs of every kind, half with moving objects (held-out photos, '
-                   f'{args.pairs} pairs, seed {CALIBRATION_SEED}, 240x240)',
-            'criterion': criterion,
-            'command': f'python -m dense_match_ros.training.deepmatching_task {command} '
-                       + ' '.join(argv if argv is not None else sys.argv[2:])}
+def _write_fit(command: str, name: str, args, matcher, argv: Sequence[str] | None,
+               criterion: str, update) -> int:
+    """``update(record, described)`` on the checkpoint's JSON record, then write it back;
+    ``described`` holds the fit's pairs, criterion and command. 2 without a checkpoint file."""
+    if not matcher.weights:
+        print('--write: this matcher has no checkpoint file', file=sys.stderr)
+        return 2
+    record = read_record(matcher.weights)
+    update(record, {'set': f'held-out pairs of every kind, half with moving objects (held-out '
+                           f'photos, {args.pairs} pairs, seed {CALIBRATION_SEED}, 240x240)',
+                    'criterion': criterion,
+                    'command': f'python -m dense_match_ros.training.deepmatching_task {command} '
+                               + ' '.join(argv if argv is not None else sys.argv[2:])})
+    print(f'wrote calibration.{name} into {write_record(matcher.weights, record)}')
+    return 0
 
 
 def min_score_main(argv: Sequence[str] | None = None) -> int:
-    args, matcher, fit = _run_fit('min-score', 'min_score',
-                                  lambda m, pairs, progress: fit_min_score(m, pairs, progress=progress),
-                                  argv, methods=('deepmatching', 'deepmatching-hog'))
+    args, matcher, fit = _run_fit('min-score', 'min_score', fit_min_score, argv,
+                                  methods=('deepmatching', 'deepmatching-hog'))
+
+    def update(record: dict, described: dict) -> None:
+        previous = record.get('calibration') or {}
+        # A new floor replaces the whole calibration: a consistency limit was fitted at the
+        # old floor, so it goes too (fit it again with the consistency command).
+        record['calibration'] = {
+            'min_score': fit['min_score'],
+            **({'replaced': {'min_score': previous['min_score'],
+                             'set': (previous.get('fit') or {}).get('set')}}
+               if previous.get('min_score') is not None else {}),
+            'fit': {'set': described['set'], 'criterion': described['criterion'], **fit,
+                    'command': described['command']}}
+
     if not args.write:
         return 0
-    if matcher is None:
-        return 2
-    record = read_record(matcher.weights)
-    previous = record.get('calibration') or {}
-    described = _fit_description('min-score', args, argv, 'lowest mean dense AEPE after densification')
-    # A new floor replaces the whole calibration: a consistency limit was fitted at the old
-    # floor, so it goes too (fit it again with the consistency command).
-    record['calibration'] = {
-        'min_score': fit['min_score'],
-        **({'replaced': {'min_score': previous['min_score'],
-                         'set': (previous.get('fit') or {}).get('set')}}
-           if previous.get('min_score') is not None else {}),
-        'fit': {'set': described['set'], 'criterion': described['criterion'], **fit,
-                'command': described['command']}}
-    print(f'wrote calibration.min_score into {write_record(matcher.weights, record)}')
-    return 0
+    return _write_fit('min-score', 'min_score', args, matcher, argv,
+                      'lowest mean dense AEPE after densification', update)
 
 
 def consistency_main(argv: Sequence[str] | None = None) -> int:
-    args, matcher, fit = _run_fit('consistency', 'consistency_px',
-                                  lambda m, pairs, progress: fit_consistency(m, pairs, progress=progress),
-                                  argv)
+    args, matcher, fit = _run_fit('consistency', 'consistency_px', fit_consistency, argv)
+
+    def update(record: dict, described: dict) -> None:
+        calibration = record.setdefault('calibration', {})
+        calibration['consistency_px'] = fit['consistency_px']
+        calibration['consistency_fit'] = {'set': described['set'],
+                                          'criterion': described['criterion'], **fit,
+                                          'command': described['command']}
+
     if not args.write:
         return 0
-    if matcher is None:
-        return 2
-    record = read_record(matcher.weights)
-    calibration = record.setdefault('calibration', {})
-    described = _fit_description('consistency', args, argv, 'lowest mean dense AEPE after '
-                                 f'densification, at min_score {matcher.min_score:g}')
-    calibration['consistency_px'] = fit['consistency_px']
-    calibration['consistency_fit'] = {'set': described['set'], 'criterion': described['criterion'],
-                                      **fit, 'command': described['command']}
-    print(f'wrote calibration.consistency_px into {write_record(matcher.weights, record)}')
-    return 0
+    return _write_fit('consistency', 'consistency_px', args, matcher, argv,
+                      f'lowest mean dense AEPE after densification, at min_score '
+                      f'{matcher.min_score:g}', update)
 
 
 COMMANDS = {'min-score': min_score_main, 'consistency': consistency_main}

@@ -112,8 +112,9 @@ class CnnGeoMatcher(Matcher):
         self.net, self.record, self.weights = WEIGHTS.network_for(net, weights, variant, device)
         # A checkpoint says how many TPS passes it was measured best with (a further pass
         # helped stage 5 on every set and cost stage 4 on Sintel), so the default follows it.
+        inference = self.record.get('inference') or {}
         if tps_passes is None:
-            tps_passes = int((self.record.get('inference') or {}).get('tps_passes', 1))
+            tps_passes = int(inference.get('tps_passes', 1))
             if tps_passes < 1:
                 raise CheckpointError(f'{self.weights}: inference.tps_passes must be >= 1, '
                                       f'found {tps_passes}')
@@ -121,8 +122,7 @@ class CnnGeoMatcher(Matcher):
         # The backward transform serves only the round trip, whose sigma is tens of pixels:
         # a checkpoint may say its further TPS passes are not worth their time there.
         if round_trip_passes is None:
-            round_trip_passes = int((self.record.get('inference') or {}).get(
-                'round_trip_passes', self.tps_passes))
+            round_trip_passes = int(inference.get('round_trip_passes', self.tps_passes))
             if round_trip_passes < 1:
                 raise CheckpointError(f'{self.weights}: inference.round_trip_passes must be '
                                       f'>= 1, found {round_trip_passes}')
@@ -130,14 +130,13 @@ class CnnGeoMatcher(Matcher):
         # The record says whether the checkpoint was measured best with the alignment; it is
         # cnngeo's (the TPS) only, so the affine stage alone never takes it from there.
         if align is None:
-            align = (self.record.get('inference') or {}).get('align', 'none') \
-                if self.stages == 'tps' else 'none'
+            align = inference.get('align', 'none') if self.stages == 'tps' else 'none'
             if align not in ALIGN_MODES:
                 raise CheckpointError(f'{self.weights}: inference.align must be one of '
                                       f'{ALIGN_MODES}, found {align!r}')
         self.align = align
         if align_levels is None:
-            align_levels = (self.record.get('inference') or {}).get('align_levels')
+            align_levels = inference.get('align_levels')
         settings = {}
         if align_levels is not None:
             settings['levels'] = tuple((int(side), int(steps)) for side, steps in align_levels)
